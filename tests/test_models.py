@@ -1,0 +1,318 @@
+"""Model library: published parameter counts, shapes of every variant, layouts, dtypes, errors."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import models
+from vit_jax.models import vit as vit_lib
+
+PUBLISHED_COUNTS = {
+    "ViT-Ti_16": 5_717_416,
+    "ViT-S_16": 22_050_664,
+    "ViT-B_16": 86_567_656,
+    "ViT-L_16": 304_326_632,
+    "ViT-H_14": 632_045_800,
+    "ViT-B_8": 86_576_872,
+    "ViT-S_32": 22_878_952,
+    "ViT-B_32": 88_224_232,
+    "ViT-L_32": 306_535_400,
+    "R+ViT-Ti_16": 6_337_704,
+    "R50+ViT-B_16": 98_659_112,
+    "R26+ViT-S_32": 36_431_912,
+    "R50+ViT-L_32": 328_994_856,
+    "Mixer-B_16": 59_880_472,
+    "Mixer-L_16": 208_196_168,
+    "ViT-B_16-gap-norep": 86_566_120,
+}
+
+TINY = dict(
+    patches=dict(size=(4, 4)),
+    hidden_size=32,
+    transformer=dict(mlp_dim=64, num_heads=4, num_layers=3),
+)
+
+
+def _images(n=2, size=16, seed=0):
+    return jax.random.uniform(jax.random.key(seed), (n, size, size, 3), minval=-1, maxval=1)
+
+
+def _init(model, x):
+    return jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)["params"]
+
+
+def _apply(model, params, x, **kwargs):
+    """Jitted apply: op-by-op dispatch is what makes eager tests slow on CPU."""
+    return jax.jit(lambda p, x: model.apply({"params": p}, x, **kwargs))(params, x)
+
+
+def _randomize(params, seed=1):
+    """Non-trivial values everywhere (the head starts at zero)."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        tree,
+        [0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)],
+    )
+
+
+@pytest.mark.parametrize("name,expected", sorted(PUBLISHED_COUNTS.items()))
+def test_published_parameter_counts(name, expected):
+    assert models.count_params(name, num_classes=1000, image_size=224) == expected
+
+
+def test_i21k_head_count_and_augreg_names():
+    assert models.count_params("ViT-B_16", num_classes=21843) == 102_595_923
+    assert models.get_config("R26_S_32").name == "R26+ViT-S_32"
+    for short, full in models.AUGREG_NAMES.items():
+        assert models.get_config(short).to_dict() == models.get_config(full).to_dict()
+    for name in ["Mixer-B_32", "ViT-S_16-gap-norep", "ViT-S_32-gap-norep", "ViT-B_32-gap-norep"]:
+        assert models.count_params(name) > 0
+
+
+def test_published_tree_names_and_shapes():
+    shapes = models.init_shapes(models.get_model("ViT-B_16", num_classes=1000))
+    flat = {
+        "/".join(k.key for k in path): v.shape
+        for path, v in jax.tree_util.tree_flatten_with_path(shapes)[0]
+    }
+    block = "Transformer/encoderblock_0"
+    expected = {
+        "embedding/kernel": (16, 16, 3, 768),
+        "cls": (1, 1, 768),
+        "Transformer/posembed_input/pos_embedding": (1, 197, 768),
+        f"{block}/LayerNorm_0/scale": (768,),
+        f"{block}/MultiHeadDotProductAttention_1/query/kernel": (768, 12, 64),
+        f"{block}/MultiHeadDotProductAttention_1/value/bias": (12, 64),
+        f"{block}/MultiHeadDotProductAttention_1/out/kernel": (12, 64, 768),
+        f"{block}/LayerNorm_2/bias": (768,),
+        f"{block}/MlpBlock_3/Dense_0/kernel": (768, 3072),
+        f"{block}/MlpBlock_3/Dense_1/kernel": (3072, 768),
+        "Transformer/encoder_norm/scale": (768,),
+        "head/kernel": (768, 1000),
+    }
+    for key, shape in expected.items():
+        assert flat[key] == shape, key
+    assert "Transformer/encoderblock_11/LayerNorm_0/bias" in flat
+    hybrid = models.init_shapes(models.get_model("R50+ViT-B_16", num_classes=10))
+    assert hybrid["conv_root"]["kernel"].shape == (7, 7, 3, 64)
+    assert hybrid["gn_root"]["scale"].shape == (64,)
+    assert hybrid["block3"]["unit9"]["conv3"]["kernel"].shape == (1, 1, 256, 1024)
+    assert set(hybrid["block2"]["unit1"]) >= {"conv_proj", "gn_proj", "gn1", "gn2", "gn3"}
+    mixer = models.init_shapes(models.get_model("Mixer-B_16", num_classes=10))
+    assert mixer["MixerBlock_11"]["token_mixing"]["Dense_0"]["kernel"].shape == (196, 384)
+    assert mixer["MixerBlock_0"]["channel_mixing"]["Dense_1"]["kernel"].shape == (3072, 768)
+    assert set(mixer) == {
+        "stem",
+        *(f"MixerBlock_{i}" for i in range(12)),
+        "pre_head_layer_norm",
+        "head",
+    }
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap", "map", "unpooled", "token_unpooled"])
+@pytest.mark.parametrize("posemb", ["learn", "sincos2d", "none"])
+def test_pooling_and_posemb_shapes(classifier, posemb):
+    x = _images()
+    model = models.get_model(TINY, num_classes=5, classifier=classifier, posemb=posemb)
+    params = _init(model, x)
+    logits = _apply(model, params, x, train=False)
+    tokens = 16 + (classifier in ("token", "token_unpooled"))
+    expected = {"unpooled": (2, 16, 5), "token_unpooled": (2, 17, 5)}.get(classifier, (2, 5))
+    assert logits.shape == expected
+    has_posemb = "posembed_input" in params["Transformer"]
+    assert has_posemb == (posemb == "learn")
+    if has_posemb:
+        assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, tokens, 32)
+    assert ("cls" in params) == (classifier in ("token", "token_unpooled"))
+    assert ("MAPHead_0" in params) == (classifier == "map")
+
+
+def test_head_is_zero_init_with_bias_and_representation():
+    x = _images()
+    model = models.get_model(TINY, num_classes=7, representation_size=16, head_bias_init=-2.0)
+    params = _init(model, x)
+    assert params["pre_logits"]["kernel"].shape == (32, 16)
+    assert not np.any(params["head"]["kernel"])
+    np.testing.assert_array_equal(model.apply({"params": params}, x, train=False), -2.0)
+    features = models.get_model(TINY, num_classes=None)
+    assert "head" not in _init(features, x)
+    assert features.apply({"params": _init(features, x)}, x, train=False).shape == (2, 32)
+
+
+def test_sincos2d_table():
+    table = np.asarray(models.sincos2d_posemb(3, 5, 16))
+    assert table.shape == (1, 15, 16)
+    # sin^2 + cos^2 = 1 for each frequency of x and of y.
+    np.testing.assert_allclose(table[0, :, 0:4] ** 2 + table[0, :, 4:8] ** 2, 1.0, atol=1e-6)
+    np.testing.assert_allclose(table[0, :, 8:12] ** 2 + table[0, :, 12:16] ** 2, 1.0, atol=1e-6)
+    # Row-major grid: position (row 1, col 2) = index 7; the first frequency is 1 rad per step.
+    np.testing.assert_allclose(table[0, 7, 0], np.sin(2.0), atol=1e-6)  # sin(x)
+    np.testing.assert_allclose(table[0, 7, 8], np.sin(1.0), atol=1e-6)  # sin(y)
+    assert len({tuple(np.round(r, 5)) for r in table[0]}) == 15  # every position distinct
+    with pytest.raises(ValueError, match="% 4"):
+        models.sincos2d_posemb(2, 2, 6)
+
+
+@pytest.mark.parametrize(
+    "spec", [TINY, dict(TINY, resnet=dict(num_layers=(1,), width_factor=0.5)), "mixer"]
+)
+def test_scanned_and_unrolled_agree(spec):
+    if spec == "mixer":
+        spec = dict(
+            model_type="Mixer",
+            patches=dict(size=(4, 4)),
+            hidden_dim=32,
+            num_blocks=3,
+            tokens_mlp_dim=16,
+            channels_mlp_dim=64,
+        )
+    x = _images(size=32)
+    unrolled = models.get_model(spec, num_classes=5)
+    scanned = models.get_model(spec, num_classes=5, scan=True, remat=True)
+    params = _randomize(_init(unrolled, x))
+    stacked = models.stack_layers(params)
+    assert models.is_stacked(stacked) and not models.is_stacked(params)
+    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, _init(scanned, x))
+    a = _apply(unrolled, params, x, train=False)
+    b = _apply(scanned, stacked, x, train=False)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    back = models.unstack_layers(stacked)
+    assert jax.tree.all(jax.tree.map(lambda p, q: bool(jnp.array_equal(p, q)), params, back))
+
+
+def test_bfloat16_compute_close_to_float32():
+    x = _images()
+    model32 = models.get_model(TINY, num_classes=5)
+    model16 = models.get_model(TINY, num_classes=5, dtype="bfloat16")
+    params = _randomize(_init(model32, x))
+    assert jax.tree.leaves(_init(model16, x))[0].dtype == jnp.float32  # params stay fp32
+    a = _apply(model32, params, x, train=False)
+    b = _apply(model16, params, x, train=False)
+    assert b.dtype == jnp.float32
+    scale = float(jnp.abs(a).max())
+    assert float(jnp.abs(a - b).max()) < 0.05 * scale
+    assert float(jnp.abs(a - b).max()) > 0  # the compute really ran in bf16
+
+
+def _einsum_attention(q, k, v):
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_attention_matches_einsum_reference(implementation):
+    layer = vit_lib.MultiHeadAttention(num_heads=4, implementation=implementation)
+    x = jax.random.normal(jax.random.key(0), (2, 9, 32))
+    params = layer.init(jax.random.key(1), x, x, deterministic=True)["params"]
+    fast, weights = layer.apply({"params": params}, x, x, deterministic=True)
+    explicit, weights = layer.apply(
+        {"params": params}, x, x, deterministic=True, return_weights=True
+    )
+    proj = lambda name: (
+        jnp.einsum("bnd,dhk->bnhk", x, params[name]["kernel"]) + params[name]["bias"]
+    )
+    y = _einsum_attention(proj("query"), proj("key"), proj("value"))
+    ref = jnp.einsum("bnhk,hkd->bnd", y, params["out"]["kernel"]) + params["out"]["bias"]
+    np.testing.assert_allclose(fast, ref, atol=1e-5)
+    np.testing.assert_allclose(explicit, ref, atol=1e-5)
+    assert weights.shape == (2, 4, 9, 9)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+
+
+def test_intermediates_shapes():
+    x = _images()
+    model = models.get_model(TINY, num_classes=5, representation_size=8)
+    params = _init(model, x)
+    logits, out = _apply(model, params, x, train=False, return_intermediates=True)
+    assert out["stem"].shape == (2, 16, 32)
+    assert out["tokens"].shape == (3, 2, 17, 32)
+    assert out["attention_weights"].shape == (3, 2, 4, 17, 17)
+    assert out["encoded"].shape == (2, 17, 32)
+    assert out["pre_logits"].shape == (2, 8)
+    np.testing.assert_array_equal(out["logits"], logits)
+    np.testing.assert_allclose(out["attention_weights"].sum(-1), 1.0, atol=1e-5)
+
+
+def test_train_mode_regularisers_use_dropout_rng():
+    x = _images()
+    spec = dict(
+        TINY,
+        transformer=dict(
+            TINY["transformer"],
+            dropout_rate=0.1,
+            attention_dropout_rate=0.1,
+            stochastic_depth_rate=0.3,
+        ),
+    )
+    for scan in (False, True):
+        model = models.get_model(spec, num_classes=5, scan=scan)
+        params = _randomize(_init(model, x))
+        run = jax.jit(
+            lambda p, x, seed, model=model: model.apply(
+                {"params": p}, x, train=True, rngs={"dropout": jax.random.key(seed)}
+            )
+        )
+        assert not np.allclose(run(params, x, 0), run(params, x, 1))
+        np.testing.assert_array_equal(run(params, x, 0), run(params, x, 0))
+        ev = _apply(model, params, x, train=False)
+        np.testing.assert_array_equal(ev, _apply(model, params, x, train=False))
+
+
+def test_drop_path_keeps_expectation():
+    x = jnp.ones((4000, 3))
+    y = vit_lib.drop_path(x, 0.25, jax.random.key(0))
+    kept = np.asarray(y[:, 0] > 0)
+    assert abs(kept.mean() - 0.75) < 0.03
+    np.testing.assert_allclose(y[kept], 1 / 0.75, rtol=1e-6)
+
+
+def test_hybrid_and_mixer_forward():
+    x = _images(size=64)
+    small = dict(hidden_size=32, transformer=dict(num_layers=1, mlp_dim=32, num_heads=2))
+    hybrid = models.get_model("R+ViT-Ti_16", num_classes=3, **small)
+    assert _apply(hybrid, _init(hybrid, x), x, train=False).shape == (2, 3)
+    r26 = models.get_model("R26+ViT-S_32", num_classes=3, resnet=dict(width_factor=0.5), **small)
+    assert _apply(r26, _init(r26, x), x, train=False).shape == (2, 3)
+    mixer = models.get_model("Mixer-B_16", num_classes=3, num_blocks=1, hidden_dim=32)
+    assert _apply(mixer, _init(mixer, x), x, train=False).shape == (2, 3)
+
+
+def test_errors_are_one_clear_message():
+    with pytest.raises(ValueError, match=r"ViT-B_16"):
+        models.get_model("ViT-B16", num_classes=10)  # close name suggested
+    with pytest.raises(ValueError, match=r"unknown model config field 'hiden_size'.*hidden_size"):
+        models.get_model(dict(TINY, hiden_size=3), num_classes=10)
+    with pytest.raises(ValueError, match=r"transformer.num_layer"):
+        models.get_model(TINY, num_classes=10, transformer=dict(num_layer=3))
+    with pytest.raises(ValueError, match=r"must be set"):
+        models.get_model(dict(patches=dict(size=(4, 4))), num_classes=10)
+    model = models.get_model(TINY, num_classes=10)
+    with pytest.raises(ValueError, match=r"18x18 is not divisible by the model's patch stride 4x4"):
+        model.init(jax.random.key(0), jnp.zeros((1, 18, 18, 3)), train=False)
+    hybrid = models.get_model("R50+ViT-B_16", num_classes=10)
+    with pytest.raises(ValueError, match=r"patch stride 16x16"):
+        hybrid.init(jax.random.key(0), jnp.zeros((1, 40, 40, 3)), train=False)
+    with pytest.raises(ValueError, match=r"classifier must be one of"):
+        m = models.get_model(TINY, num_classes=10, classifier="cls")
+        m.init(jax.random.key(0), _images(), train=False)
+
+
+def test_zoo_cli_lists_counts():
+    out = subprocess.run(
+        [sys.executable, "-m", "vit_jax.models", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    import json
+
+    rows = {r["model"]: r["parameters"] for r in map(json.loads, out.splitlines())}
+    assert set(rows) == set(models.list_models())
+    for name, expected in PUBLISHED_COUNTS.items():
+        assert rows[name] == expected

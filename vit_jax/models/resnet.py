@@ -1,0 +1,119 @@
+"""ResNet-v2 stem of the hybrid R+ViT models: weight-standardised convs and GroupNorm.
+
+Parameter names follow the published hybrid checkpoints: `conv_root`, `gn_root`,
+`block{n}/unit{m}/{conv1,conv2,conv3,conv_proj}` and `gn1, gn2, gn3, gn_proj`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class StdConv(nn.Conv):
+    """Convolution with weight standardisation (zero mean, unit variance per output channel)."""
+
+    def param(self, name: str, *args, **kwargs):
+        value = super().param(name, *args, **kwargs)
+        if name == "kernel":
+            mean = jnp.mean(value, axis=(0, 1, 2), keepdims=True)
+            var = jnp.var(value, axis=(0, 1, 2), keepdims=True)
+            value = (value - mean) / jnp.sqrt(var + 1e-5)
+        return value
+
+
+class ResidualUnit(nn.Module):
+    """Bottleneck unit (1x1 -> 3x3 -> 1x1, 4x expansion) with a projection when shapes change."""
+
+    features: int
+    strides: tuple[int, int] = (1, 1)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        conv = lambda f, k, s, name: StdConv(
+            f,
+            k,
+            strides=s,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+        gn = lambda name, **kw: nn.GroupNorm(
+            dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw
+        )
+        residual = x
+        if x.shape[-1] != self.features * 4 or self.strides != (1, 1):
+            residual = conv(self.features * 4, (1, 1), self.strides, "conv_proj")(residual)
+            residual = gn("gn_proj")(residual)
+        y = nn.relu(gn("gn1")(conv(self.features, (1, 1), (1, 1), "conv1")(x)))
+        y = nn.relu(gn("gn2")(conv(self.features, (3, 3), self.strides, "conv2")(y)))
+        y = gn("gn3", scale_init=nn.initializers.zeros)(
+            conv(self.features * 4, (1, 1), (1, 1), "conv3")(y)
+        )
+        return nn.relu(residual + y)
+
+
+class ResNetStage(nn.Module):
+    """`depth` residual units `unit1...`; the first one may downsample."""
+
+    depth: int
+    features: int
+    first_stride: tuple[int, int] = (1, 1)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.depth):
+            x = ResidualUnit(
+                self.features,
+                strides=self.first_stride if i == 0 else (1, 1),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"unit{i + 1}",
+            )(x)
+        return x
+
+
+def resnet_stem(
+    x: jax.Array,
+    *,
+    num_layers: tuple[int, ...],
+    width_factor: float = 1.0,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+) -> jax.Array:
+    """Root conv (7x7/2) + GroupNorm + max-pool (3x3/2), then bottleneck stages `block1...`.
+
+    Call it inside a parent's `nn.compact` method: the layers it creates belong to the parent, so
+    their parameters sit at the top level of the tree as in the published hybrid checkpoints.
+    `num_layers=()` is the root only (R+ViT-Ti_16); every stage after the first halves the size.
+    """
+    width = int(64 * width_factor)
+    x = StdConv(
+        width,
+        (7, 7),
+        strides=(2, 2),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name="conv_root",
+    )(x)
+    x = nn.relu(nn.GroupNorm(dtype=dtype, param_dtype=param_dtype, name="gn_root")(x))
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
+    for stage, depth in enumerate(num_layers):
+        x = ResNetStage(
+            depth,
+            width * 2**stage,
+            first_stride=(2, 2) if stage else (1, 1),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name=f"block{stage + 1}",
+        )(x)
+    return x

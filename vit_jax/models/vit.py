@@ -1,0 +1,483 @@
+"""Vision Transformer (ViT) in Flax linen, with the published checkpoints' parameter names.
+
+The parameter tree matches the published `.npz` layout (see `vit_jax.checkpoint`): `embedding`,
+`cls`, `Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_{i}/...`,
+`Transformer/encoder_norm`, `pre_logits`, `head`. With `scan=True` the blocks are stacked under
+`Transformer/encoderblock` with a leading depth axis (`vit_jax.models.layout` converts).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models import resnet
+
+Array = jax.Array
+Dtype = Any
+
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def sincos2d_posemb(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.0):
+    """Fixed 2-D sine/cosine position table of shape (1, grid_h * grid_w, width), row-major.
+
+    A quarter of the channels each holds sin(y), cos(y), sin(x), cos(x) at geometrically spaced
+    frequencies, as in "Attention is all you need" extended to the patch grid (MoCo v3, big_vision).
+    """
+    if width % 4:
+        raise ValueError(f"sincos2d position embeddings need hidden_size % 4 == 0, got {width}")
+    y, x = np.mgrid[:grid_h, :grid_w]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4))
+    y = y.reshape(-1)[:, None] * omega[None, :]
+    x = x.reshape(-1)[:, None] * omega[None, :]
+    table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return jnp.asarray(table[None], jnp.float32)
+
+
+class MlpBlock(nn.Module):
+    """Transformer MLP: Dense -> GELU -> dropout -> Dense -> dropout."""
+
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    gelu_approximate: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool) -> Array:
+        dense = functools.partial(
+            nn.Dense,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6),
+        )
+        out_dim = x.shape[-1]
+        x = dense(self.mlp_dim, name="Dense_0")(x)
+        x = nn.gelu(x, approximate=self.gelu_approximate)
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+        x = dense(out_dim, name="Dense_1")(x)
+        return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with the published parameter layout.
+
+    `query`, `key`, `value` kernels are (D, heads, head_dim), `out` is (heads, head_dim, D), the
+    layout of `flax.linen.MultiHeadDotProductAttention`. The scores go through
+    `jax.nn.dot_product_attention` (cuDNN flash attention on GPU with `implementation='cudnn'`),
+    except when the weights are asked for or attention dropout is active: those need the explicit
+    softmax.
+    """
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.xavier_uniform()
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_kv: Array,
+        *,
+        deterministic: bool,
+        return_weights: bool = False,
+    ) -> tuple[Array, Array | None]:
+        width = inputs_q.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"hidden size {width} is not divisible by num_heads={self.num_heads}")
+        head_dim = width // self.num_heads
+        proj = functools.partial(
+            nn.DenseGeneral,
+            features=(self.num_heads, head_dim),
+            axis=-1,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init,
+        )
+        q = proj(name="query")(inputs_q)
+        k = proj(name="key")(inputs_kv)
+        v = proj(name="value")(inputs_kv)
+        weights = None
+        use_dropout = self.dropout_rate > 0.0 and not deterministic
+        if return_weights or use_dropout:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim).astype(q.dtype)
+            weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+            probs = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
+            y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = nn.DenseGeneral(
+            features=width,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init,
+            name="out",
+        )(y)
+        return out, weights
+
+
+def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
+    """Stochastic depth: zero whole examples' residual branch with probability `rate`."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    mlp_dim: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    gelu_approximate: bool = True
+    layernorm_epsilon: float = 1e-6
+    attention_implementation: str | None = None
+    stochastic_depth: bool = False
+    return_intermediates: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, drop_rate: Array | float, deterministic: bool):
+        norm = functools.partial(
+            nn.LayerNorm,
+            epsilon=self.layernorm_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+        def residual(branch):
+            if deterministic or not self.stochastic_depth:
+                return branch
+            return drop_path(branch, drop_rate, self.make_rng("dropout"))
+
+        y = norm(name="LayerNorm_0")(x)
+        y, weights = MultiHeadAttention(
+            num_heads=self.num_heads,
+            dropout_rate=self.attention_dropout_rate,
+            implementation=self.attention_implementation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="MultiHeadDotProductAttention_1",
+        )(y, y, deterministic=deterministic, return_weights=self.return_intermediates)
+        y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
+        x = x + residual(y)
+        y = norm(name="LayerNorm_2")(x)
+        y = MlpBlock(
+            mlp_dim=self.mlp_dim,
+            dropout_rate=self.dropout_rate,
+            gelu_approximate=self.gelu_approximate,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="MlpBlock_3",
+        )(y, deterministic=deterministic)
+        x = x + residual(y)
+        aux = {"tokens": x, "attention_weights": weights} if self.return_intermediates else None
+        return x, aux
+
+
+class AddPositionEmbs(nn.Module):
+    """Adds learned position embeddings (1, tokens, width), initialised normal(0.02)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = (1, x.shape[1], x.shape[2])
+        pe = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype
+        )
+        if pe.shape != shape:  # only reachable through apply() with foreign params
+            raise ValueError(f"pos_embedding has shape {pe.shape}, the tokens need {shape}")
+        return x + pe.astype(self.dtype)
+
+
+class Encoder(nn.Module):
+    """Position embeddings, dropout, `num_layers` blocks (unrolled or scanned), final LayerNorm."""
+
+    num_layers: int
+    mlp_dim: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    stochastic_depth_rate: float = 0.0
+    posemb: str = "learn"
+    grid: tuple[int, int] = (0, 0)
+    num_prefix_tokens: int = 1
+    gelu_approximate: bool = True
+    layernorm_epsilon: float = 1e-6
+    attention_implementation: str | None = None
+    scan: bool = False
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    return_intermediates: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool):
+        if self.posemb == "learn":
+            x = AddPositionEmbs(
+                dtype=self.dtype, param_dtype=self.param_dtype, name="posembed_input"
+            )(x)
+        elif self.posemb == "sincos2d":
+            table = sincos2d_posemb(*self.grid, x.shape[-1])
+            table = jnp.pad(table, ((0, 0), (self.num_prefix_tokens, 0), (0, 0)))
+            x = x + table.astype(self.dtype)
+        elif self.posemb != "none":
+            raise ValueError(f"posemb must be 'learn', 'sincos2d' or 'none', got {self.posemb!r}")
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+
+        block_kwargs = dict(
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            gelu_approximate=self.gelu_approximate,
+            layernorm_epsilon=self.layernorm_epsilon,
+            attention_implementation=self.attention_implementation,
+            stochastic_depth=self.stochastic_depth_rate > 0,
+            return_intermediates=self.return_intermediates,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        block = Encoder1DBlock
+        if self.remat:
+            if self.remat_policy not in REMAT_POLICIES:
+                raise ValueError(
+                    f"remat_policy {self.remat_policy!r} unknown; one of {sorted(REMAT_POLICIES)}"
+                )
+            block = nn.remat(
+                block,
+                prevent_cse=not self.scan,
+                static_argnums=(3,),  # (self, x, drop_rate, deterministic)
+                policy=REMAT_POLICIES[self.remat_policy],
+            )
+        # Stochastic depth grows linearly with depth (0 for the first block), as in DeiT / timm.
+        rates = np.linspace(0.0, self.stochastic_depth_rate, self.num_layers, dtype=np.float32)
+        if self.scan:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast),
+                length=self.num_layers,
+            )
+            x, aux = stack(name="encoderblock", **block_kwargs)(x, jnp.asarray(rates), not train)
+        else:
+            auxes = []
+            for i in range(self.num_layers):
+                x, a = block(name=f"encoderblock_{i}", **block_kwargs)(
+                    x, float(rates[i]), not train
+                )
+                auxes.append(a)
+            aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] else None
+        x = nn.LayerNorm(
+            epsilon=self.layernorm_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="encoder_norm",
+        )(x)
+        return x, aux
+
+
+class MAPHead(nn.Module):
+    """Multi-head attention pooling: a learned probe attends over the tokens (big_vision names)."""
+
+    num_heads: int
+    mlp_dim: int
+    gelu_approximate: bool = True
+    layernorm_epsilon: float = 1e-6
+    attention_implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, _, d = x.shape
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
+        probe = jnp.tile(probe.astype(self.dtype), (b, 1, 1))
+        x, _ = MultiHeadAttention(
+            num_heads=self.num_heads,
+            implementation=self.attention_implementation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="MultiHeadDotProductAttention_0",
+        )(probe, x, deterministic=True)
+        y = nn.LayerNorm(
+            epsilon=self.layernorm_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="LayerNorm_0",
+        )(x)
+        x = x + MlpBlock(
+            mlp_dim=self.mlp_dim,
+            gelu_approximate=self.gelu_approximate,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="MlpBlock_0",
+        )(y, deterministic=True)
+        return x[:, 0]
+
+
+CLASSIFIERS = ("token", "gap", "map", "unpooled", "token_unpooled")
+
+
+class VisionTransformer(nn.Module):
+    """ViT (and R+ViT hybrids when `resnet` is set).
+
+    `__call__(images, *, train, return_intermediates=False)`: images NHWC in [-1, 1]. Returns the
+    logits, or `(logits, out)` where `out` holds `stem` (patch embeddings), `tokens` (every block's
+    output, stacked (layers, B, N, D)), `attention_weights` ((layers, B, heads, N, N)), `encoded`,
+    `pre_logits`, `logits`.
+    """
+
+    num_classes: int | None
+    patch_size: tuple[int, int]
+    hidden_size: int
+    mlp_dim: int
+    num_heads: int
+    num_layers: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    stochastic_depth_rate: float = 0.0
+    resnet_num_layers: tuple[int, ...] | None = None
+    resnet_width_factor: float = 1.0
+    classifier: str = "token"
+    representation_size: int | None = None
+    posemb: str = "learn"
+    gelu_approximate: bool = True
+    layernorm_epsilon: float = 1e-6
+    head_bias_init: float = 0.0
+    attention_implementation: str | None = None
+    scan: bool = False
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def stride(self) -> tuple[int, int]:
+        """Input pixels per token along (height, width)."""
+        ph, pw = self.patch_size
+        if self.resnet_num_layers is None:
+            return ph, pw
+        f = 4 * 2 ** max(len(self.resnet_num_layers) - 1, 0)
+        return ph * f, pw * f
+
+    @nn.compact
+    def __call__(self, images: Array, *, train: bool, return_intermediates: bool = False):
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be NHWC with 3 channels, got shape {images.shape}")
+        sh, sw = self.stride()
+        h, w = images.shape[1:3]
+        if h % sh or w % sw:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by the model's patch stride {sh}x{sw}"
+                f" (patch size {self.patch_size[0]}x{self.patch_size[1]})"
+            )
+        x = images.astype(self.dtype)
+        if self.resnet_num_layers is not None:
+            x = resnet.resnet_stem(
+                x,
+                num_layers=tuple(self.resnet_num_layers),
+                width_factor=self.resnet_width_factor,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
+        x = nn.Conv(
+            self.hidden_size,
+            self.patch_size,
+            strides=self.patch_size,
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="embedding",
+        )(x)
+        n, gh, gw, c = x.shape
+        x = x.reshape(n, gh * gw, c)
+        out = {"stem": x}
+        prefix = 0
+        if self.classifier in ("token", "token_unpooled"):
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, c), self.param_dtype)
+            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+            prefix = 1
+        x, aux = Encoder(
+            num_layers=self.num_layers,
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            stochastic_depth_rate=self.stochastic_depth_rate,
+            posemb=self.posemb,
+            grid=(gh, gw),
+            num_prefix_tokens=prefix,
+            gelu_approximate=self.gelu_approximate,
+            layernorm_epsilon=self.layernorm_epsilon,
+            attention_implementation=self.attention_implementation,
+            scan=self.scan,
+            remat=self.remat,
+            remat_policy=self.remat_policy,
+            return_intermediates=return_intermediates,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="Transformer",
+        )(x, train=train)
+        if aux is not None:
+            out.update(aux)
+        out["encoded"] = x
+        if self.classifier == "token":
+            x = x[:, 0]
+        elif self.classifier == "gap":
+            x = jnp.mean(x, axis=1)
+        elif self.classifier == "map":
+            x = MAPHead(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                gelu_approximate=self.gelu_approximate,
+                layernorm_epsilon=self.layernorm_epsilon,
+                attention_implementation=self.attention_implementation,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="MAPHead_0",
+            )(x)
+        if self.representation_size is not None:
+            x = nn.Dense(
+                self.representation_size,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="pre_logits",
+            )(x)
+            x = jnp.tanh(x)
+        out["pre_logits"] = x
+        if self.num_classes:
+            x = nn.Dense(
+                self.num_classes,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=nn.initializers.zeros,
+                bias_init=nn.initializers.constant(self.head_bias_init),
+                name="head",
+            )(x)
+        x = x.astype(jnp.float32)
+        out["logits"] = x
+        return (x, out) if return_intermediates else x
