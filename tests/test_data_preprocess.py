@@ -1,0 +1,194 @@
+"""Image ops of the input pipeline against known values and PIL."""
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image, ImageEnhance, ImageOps
+
+from vit_jax.data import preprocess, randaugment
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    """A smooth-ish random RGB image (JPEG-friendly), uint8 [20, 30, 3]."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((30, 20), Image.BILINEAR))
+
+
+@pytest.mark.parametrize(
+    "mode,fmt,tolerance",
+    [
+        ("RGB", "PNG", 0),
+        ("RGBA", "PNG", 0),
+        ("L", "PNG", 0),
+        ("LA", "PNG", 0),
+        ("P", "PNG", 0),
+        ("1", "PNG", 0),
+        ("RGB", "JPEG", 4),
+        ("L", "JPEG", 4),
+        ("CMYK", "JPEG", 4),
+        ("RGB", "BMP", 0),
+        ("P", "BMP", 0),
+        ("1", "BMP", 0),
+        ("P", "GIF", 0),
+        ("RGB", "WEBP", 4),
+    ],
+)
+def test_decode_image_matches_pil_rgb(photo, mode, fmt, tolerance):
+    image = Image.fromarray(photo).convert(mode)
+    encoded = _encode(image, fmt)
+    expected = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB")).astype(int)
+    decoded = preprocess.decode_image(tf.constant(encoded)).numpy()
+    assert decoded.dtype == np.uint8 and decoded.shape == (20, 30, 3)
+    assert np.abs(decoded.astype(int) - expected).max() <= tolerance
+
+
+def test_decode_image_rejects_truncated_and_non_images(photo):
+    jpeg = _encode(Image.fromarray(photo), "JPEG")
+    for bad in [jpeg[: len(jpeg) // 2], b"not an image at all", b""]:
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            preprocess.decode_image(tf.constant(bad))
+
+
+def test_eval_image_resizes_and_crops_centre():
+    image = np.arange(6 * 6 * 3, dtype=np.uint8).reshape(6, 6, 3)
+    out = preprocess.eval_image(tf.constant(image), resize_to=6, crop=4).numpy()
+    np.testing.assert_array_equal(out, image[1:5, 1:5])
+    constant = np.full((7, 11, 3), 200, np.uint8)
+    out = preprocess.eval_image(tf.constant(constant), resize_to=16, crop=12).numpy()
+    assert out.shape == (12, 12, 3) and (out == 200).all()
+
+
+def test_train_image_crop_flip_and_seeds():
+    image = tf.constant(np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3))
+    seed = tf.constant([1, 2], tf.int64)
+    # resize == crop and no flip: the random crop is the whole image.
+    same = preprocess.train_image(
+        image, seed, resize_to=8, crop=8, use_inception_crop=False, flip=False
+    )
+    np.testing.assert_array_equal(same.numpy(), image.numpy())
+    # A flip, when drawn, mirrors the columns.
+    outs = [
+        preprocess.train_image(
+            image,
+            tf.constant([s, 0], tf.int64),
+            resize_to=8,
+            crop=8,
+            use_inception_crop=False,
+            flip=True,
+        ).numpy()
+        for s in range(8)
+    ]
+    flipped = [np.array_equal(o, image.numpy()[:, ::-1]) for o in outs]
+    kept = [np.array_equal(o, image.numpy()) for o in outs]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped) and any(kept)
+    # Random crops are a pure function of the seed.
+    kwargs = dict(resize_to=8, crop=5, use_inception_crop=True, flip=True)
+    a = preprocess.train_image(image, seed, **kwargs).numpy()
+    b = preprocess.train_image(image, seed, **kwargs).numpy()
+    c = preprocess.train_image(image, tf.constant([1, 3], tf.int64), **kwargs).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (5, 5, 3) and not np.array_equal(a, c)
+
+
+def test_to_model_range():
+    out = preprocess.to_model_range(tf.constant([0, 127, 255], tf.uint8)).numpy()
+    np.testing.assert_allclose(out, [-1.0, 127 / 127.5 - 1, 1.0], atol=1e-6)
+
+
+def test_mixup_pairs_known_values():
+    images = tf.constant([[0.0], [1.0], [-1.0], [0.5]])
+    labels = tf.constant([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    mixed_images, mixed_labels = preprocess.mixup_pairs(images, labels, tf.constant([0.75, 0.6]))
+    np.testing.assert_allclose(mixed_images.numpy()[:, 0], [0.25, 0.75, -0.4, -0.1], atol=1e-6)
+    np.testing.assert_allclose(
+        mixed_labels.numpy(), [[0.75, 0.25], [0.25, 0.75], [1, 0], [1, 0]], atol=1e-6
+    )
+    ratios = preprocess.mixup_ratios(1000, 0.2, tf.constant([0, 1], tf.int64)).numpy()
+    assert ratios.min() >= 0.5 and ratios.max() <= 1.0 and ratios.std() > 0.05
+
+
+@pytest.fixture(scope="module")
+def pil_image(photo) -> Image.Image:
+    return Image.fromarray(photo)
+
+
+@pytest.mark.parametrize(
+    "ours,theirs,tolerance",
+    [
+        (randaugment.invert, ImageOps.invert, 0),
+        (lambda x: randaugment.posterize(x, 3), lambda im: ImageOps.posterize(im, 3), 0),
+        (lambda x: randaugment.solarize(x, 100), lambda im: ImageOps.solarize(im, 100), 0),
+        (randaugment.autocontrast, ImageOps.autocontrast, 1),
+        (randaugment.equalize, ImageOps.equalize, 0),
+        (lambda x: randaugment.color(x, 0.3), lambda im: ImageEnhance.Color(im).enhance(0.3), 2),
+        (
+            lambda x: randaugment.contrast(x, 1.6),
+            lambda im: ImageEnhance.Contrast(im).enhance(1.6),
+            2,
+        ),
+        (
+            lambda x: randaugment.brightness(x, 1.4),
+            lambda im: ImageEnhance.Brightness(im).enhance(1.4),
+            1,
+        ),
+        (
+            lambda x: randaugment.sharpness(x, 1.8),
+            lambda im: ImageEnhance.Sharpness(im).enhance(1.8),
+            2,
+        ),
+    ],
+)
+def test_photometric_ops_match_pil(pil_image, ours, theirs, tolerance):
+    expected = np.asarray(theirs(pil_image)).astype(int)
+    got = ours(tf.constant(np.asarray(pil_image))).numpy()
+    assert got.dtype == np.uint8
+    assert np.abs(got.astype(int) - expected).max() <= tolerance
+
+
+def test_geometric_ops_known_values(photo):
+    square = tf.constant(photo[:20, :20])
+    np.testing.assert_array_equal(
+        randaugment.rotate(square, 90.0).numpy(), np.rot90(photo[:20, :20])
+    )
+    np.testing.assert_array_equal(randaugment.rotate(square, 0.0).numpy(), photo[:20, :20])
+    np.testing.assert_array_equal(randaugment.shear_x(square, 0.0).numpy(), photo[:20, :20])
+    moved = randaugment.translate_x(square, 3.0).numpy()
+    np.testing.assert_array_equal(moved[:, 3:], photo[:20, :17])
+    assert (moved[:, :3] == randaugment.FILL_VALUE).all()
+    down = randaugment.translate_y(square, 2.0).numpy()
+    np.testing.assert_array_equal(down[2:], photo[:18, :20])
+    sheared = randaugment.shear_y(square, 0.5).numpy()
+    assert sheared[0, 0].tolist() == photo[0, 0].tolist()  # origin fixed
+    np.testing.assert_array_equal(
+        randaugment.solarize_add(tf.constant([100, 200], tf.uint8), 50), [150, 200]
+    )
+
+
+def test_randaugment_every_op_and_determinism(photo):
+    image = tf.constant(photo)
+    for name, op in randaugment.OPS.items():
+        out = op(image, 0.7, tf.constant(-1.0))
+        assert out.dtype == tf.uint8 and out.shape == image.shape, name
+    seed = tf.constant([3, 4], tf.int64)
+    a = randaugment.randaugment(image, seed, 2, 9).numpy()
+    b = randaugment.randaugment(image, seed, 2, 9).numpy()
+    np.testing.assert_array_equal(a, b)
+    outs = {
+        randaugment.randaugment(image, tf.constant([s, 0], tf.int64), 2, 9).numpy().tobytes()
+        for s in range(6)
+    }
+    assert len(outs) > 3
+    strong = randaugment.randaugment(image, seed, 3, 30).numpy()  # extrapolated magnitude
+    assert strong.dtype == np.uint8 and strong.shape == photo.shape
+    with pytest.raises(ValueError, match="randaugment_magnitude=31"):
+        randaugment.randaugment(image, seed, 1, 31)

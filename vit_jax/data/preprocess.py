@@ -1,0 +1,137 @@
+"""Per-example image ops in tf.data: decode to RGB, train/eval crops, flip, value range, mixup.
+
+Every random op is *stateless*: it takes an explicit `seed` (int64 [2]) so that an example's
+augmentation is a pure function of (config.seed, its global position) -- what makes the training
+order resumable and independent of the number of processes.
+"""
+
+import io
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+# Random resized crop ("inception crop") ranges, as in the reference vit_jax pipeline.
+INCEPTION_AREA_RANGE = (0.05, 1.0)
+INCEPTION_ASPECT_RANGE = (3 / 4, 4 / 3)
+
+
+def _decode_with_pil(encoded: bytes | np.ndarray) -> np.ndarray:
+    """PIL decode for formats TF decodes wrongly (palette and 1-bit BMPs). tf.numpy_function
+    passes `bytes` in graphs but a 0-d object array when run eagerly."""
+    if isinstance(encoded, np.ndarray):
+        encoded = encoded.item()
+    with Image.open(io.BytesIO(encoded)) as image:
+        image.load()
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+    """Decodes JPEG/PNG/GIF/BMP/WebP bytes to uint8 RGB [h, w, 3].
+
+    Grayscale is replicated to 3 channels; alpha is dropped (as PIL's `convert('RGB')`); palette,
+    CMYK and 16-bit images are converted; animated GIFs give their first frame. TF's BMP decoder
+    misreads palette BMPs, so BMPs go through PIL.
+    """
+
+    def pil() -> tf.Tensor:
+        image = tf.numpy_function(_decode_with_pil, [encoded], tf.uint8, stateful=False)
+        image.set_shape([None, None, 3])
+        return image
+
+    def native() -> tf.Tensor:
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        image.set_shape([None, None, 3])
+        return image
+
+    return tf.cond(tf.strings.substr(encoded, 0, 2) == b"BM", pil, native)
+
+
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Bilinear resize of uint8 [h, w, 3] to uint8 [size, size, 3] (aspect not kept, as the
+    reference pipeline)."""
+    resized = tf.image.resize(image, [size, size], method="bilinear")
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Central size x size crop of a [h, w, c] image with h, w >= size."""
+    shape = tf.shape(image)
+    top = (shape[0] - size) // 2
+    left = (shape[1] - size) // 2
+    return tf.ensure_shape(image[top : top + size, left : left + size], [size, size, 3])
+
+
+def inception_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+    """Random resized crop: a random box of 5-100% of the area and aspect 3/4..4/3, resized to
+    size x size."""
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=INCEPTION_ASPECT_RANGE,
+        area_range=INCEPTION_AREA_RANGE,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return resize(tf.slice(image, begin, crop_size), size)
+
+
+def train_image(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    *,
+    resize_to: int,
+    crop: int,
+    use_inception_crop: bool,
+    flip: bool,
+) -> tf.Tensor:
+    """Train geometry: inception crop, or resize to `resize_to` then random crop; optional
+    horizontal flip. uint8 in, uint8 [crop, crop, 3] out."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    if use_inception_crop:
+        image = inception_crop(image, crop, crop_seed)
+    else:
+        image = tf.image.stateless_random_crop(resize(image, resize_to), [crop, crop, 3], crop_seed)
+    if flip:
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return tf.ensure_shape(image, [crop, crop, 3])
+
+
+def eval_image(image: tf.Tensor, *, resize_to: int, crop: int) -> tf.Tensor:
+    """Eval geometry: resize to `resize_to`, central crop `crop`."""
+    return central_crop(resize(image, resize_to), crop)
+
+
+def to_model_range(image: tf.Tensor) -> tf.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1], the range the published checkpoints expect."""
+    return tf.cast(image, tf.float32) / 127.5 - 1.0
+
+
+def mixup_ratios(num_pairs: int, alpha: float, seed: tf.Tensor) -> tf.Tensor:
+    """`num_pairs` ratios max(l, 1 - l) with l ~ Beta(alpha, alpha) (so each mixed example stays
+    dominated by its own image), float32."""
+    seed_a, seed_b = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    a = tf.random.stateless_gamma([num_pairs], seed_a, alpha=alpha)
+    b = tf.random.stateless_gamma([num_pairs], seed_b, alpha=alpha)
+    ratio = tf.math.divide_no_nan(a, a + b)
+    return tf.maximum(ratio, 1.0 - ratio)
+
+
+def mixup_pairs(
+    images: tf.Tensor, labels: tf.Tensor, ratios: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mixes examples 2m and 2m+1 of a batch with each other with weight ratios[m] on itself.
+
+    Pairs of neighbours (not a roll over the whole batch) keep the result independent of how the
+    global batch is split across processes, as long as each process holds an even number of rows.
+    """
+    batch = tf.shape(images)[0]
+
+    def mix(x: tf.Tensor) -> tf.Tensor:
+        pairs = tf.reshape(x, tf.concat([[batch // 2, 2], tf.shape(x)[1:]], axis=0))
+        ratio = tf.reshape(ratios, [-1, 1] + [1] * (len(x.shape) - 1))
+        mixed = ratio * pairs + (1.0 - ratio) * pairs[:, ::-1]
+        return tf.reshape(mixed, tf.shape(x))
+
+    return mix(images), mix(labels)
