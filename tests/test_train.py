@@ -1,0 +1,159 @@
+"""The trainer: learning, sharding equivalence, accumulation, resume, preemption, NaN, config."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tiny
+
+from vit_jax import workdir as workdir_lib
+
+pytestmark = pytest.mark.slow
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_on_digits_and_workdir_is_complete(tmp_path):
+    from vit_jax import trainer
+
+    config = tiny.tiny_config(total_steps=60, eval_every=30, progress_every=10)
+    results = trainer.train_and_evaluate(config, str(tmp_path))
+    rows = _metrics(tmp_path)
+    train = [r for r in rows if "train_loss" in r]
+    assert train[-1]["train_loss"] < 0.8 * train[0]["train_loss"]
+    assert {"step", "train_loss", "learning_rate", "grad_norm", "img_per_sec_per_device"} <= set(
+        train[0]
+    )
+    evals = [r for r in rows if "test_accuracy" in r]
+    assert [r["step"] for r in evals] == [30, 60]
+    assert set(evals[0]) == {"step", "test_accuracy", "test_top5_accuracy", "test_loss"}
+    assert results["test_examples"] == 355  # every digits test example counted once
+    assert results["test_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 60
+    params, meta = workdir_lib.load_trained(tmp_path)
+    assert meta["step"] == 60 and meta["class_names"][:2] == ["0", "1"]
+    assert params["head"]["kernel"].shape == (32, 10)
+    assert list(tmp_path.glob("events.out.tfevents*"))  # TensorBoard
+
+
+def test_meshes_agree_fsdp_saves_memory_and_accumulation_matches(tmp_path):
+    out = tiny.run([sys.executable, "tests/sharded_steps.py", str(tmp_path / "p.npz")], devices=8)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    params = np.load(tmp_path / "p.npz")
+    ref = res["single"]
+    assert ref["losses"][2] < ref["losses"][0]
+    for name in ("data8", "fsdp8", "data4_model2", "accum4"):
+        np.testing.assert_allclose(res[name]["losses"], ref["losses"], atol=1e-5, err_msg=name)
+        a, b = params[f"arr_{res[name]['params_index']}"], params[f"arr_{ref['params_index']}"]
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+    assert res["fsdp8"]["argument_bytes"] <= res["data8"]["argument_bytes"] / 4
+    assert "fsdp" in res["fsdp8"]["qkv_spec"] and "fsdp" in res["fsdp8"]["mlp_spec"]
+    assert res["data4_model2"]["qkv_spec"] == "P(None, 'model', None)"
+    assert res["data4_model2"]["mlp_spec"] == "P(None, 'model')"
+    assert res["data8"]["qkv_spec"] == "P(None, None, None)"
+
+
+def _final_params(workdir):
+    params, meta = workdir_lib.load_trained(workdir)
+    return params, meta
+
+
+def test_sigkill_then_resume_is_bit_exact(tmp_path):
+    changes = dict(total_steps=120, checkpoint_every=20, eval_every=1000, progress_every=20)
+    ref = tiny.run(tiny.train_command(tmp_path / "ref", **changes))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        tiny.train_command(killed, **changes),
+        cwd=tiny.ROOT,
+        env=tiny.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoints" / "40").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < 120, saved  # really interrupted mid-run
+
+    resumed = tiny.run(tiny.train_command(killed, **changes))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a, meta_a = _final_params(tmp_path / "ref")
+    b, meta_b = _final_params(killed)
+    assert meta_a["step"] == meta_b["step"] == 120
+    flat = lambda t: [np.asarray(x) for x in __import__("jax").tree.leaves(t)]
+    for x, y in zip(flat(a), flat(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    changes = dict(total_steps=100000, checkpoint_every=100000, eval_every=100000, progress_every=5)
+    proc = subprocess.Popen(
+        tiny.train_command(tmp_path, **changes),
+        cwd=tiny.ROOT,
+        env=tiny.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    metrics = tmp_path / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped at step" in stderr
+    _, meta = workdir_lib.load_trained(tmp_path)
+    assert 5 <= meta["step"] < 100000
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path):
+    # A huge learning rate without clipping diverges after the first (good) checkpoint at step 2.
+    out = tiny.run(
+        tiny.train_command(
+            tmp_path,
+            base_lr=1e12,
+            grad_norm_clip=0.0,
+            warmup_steps=0,
+            checkpoint_every=2,
+            total_steps=40,
+            progress_every=40,
+            eval_every=1000,
+            async_checkpointing=False,
+        )
+    )
+    assert out.returncode == 1
+    err = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "training loss is nan" in err[0].lower(), out.stderr[-2000:]
+    params, meta = workdir_lib.load_trained(tmp_path)
+    import jax
+
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    assert not (tmp_path / "final.npz").exists()
+
+
+def test_misspelt_config_key_is_an_error_listing_keys(tmp_path):
+    out = tiny.run(
+        [
+            sys.executable,
+            "-m",
+            "vit_jax.train",
+            "--config=configs/default.py",
+            f"--workdir={tmp_path}",
+            "--config.bach=3",
+        ]
+    )
+    assert out.returncode != 0
+    assert "bach" in out.stderr and "batch" in out.stderr

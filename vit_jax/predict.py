@@ -1,0 +1,90 @@
+"""`python -m vit_jax.predict --checkpoint PATH [--model NAME] [--top-k 5] [--json] IMAGE...`.
+
+Classifies images with a training workdir, an Orbax checkpoint, a published `.npz` or a converted
+PyTorch file. Prints the top-k class names with probabilities for each image; `--json` prints one
+object per image per line. An unreadable image gets a one-line error (the others still get their
+answer) and the exit status is 1 at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+import numpy as np
+
+
+def top_k(logits: np.ndarray, k: int, class_names: list[str]) -> list[dict]:
+    probs = np.asarray(jax.nn.softmax(logits.astype(np.float32)))
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [
+        {
+            "label": class_names[i] if i < len(class_names) else str(i),
+            "index": int(i),
+            "probability": float(probs[i]),
+        }
+        for i in order
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m vit_jax.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="workdir, checkpoint, .npz or converted file"
+    )
+    p.add_argument("--model", help="zoo name, for files that don't record their model")
+    p.add_argument(
+        "--resolution", type=int, help="input size (default: what the model was trained at)"
+    )
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="one JSON object per image per line")
+    p.add_argument("images", nargs="+")
+    args = p.parse_args(argv)
+
+    from vit_jax import inference
+
+    try:
+        trained = inference.load_model(
+            args.checkpoint, model=args.model, resolution=args.resolution
+        )
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    k = max(1, min(args.top_k, len(trained.class_names) or args.top_k))
+    good: list[tuple[str, np.ndarray]] = []
+    results: dict[str, dict] = {}
+    for path in args.images:
+        try:
+            good.append(
+                (path, inference.preprocess_file(path, resize=trained.resize, crop=trained.crop))
+            )
+        except ValueError as e:
+            failed += 1
+            results[path] = {"image": path, "error": str(e)}
+    for start in range(0, len(good), args.batch):
+        chunk = good[start : start + args.batch]
+        logits = trained.logits(np.stack([x for _, x in chunk]))
+        for (path, _), row in zip(chunk, logits, strict=True):
+            results[path] = {"image": path, "top_k": top_k(row, k, trained.class_names)}
+    for path in args.images:
+        r = results[path]
+        if args.json:
+            print(json.dumps(r))
+        elif "error" in r:
+            print(f"error: {r['error']}", file=sys.stderr)
+        else:
+            best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
+            print(f"{path}: {best}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Device mesh and partition rules: data-parallel, FSDP and tensor-parallel from one mechanism.
+
+The mesh has three axes, `data`, `fsdp` and `model`. The batch is split over `('data', 'fsdp')`.
+Every parameter (and every optimizer-state leaf that mirrors one) gets a `PartitionSpec` from:
+
+1. logical axis names, found by regex on its path (`.../query/kernel` -> `(embed, heads, kv)`),
+   of which `heads` and `mlp` map onto the `model` axis (Megatron-style tensor parallelism of
+   attention heads and the MLP hidden dimension);
+2. FSDP: the largest remaining dimension divisible by the `fsdp` axis size is split over `fsdp`.
+
+So the mesh shape alone selects the strategy: `data=-1` is pure data parallelism (parameters
+replicated), `fsdp=N` shards parameters and optimizer state N ways, `model=M` splits heads/MLP.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+
+# (path regex, logical axes of the trailing dimensions). A leading scan axis is left unsharded.
+LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"(query|key|value)/kernel$", ("embed", "heads", "kv")),
+    (r"(query|key|value)/bias$", ("heads", "kv")),
+    (r"MultiHeadDotProductAttention_\d+/out/kernel$", ("heads", "kv", "embed")),
+    (r"MlpBlock_\d+/Dense_0/kernel$", ("embed", "mlp")),
+    (r"MlpBlock_\d+/Dense_0/bias$", ("mlp",)),
+    (r"MlpBlock_\d+/Dense_1/kernel$", ("mlp", "embed")),
+)
+LOGICAL_TO_MESH = {"heads": "model", "mlp": "model"}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, model) mesh over all devices; one axis may be -1 to take the rest."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [data, fsdp, model]
+    if sizes.count(-1) > 1:
+        raise ValueError(
+            f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} model={model}"
+        )
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"{len(devices)} devices cannot be split into mesh data={data} fsdp={fsdp} "
+                f"model={model}: {len(devices)} is not divisible by {known}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x model={sizes[2]} = {math.prod(sizes)} "
+            f"devices, but {len(devices)} are available"
+        )
+    device_grid = np.asarray(devices).reshape(sizes)
+    return Mesh(device_grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension over the data and fsdp axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def path_str(path) -> str:
+    """'a/b/c' for a jax tree path (dict keys, attributes, sequence indices)."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return "/".join(parts)
+
+
+def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The spec for one array: tensor-parallel axes from its name, then FSDP on what is left."""
+    spec: list[str | None] = [None] * len(shape)
+    model_size = mesh.shape["model"]
+    for pattern, logical in LOGICAL_AXES:
+        if re.search(pattern, path) and len(shape) >= len(logical):
+            offset = len(shape) - len(logical)
+            for i, name in enumerate(logical):
+                axis = LOGICAL_TO_MESH.get(name)
+                if axis and model_size > 1 and shape[offset + i] % model_size == 0:
+                    spec[offset + i] = axis
+            break
+    fsdp_size = mesh.shape["fsdp"]
+    if fsdp_size > 1:
+        free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % fsdp_size == 0]
+        if free:
+            spec[max(free, key=lambda i: (shape[i], -i))] = "fsdp"
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every array leaf of `tree` (params, optimizer state, train state)."""
+
+    def leaf(path, x):
+        shape = tuple(getattr(x, "shape", ()))
+        return NamedSharding(mesh, partition_spec(path_str(path), shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def describe(shardings: Mapping[str, Any]) -> dict[str, str]:
+    """`{path: spec}` for logging/tests."""
+    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    return {path_str(p): str(s.spec) for p, s in flat}

@@ -1,0 +1,484 @@
+"""Training and evaluation: sharded state, one jitted step, eval, metrics, Orbax checkpoints.
+
+Data flow: config -> mesh -> data iterator (global batches sharded over ('data', 'fsdp')) ->
+model -> `jax.eval_shape` of init -> shardings from `vit_jax.sharding` rules ->
+`jax.jit(init, out_shardings=...)` -> pretrained weights or the latest checkpoint restored into
+those shardings -> loop: step (one `jax.jit`, donated state) -> progress / eval / checkpoint ->
+final checkpoint and `final.npz`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from etils import epath
+from jax.experimental import multihost_utils
+
+from vit_jax import data, losses, models, optim, sharding
+from vit_jax import workdir as workdir_lib
+
+Params = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def abstract_params(model: nn.Module, image_size: tuple[int, int]) -> Params:
+    return models.init_shapes(model, image_size)
+
+
+def create_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    image_size: tuple[int, int],
+    seed: int,
+) -> tuple[Params, Any, Any, Any]:
+    """(params, opt_state, param_shardings, opt_shardings), created already sharded."""
+
+    def init(rng):
+        images = jnp.zeros((1, *image_size, 3), jnp.float32)
+        params = model.init(rng, images, train=False)["params"]
+        return params, tx.init(params)
+
+    rng = jax.random.key(seed)
+    shapes = jax.eval_shape(init, rng)
+    param_sh, opt_sh = sharding.tree_shardings(shapes, mesh)
+    params, opt_state = jax.jit(init, out_shardings=(param_sh, opt_sh))(rng)
+    return params, opt_state, param_sh, opt_sh
+
+
+def put_sharded(tree: Params, shardings: Any) -> Params:
+    """Host numpy arrays (identical on every process) -> global arrays with these shardings."""
+
+    def put(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def to_host(tree: Params) -> Params:
+    """Global arrays -> numpy on every process (gathering what other processes hold)."""
+
+    def get(x):
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+class ClassificationObjective:
+    """Cross-entropy of the model's logits against the batch labels (one-hot or mixed).
+
+    An objective is what the train step minimises: `loss(params, images, labels, rng, extra)`.
+    `extra` is a tree of global arrays the loss reads but does not train (e.g. a distillation
+    teacher's parameters); they enter the step as arguments, not as compiled-in constants.
+    """
+
+    def __init__(self, model: nn.Module, config: ml_collections.ConfigDict):
+        self.model, self.config = model, config
+        self.extra: Any = {}
+
+    def loss(self, params, images, labels, rng, extra) -> jax.Array:
+        del extra
+        logits = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+        return losses.classification_loss(
+            logits, labels, kind=self.config.loss, label_smoothing=self.config.label_smoothing
+        )
+
+
+def make_objective(config: ml_collections.ConfigDict, model: nn.Module, mesh) -> Any:
+    """Plain classification, or knowledge distillation when `config.teacher.checkpoint` is set."""
+    teacher = config.get("teacher")
+    if teacher is not None and teacher.get("checkpoint"):
+        from vit_jax import distill
+
+        return distill.DistillationObjective(config, model, mesh)
+    return ClassificationObjective(model, config)
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    objective: Any = None,
+) -> Callable:
+    """`(params, opt_state, step, batch, extra) -> (params, opt_state, metrics)`, not jitted.
+
+    Random numbers come from `fold_in(seed, step)`, so they don't depend on the device count or
+    on a restart. A non-finite loss leaves params and optimizer state unchanged (the host stops).
+    """
+    del model  # the objective holds it
+    accum = int(config.accum_steps)
+    schedule = optim.learning_rate_schedule(config)
+    base_rng = jax.random.key(config.seed)
+    grad_fn = jax.value_and_grad(objective.loss)
+
+    def step_fn(params, opt_state, step, batch, extra):
+        rng = jax.random.fold_in(base_rng, step)
+        images, labels = batch["image"], batch["label"]
+        if accum == 1:
+            loss, grads = grad_fn(params, images, labels, rng, extra)
+        else:
+            # Micro-batch i takes examples i, i+accum, ...: every micro-batch spans all devices.
+            split = lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1)
+            micro = (split(images), split(labels), jnp.arange(accum))
+
+            def body(carry, xs):
+                loss_sum, grad_sum = carry
+                im, lb, i = xs
+                loss, grads = grad_fn(params, im, lb, jax.random.fold_in(rng, i), extra)
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss, grads), _ = jax.lax.scan(body, (0.0, zeros), micro)
+            loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        metrics = {"train_loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step)}
+        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+
+    return step_fn
+
+
+class TrainStep:
+    """The jitted, sharded, state-donating train step: `step(params, opt_state, i, batch)`."""
+
+    def __init__(self, model, tx, config, mesh, param_sh, opt_sh, objective=None):
+        self.objective = objective or ClassificationObjective(model, config)
+        extra_sh = jax.tree.map(lambda x: x.sharding, self.objective.extra)
+        rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        self.jitted = jax.jit(
+            make_train_step(model, tx, config, self.objective),
+            in_shardings=(param_sh, opt_sh, rep, batch_sh, extra_sh),
+            out_shardings=(param_sh, opt_sh, rep),
+            donate_argnums=(0, 1),
+        )
+
+    def __call__(self, params, opt_state, step, batch):
+        return self.jitted(params, opt_state, np.int32(step), batch, self.objective.extra)
+
+    def lower(self, params, opt_state, step, batch):
+        return self.jitted.lower(params, opt_state, np.int32(step), batch, self.objective.extra)
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+    """`(params, batch) -> sums` of loss, top-1, top-5 and count over unmasked examples."""
+
+    def eval_fn(params, batch):
+        logits = model.apply({"params": params}, batch["image"], train=False)
+        label, mask = batch["label"], batch["mask"].astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, label)
+        k = min(5, logits.shape[-1])
+        topk = jax.lax.top_k(logits, k)[1]
+        top1 = (topk[:, 0] == label).astype(jnp.float32)
+        top5 = jnp.any(topk == label[:, None], axis=-1).astype(jnp.float32)
+        return {
+            "loss": jnp.sum(loss * mask),
+            "top1": jnp.sum(top1 * mask),
+            "top5": jnp.sum(top5 * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return eval_fn
+
+
+def evaluate(eval_step: Callable, params: Params, batches) -> dict[str, float]:
+    """Test metrics over a finite iterator of padded, masked batches."""
+    totals = None
+    for batch in batches:
+        sums = eval_step(params, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        raise ValueError("the evaluation split yielded no batch")
+    totals = jax.tree.map(float, totals)
+    n = max(totals["count"], 1.0)
+    return {
+        "test_accuracy": totals["top1"] / n,
+        "test_top5_accuracy": totals["top5"] / n,
+        "test_loss": totals["loss"] / n,
+        "test_examples": int(totals["count"]),
+    }
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+
+class MetricsLog:
+    """Metrics to TensorBoard (clu) and, one JSON object per line, to metrics.jsonl."""
+
+    def __init__(self, workdir: epath.Path):
+        self.is_main = jax.process_index() == 0
+        self.writer = metric_writers.create_default_writer(
+            str(workdir), just_logging=not self.is_main, asynchronous=False
+        )
+        self.path = workdir / workdir_lib.METRICS_JSONL
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.writer.write_scalars(step, metrics)
+        if self.is_main:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+class StopRequest:
+    """SIGTERM / SIGINT (preemption): finish the step, save, exit cleanly. Agreed across hosts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning("received signal %d: saving a checkpoint after this step", signum)
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.asarray(self.requested))
+        return bool(np.any(flags))
+
+    def restore_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_num_classes(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> int:
+    return int(config.num_classes) if config.num_classes > 0 else info.num_classes
+
+
+def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    return (int(config.pp.crop), int(config.pp.crop))
+
+
+def load_pretrained_params(config: ml_collections.ConfigDict, init_params: Params) -> Params:
+    """Host params from `pretrained_path` (or `pretrained_dir` + model name), fit to the model."""
+    from vit_jax import checkpoint  # heavy optional paths (PyTorch formats) load lazily
+
+    path = config.pretrained_path
+    if not path:
+        path = checkpoint.resolve_pretrained(config.pretrained_dir, config.model_name)
+    logging.info("loading pretrained weights from %s", path)
+    return checkpoint.load_pretrained(
+        pretrained_path=path, init_params=init_params, model_config=config.model
+    )
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (resuming from the newest checkpoint in `workdir`) and returns the final metrics."""
+    wd = epath.Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (wd / workdir_lib.CONFIG_JSON).write_text(config.to_json_best_effort(indent=2))
+
+    mesh = sharding.make_mesh(**config.mesh.to_dict())
+    logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    info = data.get_info(config)
+    num_classes = resolve_num_classes(config, info)
+    model = models.get_model(config.model, num_classes=num_classes)
+    size = image_size(config)
+    tx = optim.make_optimizer(config, abstract_params(model, size))
+    params, opt_state, param_sh, opt_sh = create_state(model, tx, mesh, size, config.seed)
+    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    logging.info(
+        "model %s: %s parameters, %d classes", config.model_name, f"{n_params:,}", num_classes
+    )
+
+    mngr = workdir_lib.checkpoint_manager(
+        wd, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing
+    )
+    start_step = 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        abstract = lambda t, s: jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s
+        )
+        params, opt_state, meta = workdir_lib.restore(
+            mngr, latest, abstract(params, param_sh), abstract(opt_state, opt_sh)
+        )
+        start_step = int(meta["data_step"])
+        logging.info("resumed from %s at step %d", mngr.directory / str(latest), start_step)
+    elif config.pretrained_path or config.pretrained_dir:
+        host = load_pretrained_params(config, to_host(params))
+        params = put_sharded(host, param_sh)
+
+    batch_sh = sharding.batch_sharding(mesh)
+    train_iter = data.train_iterator(config, batch_sh, start_step=start_step)
+    rep = sharding.replicated(mesh)
+    objective = make_objective(config, model, mesh)
+    train_step = TrainStep(model, tx, config, mesh, param_sh, opt_sh, objective)
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(param_sh, batch_sh), out_shardings=rep)
+
+    log = MetricsLog(wd)
+    stop = StopRequest()
+    total = int(config.total_steps)
+    per_device = config.batch / jax.device_count()
+
+    def meta(step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "data_step": step,
+            "seed": int(config.seed),
+            "model_name": config.model_name,
+            "model": config.model.to_dict(),
+            "num_classes": num_classes,
+            "class_names": list(info.class_names)[:num_classes],
+            "dataset": str(config.dataset),
+            "image_size": list(size),
+        }
+
+    def save(step: int) -> None:
+        workdir_lib.save(mngr, step, params, opt_state, meta(step))
+
+    def run_eval(step: int) -> dict[str, float]:
+        results = evaluate(eval_step, params, data.eval_iterator(config, batch_sh))
+        log.write(step, {k: v for k, v in results.items() if k != "test_examples"})
+        logging.info(
+            "step %d: test accuracy %.4f, top-5 %.4f, loss %.4f (%d examples)",
+            step,
+            results["test_accuracy"],
+            results["test_top5_accuracy"],
+            results["test_loss"],
+            results["test_examples"],
+        )
+        return results
+
+    window = _Window(start_step)
+    results: dict[str, float] = {}
+    step = start_step
+    try:
+        while step < total:
+            batch = next(train_iter)
+            params, opt_state, metrics = train_step(params, opt_state, step, batch)
+            step += 1
+            window.push(step, metrics, mngr)  # reads the previous step's metrics: no stall
+            done = step == total
+            if step % config.progress_every == 0 or done:
+                host, steps_per_sec = window.flush(mngr)
+                host["img_per_sec_per_device"] = steps_per_sec * per_device
+                log.write(step, host)
+                eta = (total - step) / max(steps_per_sec, 1e-9)
+                logging.info(
+                    "step %d/%d: loss %.4f, lr %.2e, %.2f steps/s, %.1f img/s/device, ETA %s",
+                    step,
+                    total,
+                    host["train_loss"],
+                    host["learning_rate"],
+                    steps_per_sec,
+                    host["img_per_sec_per_device"],
+                    _hms(eta),
+                )
+            if step % config.eval_every == 0 or done:
+                results = run_eval(step)
+            if step % config.checkpoint_every == 0 or done:
+                save(step)
+            if not done and stop.should_stop():
+                window.flush(mngr)
+                save(step)
+                logging.warning("stopped at step %d on request; checkpoint saved", step)
+                break
+        mngr.wait_until_finished()
+        if step == total and config.write_final_npz:
+            _write_final_npz(wd, params, meta(step))
+    finally:
+        stop.restore_handlers()
+        mngr.wait_until_finished()
+        mngr.close()
+        log.close()
+    return {"step": step, **results}
+
+
+class _Window:
+    """Train metrics of the steps since the last report, fetched one step late (no stall).
+
+    A NaN/Inf loss raises `NonFiniteLossError`; the step itself left the state unchanged.
+    """
+
+    def __init__(self, step: int):
+        self.pending: tuple[int, dict] | None = None
+        self.rows: list[dict[str, float]] = []
+        self.start_time, self.start_step = time.perf_counter(), step
+
+    def push(self, step: int, metrics: dict, mngr) -> None:
+        if self.pending is not None:
+            self._read(*self.pending, mngr)
+        self.pending = (step, metrics)
+
+    def _read(self, step: int, metrics: dict, mngr) -> None:
+        row = {k: float(v) for k, v in metrics.items()}
+        if not np.isfinite(row["train_loss"]):
+            mngr.wait_until_finished()
+            latest = mngr.latest_step()
+            kept = f"step {latest}" if latest is not None else "none written yet"
+            raise NonFiniteLossError(
+                f"training loss is {row['train_loss']} at step {step}; stopping (last good "
+                f"checkpoint: {kept}). Lower base_lr, raise warmup_steps or set grad_norm_clip."
+            )
+        self.rows.append(row)
+
+    def flush(self, mngr) -> tuple[dict[str, float], float]:
+        """Mean loss / grad norm and the last learning rate since the last flush; steps/s."""
+        if self.pending is not None:
+            step, metrics = self.pending
+            self._read(step, metrics, mngr)
+            self.pending = None
+        if not self.rows:
+            return {}, 0.0
+        now = time.perf_counter()
+        steps_per_sec = (step - self.start_step) / max(now - self.start_time, 1e-9)
+        rows, self.rows = self.rows, []
+        self.start_time, self.start_step = now, step
+        out = {k: float(np.mean([r[k] for r in rows])) for k in ("train_loss", "grad_norm")}
+        out["learning_rate"] = rows[-1]["learning_rate"]
+        return out, steps_per_sec
+
+
+def _write_final_npz(wd: epath.Path, params: Params, meta: dict[str, Any]) -> None:
+    """final.npz in the published layout, with a JSON sidecar naming the model and classes."""
+    from vit_jax import checkpoint
+
+    host = to_host(params)
+    if jax.process_index() == 0:
+        checkpoint.save_npz(host, wd / workdir_lib.FINAL_NPZ, metadata=meta)
+        logging.info("wrote %s", wd / workdir_lib.FINAL_NPZ)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
