@@ -121,9 +121,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path):
     # A huge learning rate without clipping diverges after the first (good) checkpoint at step 2.
+    # The workdir is relative to the current directory, as in the README's quick start.
     out = tiny.run(
         tiny.train_command(
-            tmp_path,
+            "run",
             base_lr=1e12,
             grad_norm_clip=0.0,
             warmup_steps=0,
@@ -132,16 +133,17 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path):
             progress_every=40,
             eval_every=1000,
             async_checkpointing=False,
-        )
+        ),
+        cwd=tmp_path,
     )
     assert out.returncode == 1
     err = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "training loss is nan" in err[0].lower(), out.stderr[-2000:]
-    params, meta = workdir_lib.load_trained(tmp_path)
+    params, meta = workdir_lib.load_trained(tmp_path / "run")
     import jax
 
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
-    assert not (tmp_path / "final.npz").exists()
+    assert not (tmp_path / "run" / "final.npz").exists()
 
 
 def test_misspelt_config_key_is_an_error_listing_keys(tmp_path):

@@ -47,7 +47,7 @@ def train_command(workdir, **changes) -> list[str]:
         sys.executable,
         "-m",
         "vit_jax.train",
-        "--config=configs/default.py",
+        f"--config={ROOT}/configs/default.py",
         f"--workdir={workdir}",
         *flags(**changes),
     ]
@@ -60,9 +60,11 @@ def env(devices: int = 1) -> dict[str, str]:
     return e
 
 
-def run(cmd, devices: int = 1, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+def run(
+    cmd, devices: int = 1, timeout: int = 600, cwd=ROOT, **kwargs
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cmd, cwd=ROOT, env=env(devices), capture_output=True, text=True, timeout=timeout, **kwargs
+        cmd, cwd=cwd, env=env(devices), capture_output=True, text=True, timeout=timeout, **kwargs
     )
 
 

@@ -302,7 +302,7 @@ def load_pretrained_params(config: ml_collections.ConfigDict, init_params: Param
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (resuming from the newest checkpoint in `workdir`) and returns the final metrics."""
-    wd = epath.Path(workdir)
+    wd = workdir_lib.resolve(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (wd / workdir_lib.CONFIG_JSON).write_text(config.to_json_best_effort(indent=2))

@@ -13,6 +13,7 @@ returns the parameters with the metadata needed to rebuild the model (predict, e
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any
 
@@ -27,6 +28,12 @@ METRICS_JSONL = "metrics.jsonl"
 FINAL_NPZ = "final.npz"
 
 
+def resolve(path: str | epath.Path) -> epath.Path:
+    """Local paths made absolute (Orbax requires it); URLs (gs://...) unchanged."""
+    text = str(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def checkpoint_manager(
     workdir: str | epath.Path, *, max_to_keep: int = 2, async_save: bool = True
 ) -> ocp.CheckpointManager:
@@ -35,7 +42,7 @@ def checkpoint_manager(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
     )
     return ocp.CheckpointManager(
-        epath.Path(workdir) / CHECKPOINTS,
+        resolve(workdir) / CHECKPOINTS,
         options=options,
         item_names=("params", "opt_state", "meta"),
     )
@@ -88,7 +95,7 @@ def load_trained(path: str | epath.Path) -> tuple[dict[str, Any], dict[str, Any]
 
     `meta` has `step`, `model` (model config dict), `model_name`, `num_classes`, `class_names`.
     """
-    path = epath.Path(path)
+    path = resolve(path)
     step_dir = _step_dir(path) if path.is_dir() else None
     if step_dir is None:
         raise FileNotFoundError(
