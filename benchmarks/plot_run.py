@@ -22,8 +22,12 @@ def main(workdir: str, out: str) -> None:
     b.plot([r["step"] for r in test], [100 * r["test_accuracy"] for r in test], "o-")
     b.set(title="test accuracy (%)", xlabel="step", ylim=(0, 100))
     for r in test[-1:]:
-        b.annotate(f"{100 * r['test_accuracy']:.1f}%", (r["step"], 100 * r["test_accuracy"]),
-                   textcoords="offset points", xytext=(-30, -15))
+        b.annotate(
+            f"{100 * r['test_accuracy']:.1f}%",
+            (r["step"], 100 * r["test_accuracy"]),
+            textcoords="offset points",
+            xytext=(-30, -15),
+        )
     fig.suptitle(f"python -m vit_jax.train --config=configs/default.py ({workdir})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)

@@ -176,11 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--scan", action="store_true", help="scan over layers (faster compile)")
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--attention", choices=("xla", "cudnn"), help="dot_product_attention backend")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     overrides = {"scan": True} if args.scan else {}
     if args.remat:
         overrides["remat"] = True
+    if args.attention:
+        overrides["attention_implementation"] = args.attention
     try:
         r = run(
             args.model,

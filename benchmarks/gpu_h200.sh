@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One prepared GPU check (issue 7), <= 5 minutes on an H200: ViT-B/16 bf16 train at batch 256,
+# vit_jax (our benchmark CLI: MFU against a bf16 matmul peak measured on the spot, cuDNN flash
+# attention, scanned layers) vs timm with torch.compile + AMP bf16 on the same GPU.
+# Usage on the device machine, from the repo root:  bash benchmarks/gpu_h200.sh "$OUT"
+set -euo pipefail
+OUT=${1:-/tmp/gpu_bench}
+mkdir -p "$OUT"
+python3 -m venv /tmp/vj && . /tmp/vj/bin/activate
+pip install -q -U "jax[cuda12]" && pip install -q -e . 2>&1 | tail -1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+for impl in xla cudnn; do
+  timeout 150 python -m vit_jax.benchmark --model ViT-B_16 --batch 256 --resolution 224 \
+    --mode train --dtype bfloat16 --steps 20 --scan --json \
+    --attention $impl | tee -a "$OUT/vit_jax.jsonl" || true
+done
+# timm on the image's own torch (no TensorFlow imported in this process).
+deactivate
+timeout 150 python3 benchmarks/timm_bench.py --model vit_base_patch16_224 --batch 256 \
+  --mode train --dtype bfloat16 --compile --steps 20 --device cuda | tee "$OUT/timm.jsonl" || true
