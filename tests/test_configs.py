@@ -1,0 +1,53 @@
+"""Every config file loads, names a buildable model and carries the reference recipe."""
+
+import pytest
+
+from configs import augreg, common, default, mixer, transfer, vit
+from vit_jax import models
+
+
+def test_vit_config_has_reference_finetune_recipe():
+    c = vit.get_config("b16,cifar10")
+    assert c.model_name == "ViT-B_16" and c.model.hidden_size == 768
+    assert (c.optimizer, c.momentum, c.base_lr, c.batch) == ("sgd", 0.9, 0.03, 512)
+    assert (c.warmup_steps, c.total_steps, c.decay_type, c.grad_norm_clip) == (
+        500,
+        10_000,
+        "cosine",
+        1.0,
+    )
+    assert (c.pp.train, c.pp.test, c.pp.crop) == ("train[:98%]", "test", 384)
+    assert c.pretrained_dir == "."
+    pets = vit.get_config("r50_b16,oxford_iiit_pet")
+    assert pets.model_name == "R50+ViT-B_16" and pets.total_steps == 500
+    assert vit.get_config("ViT-L_32,/data/folder").dataset == "/data/folder"
+    with pytest.raises(ValueError, match="ViT-B_16"):
+        vit.get_config("ViT-B16,cifar10")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        default.get_config(),
+        vit.get_config("ti16,cifar100"),
+        mixer.get_config("b32,cifar10"),
+        augreg.get_config("R26_S_32,cifar100"),
+        transfer.get_config("finetune"),
+    ],
+)
+def test_configs_build_their_model(config):
+    model = models.get_model(config.model, num_classes=10)
+    assert models.count_params(model, image_size=config.pp.crop) > 0
+    assert set(common.get_config().keys()) <= set(config.keys())
+
+
+def test_augreg_and_transfer_specifics():
+    c = augreg.get_config("B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0,cifar10")
+    assert c.model.hidden_size == 768 and c.model_name.startswith("B_16-i21k")
+    assert c.pretrained_dir == "gs://vit_models/augreg"
+    assert transfer.get_config("pretrain").class_subset == (0, 1, 2, 3, 4)
+    ft, scratch = transfer.get_config("finetune"), transfer.get_config("scratch")
+    assert ft.class_subset == scratch.class_subset == (5, 6, 7, 8, 9)
+    assert ft.total_steps == scratch.total_steps
+    with pytest.raises(ValueError, match="pretrain, finetune or scratch"):
+        transfer.get_config("other")
