@@ -159,3 +159,32 @@ def test_misspelt_config_key_is_an_error_listing_keys(tmp_path):
     )
     assert out.returncode != 0
     assert "bach" in out.stderr and "batch" in out.stderr
+
+
+def test_finetune_from_published_npz_new_resolution_and_classes(trained_workdir, tmp_path):
+    """A published-layout .npz (10 digits at 16x16) fine-tuned on 5 classes at 24x24."""
+    from vit_jax import checkpoint, trainer
+
+    params, _ = workdir_lib.load_trained(trained_workdir)
+    npz = checkpoint.save_npz(params, tmp_path / "pretrained.npz")
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 17, 32)
+    config = tiny.tiny_config(
+        **{
+            **tiny.GOOD,
+            "pp.resize": 24,
+            "pp.crop": 24,
+            "total_steps": 30,
+            "eval_every": 30,
+            "checkpoint_every": 30,
+            "base_lr": 1e-3,
+            "warmup_steps": 3,
+        },
+    )
+    config.class_subset = (5, 6, 7, 8, 9)
+    config.pretrained_path = str(npz)
+    results = trainer.train_and_evaluate(config, str(tmp_path / "ft"))
+    tuned, meta = workdir_lib.load_trained(tmp_path / "ft")
+    assert tuned["head"]["kernel"].shape == (32, 5)
+    assert tuned["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 37, 32)
+    assert meta["class_names"] == ["5", "6", "7", "8", "9"]
+    assert results["test_accuracy"] > 0.6  # chance is 0.2

@@ -1,0 +1,403 @@
+"""PyTorch interop: parity with Hugging Face transformers, the timm layout, the CLI, bad input."""
+
+import functools
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers  # the `torch` extra: CI installs it, these tests never skip
+from safetensors.numpy import save_file
+
+from vit_jax import checkpoint, convert, models
+from vit_jax.checkpoint import flatten
+from vit_jax.convert import ConversionError
+from vit_jax.convert.__main__ import main as cli
+
+TINY = dict(
+    name="tiny",
+    patches=dict(size=(4, 4)),
+    hidden_size=16,
+    transformer=dict(mlp_dim=32, num_heads=2, num_layers=2),
+)
+HW = (8, 12)  # a non-square image: 2 x 3 patches
+
+
+def _images(hw=HW, n=2, seed=0):
+    return np.random.RandomState(seed).uniform(-1, 1, (n, *hw, 3)).astype(np.float32)
+
+
+def _ours(spec=TINY, num_classes=5, hw=HW, seed=0, **overrides):
+    """(model, config, random numpy params)."""
+    config = models.get_config(spec, **overrides)
+    model = models.get_model(config, num_classes=num_classes)
+    rng = np.random.RandomState(seed)
+    params = jax.tree.map(
+        lambda s: rng.normal(0, 0.5, s.shape).astype(s.dtype), models.init_shapes(model, hw)
+    )
+    return model, config, params
+
+
+def _apply(model, params, x):
+    return np.asarray(jax.jit(functools.partial(model.apply, train=False))({"params": params}, x))
+
+
+def _nchw(x):
+    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+
+def _assert_same_tree(actual, expected):
+    a, e = flatten(actual), flatten(expected)
+    assert sorted(a) == sorted(e)
+    for key in e:
+        np.testing.assert_array_equal(a[key], np.asarray(e[key]), err_msg=key)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_model(tmp_path, name="hf", **config):
+    """A randomly initialised tiny ViTForImageClassification (every weight perturbed), saved."""
+    torch.manual_seed(0)
+    args = dict(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=list(HW),
+        patch_size=4,
+        num_labels=3,
+        id2label={0: "cat", 1: "dog", 2: "fish"},
+        label2id={"cat": 0, "dog": 1, "fish": 2},
+    )
+    args.update(config)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(**args)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(tmp_path / name)
+    return model, tmp_path / name
+
+
+def test_hf_to_ours_gives_the_same_logits(tmp_path):
+    hf, path = _hf_model(tmp_path)  # exact GELU, layer_norm_eps 1e-12, a 2 x 3 patch grid
+    x = _images()
+    with torch.no_grad():
+        expected = hf(pixel_values=_nchw(x)).logits.numpy()
+    c = convert.from_hf(path)
+    assert c.image_size == HW and c.class_names == ["cat", "dog", "fish"]
+    cfg = c.model_config
+    assert (cfg.gelu_approximate, cfg.layernorm_epsilon, cfg.classifier) == (False, 1e-12, "token")
+    assert (cfg.hidden_size, cfg.transformer.num_heads, cfg.transformer.num_layers) == (16, 2, 2)
+    ours = _apply(models.get_model(cfg, num_classes=3), c.params, x)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+    assert np.abs(expected).max() > 0.1  # a real comparison, not of zeros
+
+
+@pytest.mark.parametrize("gelu_approximate", [True, False])
+def test_ours_to_hf_gives_the_same_logits(tmp_path, gelu_approximate):
+    model, config, params = _ours(gelu_approximate=gelu_approximate)
+    x = _images()
+    expected = _apply(model, params, x)
+    out = convert.to_hf(params, config, tmp_path / "hf", class_names=list("abcde"), image_size=HW)
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["hidden_act"] == ("gelu_pytorch_tanh" if gelu_approximate else "gelu")
+    assert hf_config["image_size"] == list(HW) and hf_config["id2label"]["4"] == "e"
+    hf = transformers.ViTForImageClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = hf(pixel_values=_nchw(x)).logits.numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    back = convert.from_hf(out)  # and back, bit for bit
+    _assert_same_tree(back.params, params)
+    assert back.class_names == list("abcde") and back.model_config.layernorm_epsilon == 1e-6
+
+
+def test_ours_features_with_representation_to_hf_pooler(tmp_path):
+    model, config, params = _ours(num_classes=None, hw=(8, 8), representation_size=12)
+    x = _images((8, 8))
+    expected = _apply(model, params, x)
+    out = convert.to_hf(params, config, tmp_path / "features")
+    hf = transformers.ViTModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        pooled = hf(pixel_values=_nchw(x)).pooler_output.numpy()
+    np.testing.assert_allclose(pooled, expected, atol=1e-4, rtol=0)
+    back = convert.from_hf(out)
+    assert back.model_config.representation_size == 12 and back.class_names is None
+    _assert_same_tree(back.params, params)
+
+
+def test_hf_reads_transformers5_in_memory_names(tmp_path):
+    hf, path = _hf_model(tmp_path)
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    assert "vit.layers.0.attention.q_proj.weight" in state  # transformers 5 names
+    v5 = tmp_path / "v5"
+    v5.mkdir()
+    save_file(state, str(v5 / "model.safetensors"), metadata={"format": "pt"})
+    (v5 / "config.json").write_text((path / "config.json").read_text())
+    _assert_same_tree(convert.from_hf(v5).params, convert.from_hf(path).params)
+
+
+def test_hf_reads_sharded_safetensors_and_weights_only_bin(tmp_path):
+    hf, path = _hf_model(tmp_path)
+    expected = convert.from_hf(path).params
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    keys = sorted(state)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        name = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, str(sharded / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (sharded / "config.json").write_text((path / "config.json").read_text())
+    _assert_same_tree(convert.from_hf(sharded).params, expected)
+    (path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), path / "pytorch_model.bin")
+    _assert_same_tree(convert.from_hf(path).params, expected)
+
+
+def test_load_pretrained_and_predict_read_an_hf_directory(tmp_path):
+    _, path = _hf_model(tmp_path)
+    params, config, names = checkpoint.load_with_metadata(path)
+    assert config["gelu_approximate"] is False and names == ["cat", "dog", "fish"]
+    target = models.get_config(config)
+    model = models.get_model(target, num_classes=7)
+    init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), models.init_shapes(model, (16, 24)))
+    tuned = checkpoint.load_pretrained(
+        pretrained_path=path, init_params=init, model_config=target, image_size=(16, 24)
+    )
+    assert tuned["head"]["kernel"].shape == (16, 7)
+    assert tuned["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 1 + 4 * 6, 16)
+
+
+# ----------------------------------------------------------------------------- timm
+
+
+def _timm_reference(state, x, *, heads, gelu_tanh=False, eps=1e-6, no_embed_class=False):
+    """timm VisionTransformer's forward (eval), written from its state-dict layout."""
+    s = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+    x = _nchw(x)
+    w = s["patch_embed.proj.weight"]
+    x = F.conv2d(x, w, s["patch_embed.proj.bias"], stride=w.shape[-2:]).flatten(2).transpose(1, 2)
+    b, _, d = x.shape
+    prefix = [s[k].expand(b, -1, -1) for k in ("cls_token", "dist_token") if k in s]
+    if no_embed_class:
+        x = torch.cat([*prefix, x + s["pos_embed"]], dim=1)
+    else:
+        x = torch.cat([*prefix, x], dim=1) + s["pos_embed"]
+    n, hd = x.shape[1], d // heads
+    i = 0
+    while f"blocks.{i}.norm1.weight" in s:
+        p = lambda name, i=i: s[f"blocks.{i}.{name}"]  # noqa: E731
+        y = F.layer_norm(x, (d,), p("norm1.weight"), p("norm1.bias"), eps)
+        q, k, v = (
+            F.linear(y, p("attn.qkv.weight"), p("attn.qkv.bias"))
+            .reshape(b, n, 3, heads, hd)
+            .permute(2, 0, 3, 1, 4)
+        )
+        attn = ((q * hd**-0.5) @ k.transpose(-2, -1)).softmax(-1)
+        y = (attn @ v).transpose(1, 2).reshape(b, n, d)
+        x = x + F.linear(y, p("attn.proj.weight"), p("attn.proj.bias"))
+        y = F.layer_norm(x, (d,), p("norm2.weight"), p("norm2.bias"), eps)
+        y = F.linear(y, p("mlp.fc1.weight"), p("mlp.fc1.bias"))
+        y = F.gelu(y, approximate="tanh" if gelu_tanh else "none")
+        x = x + F.linear(y, p("mlp.fc2.weight"), p("mlp.fc2.bias"))
+        i += 1
+    x = F.layer_norm(x, (d,), s["norm.weight"], s["norm.bias"], eps)
+    if "dist_token" in s:
+        out = F.linear(x[:, 0], s["head.weight"], s["head.bias"])
+        out = (out + F.linear(x[:, 1], s["head_dist.weight"], s["head_dist.bias"])) / 2
+    else:
+        pooled = x[:, 0] if "cls_token" in s else x.mean(1)
+        out = F.linear(pooled, s["head.weight"], s["head.bias"])
+    return out.numpy()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(classifier="gap"), dict(distillation_token=True)],
+    ids=["token", "gap", "distilled"],
+)
+def test_timm_layout_matches_reference_forward_and_round_trips(tmp_path, overrides):
+    model, config, params = _ours(gelu_approximate=False, **overrides)
+    x = _images()
+    expected = _apply(model, params, x)
+    path = convert.to_timm(params, config, tmp_path / "m.safetensors", image_size=HW)
+    state = convert.pytorch.read_safetensors(path)
+    d = config.hidden_size
+    assert state["blocks.1.attn.qkv.weight"].shape == (3 * d, d)
+    assert ("cls_token" in state) == (config.classifier == "token")
+    np.testing.assert_allclose(_timm_reference(state, x, heads=2), expected, atol=1e-4, rtol=0)
+    meta = json.loads((tmp_path / "m.json").read_text())
+    kwargs = meta["timm"]["kwargs"]
+    assert (kwargs["num_heads"], kwargs["img_size"], kwargs["num_classes"]) == (2, list(HW), 5)
+    back = convert.from_timm(path)  # heads, image size and config from the sidecar
+    _assert_same_tree(back.params, params)
+    assert back.image_size == HW
+    for field in ("classifier", "distillation_token", "gelu_approximate"):
+        assert back.model_config[field] == config[field]
+
+
+def test_timm_without_sidecar_needs_heads_and_reads_no_embed_class(tmp_path):
+    model, config, params = _ours(hw=(8, 8), gelu_approximate=False)
+    params["Transformer"]["posembed_input"]["pos_embedding"][:, 0] = 0
+    path = convert.to_timm(params, config, tmp_path / "m.safetensors")
+    os.remove(tmp_path / "m.json")
+    state = convert.pytorch.read_safetensors(path)
+    state["pos_embed"] = state["pos_embed"][:, 1:]  # timm no_embed_class=True
+    save_file(state, str(path))
+    x = _images((8, 8))
+    reference = _timm_reference(state, x, heads=2, no_embed_class=True)
+    with pytest.raises(ConversionError, match="number of attention heads; pass --model"):
+        convert.from_timm(path)
+    back = convert.from_timm(path, num_heads=2)
+    _assert_same_tree(back.params, params)
+    assert back.image_size == (8, 8) and back.model_config.layernorm_epsilon == 1e-6
+    np.testing.assert_allclose(_apply(model, back.params, x), reference, atol=1e-4, rtol=0)
+
+
+def test_timm_features_timm_cannot_express_are_refused(tmp_path):
+    _, config, params = _ours(hw=(8, 8))
+    path = convert.to_timm(params, config, tmp_path / "m.safetensors")
+    state = convert.pytorch.read_safetensors(path)
+    state["blocks.0.ls1.gamma"] = np.ones(16, np.float32)
+    save_file(state, str(path))
+    with pytest.raises(ConversionError, match="LayerScale"):
+        convert.from_timm(path)
+
+
+# ----------------------------------------------------------------------------- CLI and errors
+
+
+def test_cli_converts_hf_to_npz_to_timm_with_facts(tmp_path, capsys):
+    hf, path = _hf_model(tmp_path)
+    npz = tmp_path / "vit.npz"
+    assert cli([str(path), str(npz)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"wrote {npz} (vit_jax .npz)") and "exact GELU" in line
+    assert "8x12 px" in line and "LayerNorm eps 1e-12" in line
+    meta = json.loads((tmp_path / "vit.json").read_text())
+    assert meta["class_names"] == ["cat", "dog", "fish"] and meta["image_size"] == list(HW)
+    st = tmp_path / "timm.safetensors"
+    assert cli([str(npz), str(st)]) == 0
+    back = convert.from_timm(st)
+    assert back.model_config.layernorm_epsilon == 1e-12 and back.class_names == [
+        "cat",
+        "dog",
+        "fish",
+    ]
+    x = _images()
+    with torch.no_grad():
+        expected = hf(pixel_values=_nchw(x)).logits.numpy()
+    state = convert.pytorch.read_safetensors(st)
+    np.testing.assert_allclose(
+        _timm_reference(state, x, heads=2, eps=1e-12), expected, atol=1e-4, rtol=0
+    )
+
+
+def test_cli_error_is_one_line_and_nonzero(tmp_path):
+    bad = tmp_path / "x.npz"
+    bad.write_bytes(b"not a checkpoint")
+    run = subprocess.run(
+        [sys.executable, "-m", "vit_jax.convert", str(bad), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert run.returncode == 1
+    assert (
+        run.stderr.strip()
+        == f"error: {bad}: not an .npz archive; expected an np.savez file of '/'-joined keys"
+    )
+
+
+def test_npz_without_sidecar_needs_model(tmp_path, capsys):
+    _, _, params = _ours(hw=(8, 8))
+    npz = checkpoint.save_npz(params, tmp_path / "p.npz")
+    assert cli([str(npz), str(tmp_path / "hf")]) == 1
+    assert "pass --model NAME" in capsys.readouterr().err
+    assert cli([str(npz), str(tmp_path / "hf"), "--model", "ViT-Ti_16"]) == 1
+    err = capsys.readouterr().err
+    assert "does not hold a ViT-Ti_16" in err
+    assert "embedding/kernel: found (4, 4, 3, 16), expected (16, 16, 3, 192)" in err
+
+
+@pytest.mark.parametrize(
+    "spec, overrides, target, match",
+    [
+        (TINY, dict(resnet=dict(num_layers=(), width_factor=0.5)), "hf", "a ResNet stem"),
+        (TINY, dict(classifier="gap"), "hf", "classifier 'gap'"),
+        (TINY, dict(representation_size=8), "hf", "representation layer .* followed by a head"),
+        (TINY, dict(representation_size=8), "timm", "representation layer"),
+        (TINY, dict(classifier="map"), "timm", "classifier 'map'"),
+    ],
+)
+def test_models_a_format_cannot_express_are_refused(tmp_path, spec, overrides, target, match):
+    hw = (32, 32) if "resnet" in overrides else (8, 8)
+    _, config, params = _ours(spec, hw=hw, **overrides)
+    write = convert.to_hf if target == "hf" else convert.to_timm
+    dst = tmp_path / ("hf" if target == "hf" else "m.safetensors")
+    with pytest.raises(ConversionError, match=match):
+        write(params, config, dst)
+    assert not dst.exists()
+
+
+def test_mixer_is_refused():
+    mixer = dict(
+        model_type="Mixer",
+        patches=dict(size=(4, 4)),
+        hidden_dim=8,
+        num_blocks=1,
+        tokens_mlp_dim=4,
+        channels_mlp_dim=8,
+    )
+    _, config, params = _ours(mixer, hw=(8, 8))
+    with pytest.raises(ConversionError, match="model_type 'Mixer'"):
+        convert.to_timm(params, config, "/nonexistent/m.safetensors")
+
+
+def test_bad_pytorch_files_are_one_clear_error(tmp_path):
+    _, path = _hf_model(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "deit"}))
+    with pytest.raises(ConversionError, match=f"{path}: model_type 'deit'"):
+        convert.from_hf(path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+    with pytest.raises(ConversionError, match=f"{weights}: not a readable safetensors file"):
+        convert.from_timm(weights)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        convert.from_timm(tmp_path / "missing.safetensors")
+
+    marker = tmp_path / "pwned"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.bin"
+    evil.write_bytes(pickle.dumps({"patch_embed.proj.weight": Boom()}, protocol=2))
+    with pytest.raises(ConversionError, match=f"{evil}: refused or unreadable"):
+        convert.from_timm(evil)
+    torch.save({"a": Boom()}, evil)
+    with pytest.raises(ConversionError, match=f"{evil}: refused or unreadable"):
+        convert.from_timm(evil)
+    assert not marker.exists()
+
+
+def test_hf_wrong_shapes_list_every_problem(tmp_path):
+    _, path = _hf_model(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ConversionError) as e:
+        convert.from_hf(path)
+    message = str(e.value)
+    assert "missing (16):" in message and "encoder.layer.2.layernorm_before.weight (16,)" in message

@@ -1,0 +1,60 @@
+"""`python -m vit_jax.convert SRC DST`: converts between our .npz, transformers and timm.
+
+Examples:
+    python -m vit_jax.convert hf_model_dir/ vit.npz            # transformers -> ours (+ vit.json)
+    python -m vit_jax.convert ViT-B_16.npz hf_dir/ --model ViT-B_16
+    python -m vit_jax.convert runs/x/final.npz model.safetensors   # ours -> timm (+ model.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vit_jax import convert
+from vit_jax.checkpoint import CheckpointError
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H or HxW, got {text!r}") from None
+    return h, w
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vit_jax.convert",
+        description="Convert ViT weights between our .npz (published layout + JSON sidecar), "
+        "Hugging Face transformers directories and timm .safetensors state dicts. The format "
+        "of each side follows from its name: a directory is transformers, .safetensors / .bin "
+        "/ .pth is timm, .npz is ours.",
+    )
+    parser.add_argument("src", help="transformers dir, timm .safetensors/.bin/.pth, or .npz")
+    parser.add_argument("dst", help="transformers dir, timm .safetensors, or .npz")
+    parser.add_argument("--model", help="zoo name, for an .npz without sidecar / a timm file")
+    parser.add_argument("--image-size", type=_size, help="H or HxW (non-square grids)")
+    parser.add_argument("--num-heads", type=int, help="attention heads of a timm state dict")
+    args = parser.parse_args(argv)
+    try:
+        converted, out, kind = convert.convert(
+            args.src,
+            args.dst,
+            model=args.model,
+            num_heads=args.num_heads,
+            image_size=args.image_size,
+        )
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    names = {"hf": "transformers", "timm": "timm", "npz": "vit_jax .npz"}
+    print(f"wrote {out} ({names[kind]}): {convert.describe(converted)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""What a conversion carries besides the weights: the facts needed to rebuild the model.
+
+`Converted` is the result of reading any supported format: our parameters plus a complete model
+config (`vit_jax.models.get_config` fields: hidden size, heads, layers, patch, GELU kind,
+LayerNorm epsilon, pooling), the class names and the image size the position embeddings were
+made for. `vit_facts` checks that one of our ViTs can be expressed in a PyTorch format and
+reads off its dimensions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+
+from vit_jax import models
+from vit_jax.checkpoint import flatten
+from vit_jax.convert.pytorch import ConversionError
+
+
+class Converted(NamedTuple):
+    """Parameters with everything needed to rebuild and use the model."""
+
+    params: dict[str, Any]
+    model_config: ml_collections.ConfigDict
+    class_names: list[str] | None
+    image_size: tuple[int, int] | None
+
+    def metadata(self, **extra: Any) -> dict[str, Any]:
+        """The JSON sidecar (`vit_jax.checkpoint` format) describing these parameters."""
+        return {
+            "model": self.model_config.to_dict(),
+            "class_names": list(self.class_names) if self.class_names else None,
+            "image_size": list(self.image_size) if self.image_size else None,
+            **extra,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class VitFacts:
+    """Dimensions of one of our ViTs, read from its config and parameters."""
+
+    config: ml_collections.ConfigDict
+    flat: dict[str, np.ndarray]  # per-layer layout, '/'-joined keys
+    hidden: int
+    heads: int
+    layers: int
+    mlp: int
+    patch: tuple[int, int]
+    image_size: tuple[int, int] | None
+    num_prefix_tokens: int
+    num_classes: int | None  # None: no head
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch[0], self.image_size[1] // self.patch[1]
+
+
+def vit_facts(
+    params: Mapping[str, Any],
+    model_config: Any,
+    *,
+    image_size: int | tuple[int, int] | None,
+    target: str,
+    classifiers: tuple[str, ...],
+    features_representation: bool,
+    distillation: bool,
+) -> VitFacts:
+    """Checks that `target` can express the model and returns its dimensions.
+
+    `features_representation`: whether `target` has a representation layer (`pre_logits`) for
+    models without a head. `image_size` defaults to the square grid the position embeddings hold.
+    """
+    config = models.get_config(model_config)
+    problems = []
+    if config.model_type != "ViT":
+        problems.append(f"model_type {config.model_type!r} (only ViT converts)")
+    else:
+        if config.resnet is not None:
+            problems.append("a ResNet stem (hybrid models)")
+        if config.posemb != "learn":
+            problems.append(f"posemb {config.posemb!r} (learned position embeddings only)")
+        if config.classifier not in classifiers:
+            problems.append(
+                f"classifier {config.classifier!r} (supported: {', '.join(classifiers)})"
+            )
+        if config.distillation_token and not distillation:
+            problems.append("a distillation token")
+    flat = {k: np.asarray(v) for k, v in flatten(models.unstack_layers(params)).items()}
+    num_classes = int(flat["head/kernel"].shape[-1]) if "head/kernel" in flat else None
+    if config.get("representation_size") and (num_classes or not features_representation):
+        problems.append(
+            "a representation layer (pre_logits)"
+            + (" followed by a head" if features_representation else "")
+        )
+    if problems:
+        raise ConversionError(
+            f"{target} cannot express {config.name or 'this model'}: " + "; ".join(problems)
+        )
+    patch = tuple(int(p) for p in config.patches.size)
+    hidden = int(config.hidden_size)
+    prefix = int(config.classifier == "token") + int(bool(config.distillation_token))
+    posemb = flat.get("Transformer/posembed_input/pos_embedding")
+    if posemb is None:
+        raise ConversionError("params have no Transformer/posembed_input/pos_embedding")
+    tokens = posemb.shape[1] - prefix
+    if image_size is None:
+        side = int(round(np.sqrt(tokens)))
+        if side * side != tokens:
+            raise ConversionError(
+                f"the position embeddings hold {tokens} grid tokens, not a square grid: "
+                "pass the image size (h, w)"
+            )
+        image_size = (side * patch[0], side * patch[1])
+    elif isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    image_size = (int(image_size[0]), int(image_size[1]))
+    grid = (image_size[0] // patch[0], image_size[1] // patch[1])
+    if image_size[0] % patch[0] or image_size[1] % patch[1] or grid[0] * grid[1] != tokens:
+        raise ConversionError(
+            f"image size {image_size} with patch {patch} does not match the position embeddings' "
+            f"{tokens} grid tokens"
+        )
+    t = config.transformer
+    return VitFacts(
+        config=config,
+        flat=flat,
+        hidden=hidden,
+        heads=int(t.num_heads),
+        layers=int(t.num_layers),
+        mlp=int(t.mlp_dim),
+        patch=patch,
+        image_size=image_size,
+        num_prefix_tokens=prefix,
+        num_classes=num_classes,
+    )
+
+
+def class_names_for(num_classes: int | None, class_names: Any) -> list[str] | None:
+    """Checks that `class_names` fit the head; None when not given."""
+    if class_names is None:
+        return None
+    names = [str(n) for n in class_names]
+    if num_classes is not None and len(names) != num_classes:
+        raise ConversionError(f"{len(names)} class names for a head of {num_classes} classes")
+    return names
