@@ -109,7 +109,12 @@ def load_model(
             raise ValueError(
                 f"{path}: the file does not say which model it holds; pass --model (e.g. ViT-B_16)"
             )
-        crop = resize = resolution or models.DEFAULT_RESOLUTION
+        stored_size = (
+            checkpoint.read_metadata(path).get("image_size")
+            if not epath.Path(path).is_dir()
+            else None
+        )
+        crop = resize = resolution or int((stored_size or [models.DEFAULT_RESOLUTION])[0])
         names = list(names or [])
     if resolution:
         crop = resize = resolution

@@ -293,7 +293,10 @@ def load_pretrained_params(config: ml_collections.ConfigDict, init_params: Param
         path = checkpoint.resolve_pretrained(config.pretrained_dir, config.model_name)
     logging.info("loading pretrained weights from %s", path)
     return checkpoint.load_pretrained(
-        pretrained_path=path, init_params=init_params, model_config=config.model
+        pretrained_path=path,
+        init_params=init_params,
+        model_config=config.model,
+        image_size=image_size(config),
     )
 
 
