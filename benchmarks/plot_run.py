@@ -1,6 +1,6 @@
 """Plots a workdir's metrics.jsonl (train loss, test accuracy) to a PNG.
 
-    python benchmarks/plot_run.py runs/default docs/default_run.png
+python benchmarks/plot_run.py runs/default docs/default_run.png
 """
 
 import json

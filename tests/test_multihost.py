@@ -5,7 +5,6 @@ import socket
 import subprocess
 
 import pytest
-
 import tiny
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,8 @@
 The parameter tree matches the published `.npz` layout (see `vit_jax.checkpoint`): `embedding`,
 `cls`, `Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_{i}/...`,
 `Transformer/encoder_norm`, `pre_logits`, `head`. With `scan=True` the blocks are stacked under
-`Transformer/encoderblock` with a leading depth axis (`vit_jax.models.layout` converts).
+`Transformer/encoderblock` with a leading depth axis (`vit_jax.models.layout` converts). A DeiT
+distillation token (`distillation_token=True`) adds `dist` and `head_dist`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,26 @@ class MlpBlock(nn.Module):
         return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
 
 
+class ProjectionParams(nn.Module):
+    """The `kernel` (D, *features) and `bias` (*features) of a DenseGeneral, without applying it.
+
+    Initialised like `nn.DenseGeneral` (the kernel_init sees the flattened (D, prod(features))
+    shape), so a fused projection has the same parameters, names and init as three Dense layers.
+    """
+
+    features: tuple[int, ...]
+    kernel_init: Any
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[Array, Array]:
+        flat = (in_features, int(np.prod(self.features)))
+        init = lambda key, shape, dtype: self.kernel_init(key, flat, dtype).reshape(shape)
+        kernel = self.param("kernel", init, (in_features, *self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, self.features, self.param_dtype)
+        return kernel, bias
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with the published parameter layout.
 
@@ -87,6 +108,7 @@ class MultiHeadAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
+    fuse_qkv: bool = True  # self-attention: q, k, v in one matmul
 
     @nn.compact
     def __call__(
@@ -109,9 +131,24 @@ class MultiHeadAttention(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=self.kernel_init,
         )
-        q = proj(name="query")(inputs_q)
-        k = proj(name="key")(inputs_kv)
-        v = proj(name="value")(inputs_kv)
+        if inputs_q is inputs_kv and self.fuse_qkv:
+            # Self-attention: one matmul against the three kernels side by side (same params).
+            kernels, biases = zip(
+                *(
+                    ProjectionParams(
+                        (self.num_heads, head_dim), self.kernel_init, self.param_dtype, name=name
+                    )(width)
+                    for name in ("query", "key", "value")
+                ),
+                strict=True,
+            )
+            kernel = jnp.stack(kernels, axis=1).astype(self.dtype)  # (D, 3, H, hd)
+            qkv = jnp.einsum("bnd,dkhe->kbnhe", inputs_q.astype(self.dtype), kernel)
+            q, k, v = qkv + jnp.stack(biases).astype(self.dtype)[:, None, None]
+        else:
+            q = proj(name="query")(inputs_q)
+            k = proj(name="key")(inputs_kv)
+            v = proj(name="value")(inputs_kv)
         weights = None
         use_dropout = self.dropout_rate > 0.0 and not deterministic
         if return_weights or use_dropout:
@@ -348,6 +385,12 @@ class VisionTransformer(nn.Module):
     logits, or `(logits, out)` where `out` holds `stem` (patch embeddings), `tokens` (every block's
     output, stacked (layers, B, N, D)), `attention_weights` ((layers, B, heads, N, N)), `encoded`,
     `pre_logits`, `logits`.
+
+    `distillation_token=True` (DeiT, classifier 'token' only) adds a second learned token `dist`
+    after `cls` (with its own position-embedding slot) and its own head `head_dist`. The logits
+    are then the mean of the two heads' logits; `separate_heads=True` returns the pair
+    `(class-head logits, distillation-head logits)` instead, as distillation training needs, and
+    `out` also holds `logits_cls` and `logits_dist`.
     """
 
     num_classes: int | None
@@ -367,6 +410,7 @@ class VisionTransformer(nn.Module):
     gelu_approximate: bool = True
     layernorm_epsilon: float = 1e-6
     head_bias_init: float = 0.0
+    distillation_token: bool = False
     attention_implementation: str | None = None
     scan: bool = False
     remat: bool = False
@@ -383,9 +427,24 @@ class VisionTransformer(nn.Module):
         return ph * f, pw * f
 
     @nn.compact
-    def __call__(self, images: Array, *, train: bool, return_intermediates: bool = False):
+    def __call__(
+        self,
+        images: Array,
+        *,
+        train: bool,
+        return_intermediates: bool = False,
+        separate_heads: bool = False,
+    ):
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
+        if self.distillation_token and self.classifier != "token":
+            raise ValueError(
+                f"distillation_token needs classifier='token', got {self.classifier!r}"
+            )
+        if separate_heads and not (self.distillation_token and self.num_classes):
+            raise ValueError(
+                "separate_heads=True needs a model with distillation_token=True and a head"
+            )
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be NHWC with 3 channels, got shape {images.shape}")
         sh, sw = self.stride()
@@ -419,8 +478,13 @@ class VisionTransformer(nn.Module):
         prefix = 0
         if self.classifier in ("token", "token_unpooled"):
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c), self.param_dtype)
-            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
-            prefix = 1
+            tokens = [cls]
+            if self.distillation_token:  # DeiT initialises it normal(0.02): distinct from cls
+                init = nn.initializers.normal(stddev=0.02)
+                tokens.append(self.param("dist", init, (1, 1, c), self.param_dtype))
+            prefix = len(tokens)
+            tokens = [jnp.tile(t.astype(x.dtype), (n, 1, 1)) for t in tokens]
+            x = jnp.concatenate([*tokens, x], axis=1)
         x, aux = Encoder(
             num_layers=self.num_layers,
             mlp_dim=self.mlp_dim,
@@ -446,7 +510,7 @@ class VisionTransformer(nn.Module):
             out.update(aux)
         out["encoded"] = x
         if self.classifier == "token":
-            x = x[:, 0]
+            x = x[:, :prefix] if self.distillation_token else x[:, 0]  # (B, 2, D): cls, dist
         elif self.classifier == "gap":
             x = jnp.mean(x, axis=1)
         elif self.classifier == "map":
@@ -468,16 +532,28 @@ class VisionTransformer(nn.Module):
                 name="pre_logits",
             )(x)
             x = jnp.tanh(x)
-        out["pre_logits"] = x
-        if self.num_classes:
-            x = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.zeros,
-                bias_init=nn.initializers.constant(self.head_bias_init),
-                name="head",
-            )(x)
-        x = x.astype(jnp.float32)
-        out["logits"] = x
+        out["pre_logits"] = x  # (B, 2, D) with a distillation token: cls, dist
+        if not self.num_classes:  # a feature extractor: the (mean of the tokens') representation
+            x = jnp.mean(x, axis=1) if self.distillation_token else x
+            out["logits"] = x = x.astype(jnp.float32)
+            return (x, out) if return_intermediates else x
+        head = functools.partial(
+            nn.Dense,
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.zeros,
+            bias_init=nn.initializers.constant(self.head_bias_init),
+        )
+        if self.distillation_token:
+            logits_cls = head(name="head")(x[:, 0]).astype(jnp.float32)
+            logits_dist = head(name="head_dist")(x[:, 1]).astype(jnp.float32)
+            out["logits_cls"], out["logits_dist"] = logits_cls, logits_dist
+            x = (logits_cls + logits_dist) / 2
+            out["logits"] = x
+            if separate_heads:
+                x = (logits_cls, logits_dist)
+        else:
+            x = head(name="head")(x).astype(jnp.float32)
+            out["logits"] = x
         return (x, out) if return_intermediates else x

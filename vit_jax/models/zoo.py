@@ -52,6 +52,7 @@ _VIT = dict(
     classifier="token",  # token | gap | map | unpooled | token_unpooled
     representation_size=None,
     posemb="learn",  # learn | sincos2d | none
+    distillation_token=False,  # DeiT: a second token `dist` with its own head `head_dist`
     attention_implementation=None,  # None | "xla" | "cudnn" (jax.nn.dot_product_attention)
 )
 
@@ -274,6 +275,7 @@ def get_model(
         classifier=c.classifier,
         representation_size=c.representation_size,
         posemb=c.posemb,
+        distillation_token=bool(c.distillation_token),
         attention_implementation=c.attention_implementation,
         **common,
     )
