@@ -15,6 +15,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -81,20 +82,17 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
     return c
 
 
-def run(
+def build_step(
     model_name: str,
     *,
     batch: int,
     resolution: int,
     mode: str = "train",
     dtype: str = "float32",
-    steps: int = 10,
-    warmup: int = 2,
     num_classes: int = 1000,
     model_overrides: dict[str, Any] | None = None,
-    measure_peak: bool = True,
-) -> dict[str, Any]:
-    """Benchmarks one configuration; returns the JSON record."""
+) -> tuple[Any, Callable[[int], Any], float]:
+    """(compiled step, `one_step(i)` running it on a fixed batch, seconds to lower + compile)."""
     if mode not in ("train", "infer"):
         raise ValueError(f"--mode must be 'train' or 'infer', got {mode!r}")
     model = models.get_model(
@@ -111,7 +109,6 @@ def run(
     labels = jax.device_put(
         np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)], bsh
     )
-
     t0 = time.perf_counter()
     if mode == "train":
         fn = trainer.TrainStep(model, tx, config, mesh, psh, osh)
@@ -122,15 +119,37 @@ def run(
         def one_step(i):
             state[0], state[1], metrics = compiled(state[0], state[1], np.int32(i), batch_in, {})
             return metrics["train_loss"]
-    else:
-        fn = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
-        compiled = fn.lower(params, images).compile()
 
-        def one_step(i):
-            del i
-            return compiled(params, images)
+        return compiled, one_step, time.perf_counter() - t0
 
-    compile_time = time.perf_counter() - t0
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+    compiled = fn.lower(params, images).compile()
+    return compiled, lambda i: compiled(params, images), time.perf_counter() - t0
+
+
+def run(
+    model_name: str,
+    *,
+    batch: int,
+    resolution: int,
+    mode: str = "train",
+    dtype: str = "float32",
+    steps: int = 10,
+    warmup: int = 2,
+    num_classes: int = 1000,
+    model_overrides: dict[str, Any] | None = None,
+    measure_peak: bool = True,
+) -> dict[str, Any]:
+    """Benchmarks one configuration; returns the JSON record."""
+    compiled, one_step, compile_time = build_step(
+        model_name,
+        batch=batch,
+        resolution=resolution,
+        mode=mode,
+        dtype=dtype,
+        num_classes=num_classes,
+        model_overrides=model_overrides,
+    )
     for i in range(warmup):
         jax.block_until_ready(one_step(i))
     times = []

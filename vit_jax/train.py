@@ -39,11 +39,13 @@ class _QuietLibraries(logging.logging.Filter):
     """Keeps Orbax's per-save INFO chatter out of the console (warnings still show)."""
 
     def filter(self, record) -> bool:
-        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+        # absl.logging.WARNING is absl's own -1; records carry the standard library's levels.
+        return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv: list[str]) -> None:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    # On the `absl` logger itself: every library that logs through absl creates its records there.
+    logging.get_absl_logger().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None or not _WORKDIR.value:
