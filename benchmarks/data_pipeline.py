@@ -3,7 +3,7 @@
     python benchmarks/data_pipeline.py [--batch 64] [--seconds 10]
 
 Cases (global arrays on the local devices, as the trainer gets them):
-  digits@32        the embedded default (configs/default.py resolution)
+  digits@32        the embedded default, upscaled to 32 (configs/default.py uses 16)
   cifar-like@224   tfds cifar10 path (PNG-encoded 32x32 records held in memory), mocked by
                    tfds.testing.mock_data so no download is needed; resize 224 + random crop + flip
   cifar-like@224+  the same with inception crop, RandAugment 2x15 and mixup
