@@ -312,7 +312,8 @@ def test_load_pretrained_other_architecture_lists_keys_with_shapes(tmp_path):
 def test_load_pretrained_missing_representation_is_an_error():
     _, pretrained = _model(TINY)
     _, init = _model(TINY, representation_size=8)
-    with pytest.raises(CheckpointError, match=r"missing \(2\):\n    pre_logits/bias \(8,\)"):
+    match = r"fit tiny: missing \(2\) \[pre_logits/bias \(8,\); pre_logits/kernel \(16, 8\)\]$"
+    with pytest.raises(CheckpointError, match=match):
         checkpoint.load_pretrained(
             pretrained_path=pretrained,
             init_params=init,

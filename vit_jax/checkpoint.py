@@ -65,6 +65,33 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint file does not exist."""
 
 
+def mismatch_report(
+    head: str,
+    *,
+    missing: list[str] = (),
+    mismatched: list[str] = (),
+    unexpected: list[str] = (),
+    limit: int = 8,
+) -> str:
+    """The one-line report of parameters that do not fit: `head`, then each non-empty group.
+
+    `head` names the file and what it should hold; entries name the key and its shape(s), e.g.
+    `x.npz does not fit ViT-B_16: missing (1) [cls (1, 1, 768)]; mismatched (1) [embedding/
+    kernel: stored (...), model (...)]`. Every loader and converter reports through this one.
+    """
+    groups = []
+    for title, keys in (
+        ("missing", missing),
+        ("mismatched", mismatched),
+        ("unexpected", unexpected),
+    ):
+        if keys:
+            shown = "; ".join(keys[:limit])
+            more = f"; ... and {len(keys) - limit} more" if len(keys) > limit else ""
+            groups.append(f"{title} ({len(keys)}) [{shown}{more}]")
+    return f"{head}: {'; '.join(groups)}"
+
+
 # ----------------------------------------------------------------------------- trees
 
 
@@ -570,17 +597,14 @@ def load_pretrained(
         logging.info("%s: dropping the stored pre_logits (representation_size is None)", what)
     if missing or unexpected or mismatched:
         name = (model_config or {}).get("name") or "the model"
-        lines = [f"{what} does not fit {name}:"]
-        for title, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("mismatched", mismatched),
-        ):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}):")
-                lines += [f"    {k}" for k in keys[:8]]
-                lines += [f"    ... and {len(keys) - 8} more"] if len(keys) > 8 else []
-        raise CheckpointError("\n".join(lines))
+        raise CheckpointError(
+            mismatch_report(
+                f"{what} does not fit {name}",
+                missing=missing,
+                mismatched=mismatched,
+                unexpected=unexpected,
+            )
+        )
     params = unflatten(result)
     return models.stack_layers(params) if models.is_stacked(init_params) else params
 

@@ -35,7 +35,6 @@ import numpy as np
 from absl import logging
 
 from vit_jax import data, inference, losses, models, sharding, trainer
-from vit_jax.checkpoint import CheckpointError, flatten, resample_posemb, unflatten
 
 DISTILL_TYPES = ("soft", "hard")
 
@@ -167,43 +166,9 @@ def load_teacher(
 
 def _fit_to(module: nn.Module, params: Params, image_size: tuple[int, int], path: str) -> Params:
     """`params` with position embeddings resampled to `image_size`; other mismatches raise."""
-    expected = flatten(models.init_shapes(module, image_size))
-    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
-    posemb_key = next((k for k in expected if k.endswith("posembed_input/pos_embedding")), None)
-    if posemb_key in flat and flat[posemb_key].shape != expected[posemb_key].shape:
-        prefix = _prefix_tokens(module)
-        sh, sw = module.stride()
-        grid = (image_size[0] // sh, image_size[1] // sw)
-        logging.info("teacher: resampling position embeddings to the %s grid", grid)
-        flat[posemb_key] = resample_posemb(flat[posemb_key], grid, num_prefix_tokens=prefix)
-    missing = sorted(set(expected) - set(flat))
-    unexpected = sorted(set(flat) - set(expected))
-    mismatched = [
-        f"{k}: stored {flat[k].shape}, model {tuple(expected[k].shape)}"
-        for k in sorted(set(flat) & set(expected))
-        if flat[k].shape != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{title}: {'; '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
-            for title, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("mismatched", mismatched),
-            )
-            if keys
-        ]
-        raise CheckpointError(
-            f"config.teacher.checkpoint={path} does not fit its model at {image_size[0]}x"
-            f"{image_size[1]} ({', '.join(problems)})"
-        )
-    return unflatten(flat)
-
-
-def _prefix_tokens(module: nn.Module) -> int:
-    if getattr(module, "classifier", None) not in ("token", "token_unpooled"):
-        return 0
-    return 2 if getattr(module, "distillation_token", False) else 1
+    return inference.fit_params(
+        module, params, image_size, what=f"config.teacher.checkpoint={path}", model_name="its model"
+    )
 
 
 # ----------------------------------------------------------------------------- objective

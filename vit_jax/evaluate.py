@@ -2,8 +2,18 @@
 
 Runs the trainer's eval pipeline (resize, central crop, padded and masked batches) over the
 config's test split (`pp.test`) and reports top-1 / top-5 accuracy and loss. PATH is anything
-`vit_jax.inference.load_model` reads; the model comes from the checkpoint when it records it,
-otherwise from the config (`config.model`).
+`vit_jax.inference.load_model` reads. What the checkpoint records wins: its model config, its
+image size (the config's `pp.crop` / `pp.resize` are used only when the crop agrees) and its
+classes. The config's model (`config.model`) is used only for an `.npz` that does not record
+its model (no JSON sidecar).
+
+The checkpoint's classes must be the test split's: a different count, or recorded class names
+that differ from the dataset's, is an error unless `--allow-class-mismatch` is passed.
+
+Exit status: 0 evaluated; 1 the evaluation failed while reading the test set (e.g. a corrupt
+image); 2 a configuration error before evaluating (bad or missing flag, a config file that does
+not load, a checkpoint that is missing, damaged or does not fit the model, an unknown model or
+dataset, classes that differ from the dataset's).
 """
 
 from __future__ import annotations
@@ -11,25 +21,73 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config with the data settings.")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Workdir, checkpoint, .npz or converted file."
-)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+from vit_jax import cli
 
 
-def evaluate_checkpoint(checkpoint: str, config) -> dict[str, float]:
+class ClassMismatchError(ValueError):
+    """The checkpoint's classes are not the dataset's."""
+
+
+def check_classes(
+    checkpoint: str, num_classes: int | None, recorded: list[str] | None, dataset: str, names
+) -> None:
+    """Raises ClassMismatchError (one line) unless the checkpoint classifies `names`."""
+    names = [str(n) for n in names]
+    hint = "; pass --allow-class-mismatch to evaluate anyway"
+    if not num_classes:
+        raise ClassMismatchError(f"{checkpoint}: the model has no classification head")
+    if num_classes != len(names):
+        raise ClassMismatchError(
+            f"{checkpoint}: the checkpoint predicts {num_classes} classes, the test split of "
+            f"{dataset} has {len(names)}{hint}"
+        )
+    if recorded and list(recorded) != names:
+        i = next(i for i, (a, b) in enumerate(zip(recorded, names, strict=True)) if a != b)
+        raise ClassMismatchError(
+            f"{checkpoint}: class {i} is {recorded[i]!r} in the checkpoint, {names[i]!r} in "
+            f"{dataset}{hint}"
+        )
+
+
+def evaluate_checkpoint(
+    checkpoint: str, config, *, allow_class_mismatch: bool = False
+) -> dict[str, float]:
+    """top-1 / top-5 accuracy, loss and example count of `checkpoint` on config's test split.
+
+    Raises ValueError (CheckpointError, DataError, ClassMismatchError) for configuration errors
+    found before evaluating.
+    """
     import jax
+    from absl import logging
 
     from vit_jax import data, inference, sharding, trainer
+    from vit_jax.data import sources
 
+    trained = inference.load_model(
+        checkpoint, default_model=config.get("model") or config.get("model_name")
+    )
+    split = sources.open_split(config, config.pp.test)
     try:
-        trained = inference.load_model(checkpoint)
-    except ValueError:
-        trained = inference.load_model(checkpoint, model=config.model_name)
+        check_classes(
+            checkpoint,
+            trained.model.num_classes,
+            trained.recorded_class_names,
+            sources.dataset_name(config),
+            split.class_names,
+        )
+    except ClassMismatchError as e:
+        if not allow_class_mismatch:
+            raise
+        logging.warning("%s (evaluating anyway: --allow-class-mismatch)", e)
+    config = config.copy_and_resolve_references()
+    if int(config.pp.crop) != trained.crop:
+        logging.warning(
+            "evaluating at the checkpoint's image size %d, not config.pp.crop=%d",
+            trained.crop,
+            config.pp.crop,
+        )
+        config.pp.resize = round(int(config.pp.resize) * trained.crop / int(config.pp.crop))
+        config.pp.crop = trained.crop
     mesh = sharding.make_mesh(**config.mesh.to_dict())
     param_sh = sharding.tree_shardings(trained.params, mesh)
     params = trainer.put_sharded(trained.params, param_sh)
@@ -39,27 +97,76 @@ def evaluate_checkpoint(checkpoint: str, config) -> dict[str, float]:
         in_shardings=(param_sh, batch_sh),
         out_shardings=sharding.replicated(mesh),
     )
-    return trainer.evaluate(eval_step, params, data.eval_iterator(config, batch_sh))
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    if _CONFIG.value is None or not _CHECKPOINT.value:
-        raise app.UsageError("--checkpoint and --config are required")
+    batches = data.eval_iterator(config, batch_sh)
     try:
-        results = evaluate_checkpoint(_CHECKPOINT.value, _CONFIG.value)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    if _JSON.value:
-        print(json.dumps({"checkpoint": _CHECKPOINT.value, **results}))
+        return trainer.evaluate(eval_step, params, batches)
+    except (ValueError, OSError) as e:
+        raise EvaluationError(str(e)) from e
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation failed while running (e.g. an unreadable test image)."""
+
+
+def _flags(argv: list[str]):
+    """Parses argv into a fresh FlagValues (so main can run more than once in a process)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "Config with the data settings.", flag_values=fv, sys_argv=argv
+    )
+    flags.DEFINE_string(
+        "checkpoint", None, "Workdir, checkpoint, .npz or converted file.", flag_values=fv
+    )
+    flags.DEFINE_bool("json", False, "Print one JSON object.", flag_values=fv)
+    flags.DEFINE_bool(
+        "allow-class-mismatch",
+        False,
+        "Evaluate even when the checkpoint's classes differ from the dataset's.",
+        flag_values=fv,
+    )
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help(include_special_flags=False))
+        return None
+    rest = fv(argv)
+    if len(rest) > 1:
+        raise ValueError(f"unexpected argument {rest[1]!r}")
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli.quiet_tensorflow()
+    argv = sys.argv if argv is None else ["vit_jax.evaluate", *argv]
+    try:
+        fv = _flags(argv)
+        if fv is None:  # --help
+            return cli.EXIT_OK
+        config = fv.config
+    except Exception as e:  # noqa: BLE001 (flag and config-file errors: one line, no traceback)
+        return cli.fail(f"{e} (see python -m vit_jax.evaluate --help)", cli.EXIT_CONFIG)
+    checkpoint = fv.checkpoint
+    if config is None or not checkpoint:
+        return cli.fail("--checkpoint and --config are required", cli.EXIT_CONFIG)
+    try:
+        results = evaluate_checkpoint(
+            checkpoint, config, allow_class_mismatch=fv["allow-class-mismatch"].value
+        )
+    except EvaluationError as e:
+        return cli.fail(e, cli.EXIT_RUNTIME)
+    except (ValueError, OSError) as e:  # CheckpointError, DataError, ClassMismatchError
+        return cli.fail(e, cli.EXIT_CONFIG)
+    if fv.json:
+        print(json.dumps({"checkpoint": checkpoint, **results}))
     else:
         print(
-            f"{_CHECKPOINT.value}: top-1 {results['test_accuracy']:.4f}, top-5 "
+            f"{checkpoint}: top-1 {results['test_accuracy']:.4f}, top-5 "
             f"{results['test_top5_accuracy']:.4f}, loss {results['test_loss']:.4f} "
             f"({results['test_examples']} examples)"
         )
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

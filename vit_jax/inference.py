@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from etils import epath
 
 from vit_jax import models
@@ -32,6 +33,7 @@ class TrainedModel:
     class_names: list[str]
     resize: int
     crop: int
+    recorded_class_names: list[str] | None = None  # what the checkpoint says, None if nothing
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(_apply(self.model)(self.params, images))
@@ -80,45 +82,131 @@ def _num_classes(params: Any) -> int | None:
     return int(head["kernel"].shape[-1]) if head else None
 
 
+def num_prefix_tokens(module: nn.Module) -> int:
+    """Tokens before the patch tokens: class token, plus DeiT's distillation token."""
+    if getattr(module, "classifier", None) not in ("token", "token_unpooled"):
+        return 0
+    return 2 if getattr(module, "distillation_token", False) else 1
+
+
+def fit_params(
+    module: nn.Module,
+    params: Any,
+    image_size: tuple[int, int],
+    *,
+    what: str,
+    model_name: str | None = None,
+    stored_image_size: tuple[int, int] | None = None,
+) -> Any:
+    """`params` checked against `module` run on `image_size` images.
+
+    Position embeddings made for another grid are resampled (the stored grid comes from
+    `stored_image_size`, square by default); anything else that differs is one
+    `CheckpointError` naming `what` and every missing, mismatched and unexpected key.
+    """
+    from vit_jax import checkpoint
+
+    expected = {
+        k: tuple(v.shape)
+        for k, v in checkpoint.flatten(models.init_shapes(module, image_size)).items()
+    }
+    flat = {k: np.asarray(v) for k, v in checkpoint.flatten(params).items()}
+    mismatched = []
+    key = checkpoint.POSEMB_KEY
+    if key in flat and key in expected and flat[key].shape != expected[key]:
+        stored, target = flat[key], expected[key]
+        if stored.ndim == 3 and stored.shape[-1] == target[-1]:
+            sh, sw = module.stride()
+            try:
+                old_grid = None
+                if stored_image_size is not None:
+                    old_grid = (stored_image_size[0] // sh, stored_image_size[1] // sw)
+                flat[key] = checkpoint.resample_posemb(
+                    stored,
+                    (image_size[0] // sh, image_size[1] // sw),
+                    num_prefix_tokens=num_prefix_tokens(module),
+                    old_grid=old_grid,
+                )
+                logging.info("%s: position embeddings resampled to %s", what, image_size)
+            except checkpoint.CheckpointError as e:
+                mismatched.append(f"{key}: stored {stored.shape}, model {target} ({e})")
+    expected = dict(sorted(expected.items(), key=lambda kv: kv[0].lower()))  # cls, embedding, ..
+    for k, shape in expected.items():
+        if k in flat and flat[k].shape != shape and not (mismatched and k == key):
+            mismatched.append(f"{k}: stored {flat[k].shape}, model {shape}")
+    missing = [f"{k} {shape}" for k, shape in expected.items() if k not in flat]
+    unexpected = [f"{k} {v.shape}" for k, v in flat.items() if k not in expected]
+    if missing or mismatched or unexpected:
+        name = model_name or type(module).__name__
+        raise checkpoint.CheckpointError(
+            checkpoint.mismatch_report(
+                f"{what} does not fit {name} at {image_size[0]}x{image_size[1]}",
+                missing=missing,
+                mismatched=mismatched,
+                unexpected=unexpected,
+            )
+        )
+    return checkpoint.unflatten(flat)
+
+
 def load_model(
     path: str,
     *,
-    model: str | None = None,
+    model: str | ml_collections.ConfigDict | None = None,
+    default_model: str | ml_collections.ConfigDict | None = None,
     resolution: int | None = None,
     class_names: list[str] | None = None,
 ) -> TrainedModel:
-    """Loads `path`; `model` (zoo name) is needed for files that don't say what they hold."""
-    if workdir_lib.is_trained(path):
+    """Loads `path` (workdir, checkpoint dir, `.npz`, transformers dir or timm file).
+
+    What the checkpoint records wins: a trainer checkpoint's model config, image size and class
+    names are used even when the workdir's `config.json` says otherwise (it only supplies the
+    eval resize, when its crop agrees). For files: `model` (zoo name or config) overrides what the
+    file records; `default_model` is used only when the file records nothing. `resolution`
+    runs the model at another input size (position embeddings resampled).
+
+    Raises `CheckpointError` (a ValueError) naming the file for anything that cannot be read or
+    does not fit the model, `CheckpointNotFoundError` when there is nothing at `path`.
+    """
+    from vit_jax import checkpoint
+
+    if _is_workdir(path):
+        if model is not None:
+            logging.warning("%s: a trainer checkpoint records its model; ignoring %s", path, model)
         params, meta = workdir_lib.load_trained(path)
+        what = f"{path} (step {meta['step']})" if "step" in meta else str(path)
+        if not meta.get("model"):
+            raise checkpoint.CheckpointError(f"{what}: the checkpoint does not record its model")
         config = models.get_config(meta["model"])
         names = list(meta.get("class_names") or [])
-        crop = int(meta.get("image_size", [resolution or models.DEFAULT_RESOLUTION])[0])
-        resize = crop
-        run_config = _run_config(path)
-        if run_config:
-            resize, crop = int(run_config["pp"]["resize"]), int(run_config["pp"]["crop"])
+        stored = _pair(meta.get("image_size"))
+        crop = (stored or (models.DEFAULT_RESOLUTION,) * 2)[0]
+        resize = _run_resize(path, crop)
     else:
-        from vit_jax import checkpoint
+        from vit_jax import convert
 
-        params, stored_config, names = checkpoint.load_with_metadata(path)
-        if model:
-            config = models.get_config(model)
-        elif stored_config is not None:
-            config = models.get_config(stored_config)
-        else:
-            raise ValueError(
-                f"{path}: the file does not say which model it holds; pass --model (e.g. ViT-B_16)"
-            )
-        stored_size = (
-            checkpoint.read_metadata(path).get("image_size")
-            if not epath.Path(path).is_dir()
-            else None
-        )
-        crop = resize = resolution or int((stored_size or [models.DEFAULT_RESOLUTION])[0])
-        names = list(names or [])
+        what = str(path)
+        if (
+            model is None
+            and default_model is not None
+            and convert.detect(path) == "npz"
+            and not checkpoint.read_metadata(path).get("model")
+        ):
+            model = default_model
+        try:
+            converted = convert.load(path, model=model)
+        except checkpoint.CheckpointError:
+            raise
+        except ValueError as e:  # unknown model name, bad override in --model
+            raise checkpoint.CheckpointError(f"{path}: {e}") from None
+        params, config = converted.params, converted.model_config
+        names = list(converted.class_names or [])
+        stored = _pair(converted.image_size)
+        crop = resize = (stored or (models.DEFAULT_RESOLUTION,) * 2)[0]
     if resolution:
-        crop = resize = resolution
+        crop = resize = int(resolution)
     num_classes = _num_classes(params)
+    recorded = names
     names = (
         class_names
         or names
@@ -130,17 +218,61 @@ def load_model(
     elif not config.get("scan") and models.is_stacked(params):
         params = models.unstack_layers(params)
     module = models.get_model(config, num_classes=num_classes)
-    return TrainedModel(module, params, config, names, resize, crop)
+    params = fit_params(
+        module,
+        params,
+        (crop, crop),
+        what=what,
+        model_name=config.get("name"),
+        stored_image_size=stored,
+    )
+    return TrainedModel(module, params, config, names, resize, crop, recorded or None)
 
 
-def _run_config(path: str) -> dict | None:
-    """The workdir's config.json when `path` is (inside) a workdir."""
+def _is_workdir(path: str) -> bool:
+    """A trainer workdir, its checkpoints/ dir or a step dir (even with no usable checkpoint)."""
+    p = epath.Path(path)
+    return workdir_lib.is_trained(p) or (
+        p.is_dir()
+        and ((p / workdir_lib.CHECKPOINTS).is_dir() or (p / workdir_lib.METRICS_JSONL).exists())
+    )
+
+
+def _pair(size: Any) -> tuple[int, int] | None:
+    if not size:
+        return None
+    if isinstance(size, int):
+        return size, size
+    return int(size[0]), int(size[-1])
+
+
+def _run_resize(path: str, crop: int) -> int:
+    """The eval resize of the run: config.json's `pp.resize` when its `pp.crop` is the
+    checkpoint's image size, otherwise the image size itself (config.json may have been
+    changed after the checkpoint was written)."""
     p = epath.Path(path)
     for candidate in (p, p.parent, p.parent.parent):
         f = candidate / workdir_lib.CONFIG_JSON
-        if f.exists():
-            return json.loads(f.read_text())
-    return None
+        if not f.exists():
+            continue
+        try:
+            pp = json.loads(f.read_text()).get("pp") or {}
+            stored_crop, resize = int(pp["crop"]), int(pp["resize"])
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+            logging.warning("%s: ignored (%s); evaluating at the checkpoint's size", f, e)
+            return crop
+        if stored_crop == crop:
+            return resize
+        logging.warning(
+            "%s says pp.crop=%d, but the checkpoint was trained at %d: using the checkpoint's "
+            "size (resize and crop %d)",
+            f,
+            stored_crop,
+            crop,
+            crop,
+        )
+        return crop
+    return crop
 
 
 def preprocess_file(path: str, *, resize: int, crop: int) -> np.ndarray:

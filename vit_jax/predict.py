@@ -2,8 +2,12 @@
 
 Classifies images with a training workdir, an Orbax checkpoint, a published `.npz` or a converted
 PyTorch file. Prints the top-k class names with probabilities for each image; `--json` prints one
-object per image per line. An unreadable image gets a one-line error (the others still get their
-answer) and the exit status is 1 at the end.
+object per image per line. The model, input size and class names are the ones the checkpoint
+records (a workdir's config.json may since have changed).
+
+Exit status: 0 all images classified; 1 an image could not be read (one error line for it; the
+others still get their answer); 2 a configuration error before any image is read (bad flag,
+missing or damaged checkpoint, a checkpoint that does not fit the model, unknown model name).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import sys
 
 import jax
 import numpy as np
+
+from vit_jax import cli
 
 
 def top_k(logits: np.ndarray, k: int, class_names: list[str]) -> list[dict]:
@@ -30,7 +36,8 @@ def top_k(logits: np.ndarray, k: int, class_names: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    cli.quiet_tensorflow()
+    p = cli.ArgumentParser(
         prog="python -m vit_jax.predict",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -47,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
+    if args.batch < 1 or args.top_k < 1:
+        p.error("--batch and --top-k must be at least 1")
 
     from vit_jax import inference
 
@@ -54,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         trained = inference.load_model(
             args.checkpoint, model=args.model, resolution=args.resolution
         )
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        return cli.fail(e, cli.EXIT_CONFIG)
     failed = 0
     k = max(1, min(args.top_k, len(trained.class_names) or args.top_k))
     good: list[tuple[str, np.ndarray]] = []
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
             print(f"{path}: {best}")
-    return 1 if failed else 0
+    return cli.EXIT_RUNTIME if failed else cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -4,16 +4,31 @@ Attention rollout (Abnar & Zuidema 2020): per layer, average the heads, add the 
 residual path and renormalise rows to sum to 1; multiply the layers' matrices from the first to
 the last. The class token's row over the patch tokens, reshaped to the patch grid and scaled to
 [0, 1], is the map. Writes `<image>_rollout.png` (map overlaid on the input) and with `--heads`
-`<image>_heads.png` (the last layer's class-token attention, one panel per head).
+`<image>_heads.png` (the last layer's class-token attention, one panel per head). DeiT models
+(class and distillation token) are read from the class token's row.
+
+Output names keep the inputs' folder structure below their deepest common folder, so
+`img/good.png img/dup/good.png` give `OUT/good_rollout.png` and `OUT/dup/good_rollout.png`;
+two inputs differing only in their extension keep it (`good.jpg_rollout.png`).
+
+Exit status: 0 every map written; 1 an image could not be read or a map not written (one error
+line each; the others are still written); 2 a configuration error before any image is read (bad
+flag, `--out` an existing file, a checkpoint that is missing, damaged or does not fit the model,
+a model without a class token).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import os
+import pathlib
 import sys
 
 import numpy as np
 from PIL import Image
+
+from vit_jax import cli
 
 
 def attention_rollout(attention_weights: np.ndarray, *, num_prefix_tokens: int = 1) -> np.ndarray:
@@ -31,6 +46,27 @@ def attention_rollout(attention_weights: np.ndarray, *, num_prefix_tokens: int =
         rollout = layer @ rollout
     patches = rollout[:, 0, num_prefix_tokens:]
     return patches / patches.sum(-1, keepdims=True)
+
+
+def output_stems(paths: list[str], out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Each input's output stem under `out_dir` (`<stem>_rollout.png` is written), unique per
+    input file: its path relative to the inputs' deepest common folder, extension dropped unless
+    another input differs from it only in the extension."""
+
+    def key(path: str) -> str:
+        if "://" in path:  # gs://bucket/x.png -> /gs/bucket/x.png
+            scheme, rest = path.split("://", 1)
+            return os.path.normpath(f"/{scheme}/{rest}")
+        return os.path.abspath(path)
+
+    keys = {p: key(p) for p in paths}
+    unique = list(dict.fromkeys(keys.values()))
+    common = os.path.commonpath([os.path.dirname(k) for k in unique])
+    relative = {k: os.path.relpath(k, common) for k in unique}
+    stems = {k: os.path.splitext(r)[0] for k, r in relative.items()}
+    taken = collections.Counter(stems.values())
+    stems = {k: relative[k] if taken[s] > 1 else s for k, s in stems.items()}
+    return {p: out_dir / stems[k] for p, k in keys.items()}
 
 
 def _to_grid(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -52,7 +88,8 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    cli.quiet_tensorflow()
+    p = cli.ArgumentParser(
         prog="python -m vit_jax.visualize",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -65,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=int, default=0, help="output size in pixels (default: >= 224)")
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
-
-    import pathlib
+    out_dir = pathlib.Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        return cli.fail(f"--out {out_dir}: is an existing file, expected a directory")
 
     from vit_jax import inference
 
@@ -74,19 +112,20 @@ def main(argv: list[str] | None = None) -> int:
         trained = inference.load_model(
             args.checkpoint, model=args.model, resolution=args.resolution
         )
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        return cli.fail(e, cli.EXIT_CONFIG)
     classifier = trained.model_config.get("classifier", "token")
     if trained.model_config.get("model_type") == "Mixer" or classifier not in ("token",):
-        print(
-            f"error: attention rollout needs a ViT with a class token (classifier 'token'), "
-            f"got {trained.model_config.get('model_type')} / {classifier!r}",
-            file=sys.stderr,
+        return cli.fail(
+            f"{args.checkpoint}: attention rollout needs a ViT with a class token (classifier "
+            f"'token'), got {trained.model_config.get('model_type')} / {classifier!r}"
         )
-        return 2
-    out_dir = pathlib.Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return cli.fail(f"--out {out_dir}: cannot be created ({e.strerror or e})")
+    stems = output_stems(args.images, out_dir)
+    prefix = inference.num_prefix_tokens(trained.model)
     stride = trained.model.stride()
     grid = (trained.crop // stride[0], trained.crop // stride[1])
     size = args.scale or max(224, trained.crop)
@@ -95,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             image = inference.preprocess_file(path, resize=trained.resize, crop=trained.crop)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+            cli.fail(e)
             failed += 1
             continue
         out = trained.intermediates(image[None])
-        heat = _to_grid(attention_rollout(out["attention_weights"])[0], grid)
+        weights = out["attention_weights"]
+        heat = _to_grid(attention_rollout(weights, num_prefix_tokens=prefix)[0], grid)
         big = (
             np.asarray(
                 Image.fromarray(((image + 1) * 127.5).astype(np.uint8)).resize(
@@ -110,19 +150,25 @@ def main(argv: list[str] | None = None) -> int:
             / 127.5
             - 1
         )
-        stem = out_dir / pathlib.Path(path).stem
-        _overlay(big, heat).save(f"{stem}_rollout.png")
-        written = [f"{stem}_rollout.png"]
+        stem = stems[path]
+        images = {f"{stem}_rollout.png": _overlay(big, heat)}
         if args.heads:
-            last = np.asarray(out["attention_weights"])[-1, 0, :, 0, 1:]  # (heads, patches)
+            last = np.asarray(weights)[-1, 0, :, 0, prefix:]  # (heads, patches)
             panels = [_overlay(big, _to_grid(h, grid)) for h in last]
             sheet = Image.new("RGB", (size * len(panels), size))
             for i, panel in enumerate(panels):
                 sheet.paste(panel, (i * size, 0))
-            sheet.save(f"{stem}_heads.png")
-            written.append(f"{stem}_heads.png")
-        print(" ".join(written))
-    return 1 if failed else 0
+            images[f"{stem}_heads.png"] = sheet
+        try:
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            for name, picture in images.items():
+                picture.save(name)
+        except OSError as e:
+            cli.fail(f"{path}: the map could not be written to {stem.parent} ({e})")
+            failed += 1
+            continue
+        print(" ".join(images))
+    return cli.EXIT_RUNTIME if failed else cli.EXIT_OK
 
 
 if __name__ == "__main__":

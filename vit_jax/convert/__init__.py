@@ -56,10 +56,10 @@ def detect(path: str | os.PathLike) -> str:
     return "hf" if is_hf_dir(p) or epath.Path(p).is_dir() else "npz"
 
 
-def _npz(path: str, model: str | None, image_size) -> Converted:
+def _npz(path: str, model, image_size) -> Converted:
     params = checkpoint.load(path)
     meta = checkpoint.read_metadata(path)
-    if model:
+    if model is not None:
         config = models.get_config(model)
     elif meta.get("model"):
         config = models.get_config(meta["model"])
@@ -119,8 +119,12 @@ def load_any(path: str | os.PathLike):
     return c.params, c.model_config.to_dict(), c.class_names
 
 
-def save(converted: Converted, path: str | os.PathLike) -> tuple[epath.Path, str]:
-    """Writes `converted` in the format `path` names; returns (path, 'hf' | 'timm' | 'npz')."""
+def save(
+    converted: Converted, path: str | os.PathLike, *, source: str = "params"
+) -> tuple[epath.Path, str]:
+    """Writes `converted` in the format `path` names; returns (path, 'hf' | 'timm' | 'npz').
+
+    `source` names where the parameters came from in error messages."""
     p = str(path)
     if p.endswith(_TORCH_FILES):
         if not p.endswith(".safetensors"):
@@ -130,7 +134,7 @@ def save(converted: Converted, path: str | os.PathLike) -> tuple[epath.Path, str
         kind = "npz"
     else:
         kind = "hf"
-    args = dict(class_names=converted.class_names, image_size=converted.image_size)
+    args = dict(class_names=converted.class_names, image_size=converted.image_size, source=source)
     if kind == "hf":
         return to_hf(converted.params, converted.model_config, p, **args), kind
     if kind == "timm":
@@ -151,7 +155,7 @@ def convert(
     if os.path.abspath(str(src)) == os.path.abspath(str(dst)):
         raise ConversionError(f"{src}: source and destination are the same")
     converted = load(src, model=model, num_heads=num_heads, image_size=image_size)
-    out, kind = save(converted, dst)
+    out, kind = save(converted, dst, source=str(src))
     return converted, out, kind
 
 

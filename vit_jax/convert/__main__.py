@@ -4,6 +4,10 @@ Examples:
     python -m vit_jax.convert hf_model_dir/ vit.npz            # transformers -> ours (+ vit.json)
     python -m vit_jax.convert ViT-B_16.npz hf_dir/ --model ViT-B_16
     python -m vit_jax.convert runs/x/final.npz model.safetensors   # ours -> timm (+ model.json)
+
+Exit status: 0 converted; 2 a configuration error (bad flag, unreadable or unfit source, a
+sharded index naming files outside the model folder); 1 the destination could not be written.
+Errors are one `error: ...` line on stderr.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vit_jax import convert
+from vit_jax import cli, convert
 from vit_jax.checkpoint import CheckpointError
 
 
@@ -27,7 +31,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m vit_jax.convert",
         description="Convert ViT weights between our .npz (published layout + JSON sidecar), "
         "Hugging Face transformers directories and timm .safetensors state dicts. The format "
@@ -49,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             image_size=args.image_size,
         )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.fail(e, cli.EXIT_CONFIG)
+    except OSError as e:  # the destination cannot be written (permissions, full disk)
+        return cli.fail(f"{args.dst}: cannot be written ({e})", cli.EXIT_RUNTIME)
     names = {"hf": "transformers", "timm": "timm", "npz": "vit_jax .npz"}
     print(f"wrote {out} ({names[kind]}): {convert.describe(converted)}")
     return 0

@@ -78,10 +78,9 @@ def read_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndar
     if (p / WEIGHTS).exists():
         raw = pt.read_safetensors(p / WEIGHTS)
     elif index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         raw = {}
-        for shard in shards:
-            raw.update(pt.read_safetensors(p / shard))
+        for shard in shard_files(p, index):
+            raw.update(pt.read_safetensors(shard))
     elif (p / "pytorch_model.bin").exists():
         raw = pt.read_torch_bin(p / "pytorch_model.bin")
     else:
@@ -95,6 +94,48 @@ def read_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndar
             raise ConversionError(f"{path}: {key!r} and another key both mean {name!r}")
         state[name] = value
     return config, state
+
+
+def shard_files(folder: epath.Path, index: epath.Path) -> list[epath.Path]:
+    """The shard files a sharded checkpoint's index names, each confined to `folder`.
+
+    A name must be a plain relative path (no absolute path, no '..') and, symlinks resolved,
+    stay inside the folder, so a crafted index cannot make us read a file elsewhere. The one
+    exception is the Hugging Face hub cache, whose `snapshots/<rev>/` files are symlinks into
+    the same repository's `blobs/`.
+    """
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(
+            f"{index}: not a sharded-checkpoint index (expected JSON with a 'weight_map' of "
+            f"parameter name -> shard file; {type(e).__name__}: {e})"
+        ) from None
+    root = os.path.realpath(folder)
+    allowed = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":  # hub cache: <repo>/snapshots/<rev>
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    shards = []
+    for name in names:
+        parts = name.replace("\\", "/").split("/") if isinstance(name, str) else []
+        if (
+            not parts
+            or os.path.isabs(name)
+            or name.startswith(("/", "\\"))
+            or any(part in ("", ".", "..") for part in parts)
+            or ":" in parts[0]
+        ):
+            raise ConversionError(
+                f"{index}: shard {name!r} is not a file name inside {folder} (refused)"
+            )
+        target = os.path.realpath(folder / name)
+        if not any(os.path.commonpath([target, a]) == a for a in allowed):
+            raise ConversionError(
+                f"{index}: shard {name!r} resolves to {target}, outside {folder} (refused)"
+            )
+        shards.append(folder / name)
+    return shards
 
 
 def from_hf(path: str | os.PathLike) -> Converted:
@@ -224,6 +265,7 @@ def to_hf(
     *,
     class_names: list[str] | None = None,
     image_size: int | tuple[int, int] | None = None,
+    source: str = "params",
 ) -> epath.Path:
     """Writes a transformers model directory (config.json + model.safetensors, hub key names).
 
@@ -245,7 +287,7 @@ def to_hf(
     names = class_names_for(f.num_classes, class_names)
     d, (ph, pw) = f.hidden, f.patch
     tokens = f.grid[0] * f.grid[1] + 1
-    r = pt.Reader("params", f.flat)
+    r = pt.Reader(source, f.flat)  # names the file in errors
     prefix = "vit." if f.num_classes else ""
     state = {
         f"{prefix}embeddings.cls_token": r.take("cls", (1, 1, d)),

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from vit_jax.checkpoint import CheckpointError, CheckpointNotFoundError
+from vit_jax.checkpoint import CheckpointError, CheckpointNotFoundError, mismatch_report
 
 
 class ConversionError(CheckpointError):
@@ -210,17 +210,14 @@ class Reader:
         ]
         if not (self.missing or self.mismatched or unexpected):
             return
-        lines = [f"{self.source}: does not hold {what}:"]
-        for title, keys in (
-            ("missing", self.missing),
-            ("mismatched", self.mismatched),
-            ("unexpected", unexpected),
-        ):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}):")
-                lines += [f"    {k}" for k in keys[:8]]
-                lines += [f"    ... and {len(keys) - 8} more"] if len(keys) > 8 else []
-        raise ConversionError("\n".join(lines))
+        raise ConversionError(
+            mismatch_report(
+                f"{self.source}: does not hold {what}",
+                missing=self.missing,
+                mismatched=self.mismatched,
+                unexpected=unexpected,
+            )
+        )
 
 
 def _fmt(shape: tuple[int | None, ...]) -> str:

@@ -253,6 +253,7 @@ def to_timm(
     *,
     class_names: list[str] | None = None,
     image_size: int | tuple[int, int] | None = None,
+    source: str = "params",
 ) -> epath.Path:
     """Writes a timm `VisionTransformer` state dict (`.safetensors`) and its JSON sidecar.
 
@@ -271,7 +272,7 @@ def to_timm(
     )
     names = class_names_for(f.num_classes, class_names)
     d, (ph, pw), hd = f.hidden, f.patch, f.hidden // f.heads
-    r = pt.Reader("params", f.flat)
+    r = pt.Reader(source, f.flat)  # names the file in errors
     state = {
         "pos_embed": r.take(
             "Transformer/posembed_input/pos_embedding",
