@@ -123,6 +123,16 @@ def test_wrong_model_name_for_a_file_is_exit_2(tmp_path, image, capsys):
     assert "unknown model name 'ViT-B_61'" in _error_line(capsys)
 
 
+def test_resolution_resamples_the_position_embeddings(tmp_path, image, capsys):
+    model = _npz(tmp_path / "m.npz", _params())  # trained at 8x8: a 2x2 grid
+    trained = inference.load_model(model, resolution=12)
+    assert trained.crop == 12
+    assert trained.params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 10, 16)
+    assert predict.main(["--checkpoint", model, "--resolution", "12", image]) == 0
+    assert predict.main(["--checkpoint", model, "--resolution", "10", image]) == 2
+    assert "10x10 is not divisible by the model's patch stride 4x4" in _error_line(capsys)
+
+
 def test_bad_flags_are_one_line_exit_2(unfit, image, capsys):
     for argv in (
         [predict.main, "--checkpoint", unfit, image],

@@ -10,19 +10,12 @@ is taken). Each error is one `error: ...` line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import NoReturn
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
-
-
-def quiet_tensorflow() -> None:
-    """Hides TensorFlow's C++ start-up INFO/WARNING lines (call before TF is imported), so
-    stderr holds our messages; an explicit TF_CPP_MIN_LOG_LEVEL wins."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def one_line(error: BaseException | str) -> str:

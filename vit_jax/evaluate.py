@@ -137,7 +137,6 @@ def _flags(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli.quiet_tensorflow()
     argv = sys.argv if argv is None else ["vit_jax.evaluate", *argv]
     try:
         fv = _flags(argv)

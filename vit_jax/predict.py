@@ -36,7 +36,6 @@ def top_k(logits: np.ndarray, k: int, class_names: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli.quiet_tensorflow()
     p = cli.ArgumentParser(
         prog="python -m vit_jax.predict",
         description=__doc__,

@@ -88,7 +88,6 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli.quiet_tensorflow()
     p = cli.ArgumentParser(
         prog="python -m vit_jax.visualize",
         description=__doc__,
