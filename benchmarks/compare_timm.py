@@ -3,8 +3,9 @@
     python benchmarks/compare_timm.py --timm-python /work/timm-venv/bin/python [--rounds 2]
 
 Each measurement is its own process (timm and TensorFlow never share one). Rows: ViT-Ti/16
-batch 32 and ViT-B/16 batch 16 at 224, train (SGD momentum) and inference, fp32, plus our bf16
-train. Prints a Markdown table for BENCHMARKS.md and the raw JSON records.
+batch 32 and ViT-B/16 batch 16 at 224, train (SGD momentum) and inference; columns per dtype
+(`--dtypes float32,bfloat16`: timm under `torch.autocast`, ours under the precision policy).
+Prints a Markdown table for BENCHMARKS.md and the raw JSON records.
 """
 
 import argparse
@@ -71,33 +72,36 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--models", default="ViT-Ti_16,ViT-B_16")
+    p.add_argument("--modes", default="train,infer")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="timm: autocast; ours: policy")
+    p.add_argument("--ours-args", default="", help="extra flags for vit_jax.benchmark")
     args = p.parse_args()
+    dtypes = args.dtypes.split(",")
     records, rows = [], []
+    med = lambda rs: statistics.median(x["img_per_sec"] for x in rs)
     for name, timm_name, batch in CASES:
         if name not in args.models.split(","):
             continue
-        for mode in ("train", "infer"):
-            a, b, c = [], [], []
-            for _ in range(args.rounds):  # alternate so drifts in machine load hit both
-                r = ours(name, batch, mode, steps=args.steps)
-                a.append(r)
-                b.append(timm(args.timm_python, timm_name, batch, mode, steps=args.steps))
-                if mode == "train":
-                    c.append(ours(name, batch, mode, "bfloat16", steps=args.steps))
-            records += a + b + c
-            med = lambda rs: statistics.median(x["img_per_sec"] for x in rs)
-            mfu = statistics.median(x["mfu"] for x in a)
-            bf16 = f"{med(c):.2f} ({med(c) / med(a):.2f}x)" if c else "-"
-            rows.append(
-                f"| {name} b{batch} {mode} | {med(b):.2f} | {med(a):.2f} | "
-                f"{med(a) / med(b):.2f}x | {mfu:.0%} | {bf16} | "
-                f"{statistics.median(x['compile_time_s'] for x in a):.1f} |"
-            )
-    print(
-        "| case | timm img/s | vit_jax fp32 img/s | ratio | vit_jax MFU | vit_jax bf16 img/s "
-        "| compile s |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+        for mode in args.modes.split(","):
+            cells, ours_by_dtype = [], {}
+            for dtype in dtypes:
+                a, b = [], []
+                for _ in range(args.rounds):  # alternate so drifts in machine load hit both
+                    a.append(ours(name, batch, mode, dtype, args.steps, args.ours_args.split()))
+                    b.append(timm(args.timm_python, timm_name, batch, mode, dtype, args.steps))
+                records += a + b
+                ours_by_dtype[dtype] = a
+                mfu = statistics.median(x["mfu"] for x in a)
+                cells.append(
+                    f"{med(b):.2f} | {med(a):.2f} | **{med(a) / med(b):.2f}x** | {mfu:.0%}"
+                )
+            gain = ""
+            if {"float32", "bfloat16"} <= set(dtypes):
+                gain = f" {med(ours_by_dtype['bfloat16']) / med(ours_by_dtype['float32']):.2f}x |"
+            rows.append(f"| {name} b{batch} {mode} | " + " | ".join(cells) + " |" + gain)
+    header = "| case | " + " | ".join(f"timm {d} | vit_jax {d} | ratio | MFU" for d in dtypes)
+    print(header + (" | vit_jax bf16/fp32 |" if len(dtypes) == 2 else " |"))
+    print("|---|" + "---:|" * (4 * len(dtypes) + (len(dtypes) == 2)))
     print("\n".join(rows))
     print(json.dumps(records))
 

@@ -204,7 +204,7 @@ def _einsum_attention(q, k, v):
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
 
 
-@pytest.mark.parametrize("implementation", [None, "xla"])
+@pytest.mark.parametrize("implementation", [None, "explicit", "xla"])
 def test_attention_matches_einsum_reference(implementation):
     layer = vit_lib.MultiHeadAttention(num_heads=4, implementation=implementation)
     x = jax.random.normal(jax.random.key(0), (2, 9, 32))

@@ -24,15 +24,21 @@ import ml_collections
 import numpy as np
 
 from vit_jax import models, optim, sharding, trainer
+from vit_jax.models import precision
 
 KEYS = ("img_per_sec", "step_time_s", "compile_time_s", "mfu", "peak_memory_bytes")
 
 
 def matmul_peak_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of a size^3 matmul in `dtype` (fp32 accumulation)."""
+    """Best-of-`repeats` FLOP/s of a size^3 matmul in the dot form the models use for `dtype`.
+
+    That is the precision policy's product (`vit_jax.models.precision.dot_general`): float32
+    operands for float32, 16-bit operands with float32 accumulation for bfloat16.
+    """
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    dot = precision.dot_general(dtype)
+    f = jax.jit(lambda x, y: dot(x, y, (((1,), (0,)), ((), ()))))
     f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -198,6 +204,8 @@ def run(
         "batch": batch,
         "resolution": resolution,
         "dtype": dtype,
+        "precision": precision.describe(dtype),
+        "attention": (model_overrides or {}).get("attention_implementation") or "auto",
         "steps": steps,
         "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
@@ -220,7 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--scan", action="store_true", help="scan over layers (faster compile)")
     p.add_argument("--remat", action="store_true")
-    p.add_argument("--attention", choices=("xla", "cudnn"), help="dot_product_attention backend")
+    p.add_argument(
+        "--attention",
+        choices=("explicit", "xla", "cudnn"),
+        help="attention core: explicit matmuls (default off GPU) or jax.nn.dot_product_attention",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     overrides = {"scan": True} if args.scan else {}
@@ -248,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{r['model']} {r['mode']} batch {r['batch']} @{r['resolution']} {r['dtype']} on "
         f"{r['device_count']}x {r['device_kind']} (jax {r['jax_version']}):\n"
+        f"  precision: {r['precision']}; attention: {r['attention']}\n"
         f"  {r['img_per_sec']:.2f} img/s, step {r['step_time_s'] * 1e3:.1f} ms (median of "
         f"{r['steps']}), compile {r['compile_time_s']:.1f} s\n"
         f"  {r['model_flops_per_image'] / 1e9:.2f} GFLOP/image, MFU {r['mfu']:.1%} of a "

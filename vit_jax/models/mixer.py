@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import precision
 from vit_jax.models.vit import REMAT_POLICIES, MlpBlock
 
 
@@ -83,6 +84,7 @@ class MlpMixer(nn.Module):
             padding="VALID",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            **precision.conv_kwargs(self.dtype),
             name="stem",
         )(images.astype(self.dtype))
         x = x.reshape(x.shape[0], -1, x.shape[-1])
@@ -125,6 +127,7 @@ class MlpMixer(nn.Module):
                 self.num_classes,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                **precision.dense_kwargs(self.dtype),
                 kernel_init=nn.initializers.zeros,
                 bias_init=nn.initializers.constant(self.head_bias_init),
                 name="head",

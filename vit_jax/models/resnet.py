@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import precision
+
 
 class StdConv(nn.Conv):
     """Convolution with weight standardisation (zero mean, unit variance per output channel)."""
@@ -42,6 +44,7 @@ class ResidualUnit(nn.Module):
             use_bias=False,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            **precision.conv_kwargs(self.dtype),
             name=name,
         )
         gn = lambda name, **kw: nn.GroupNorm(
@@ -103,6 +106,7 @@ def resnet_stem(
         use_bias=False,
         dtype=dtype,
         param_dtype=param_dtype,
+        **precision.conv_kwargs(dtype),
         name="conv_root",
     )(x)
     x = nn.relu(nn.GroupNorm(dtype=dtype, param_dtype=param_dtype, name="gn_root")(x))

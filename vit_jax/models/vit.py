@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models import resnet
+from vit_jax.models import precision, resnet
 
 Array = jax.Array
 Dtype = Any
@@ -61,6 +61,7 @@ class MlpBlock(nn.Module):
             nn.Dense,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            **precision.dense_kwargs(self.dtype),
             kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(stddev=1e-6),
         )
@@ -92,14 +93,18 @@ class ProjectionParams(nn.Module):
         return kernel, bias
 
 
+ATTENTION_IMPLEMENTATIONS = (None, "explicit", "xla", "cudnn")
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with the published parameter layout.
 
     `query`, `key`, `value` kernels are (D, heads, head_dim), `out` is (heads, head_dim, D), the
-    layout of `flax.linen.MultiHeadDotProductAttention`. The scores go through
-    `jax.nn.dot_product_attention` (cuDNN flash attention on GPU with `implementation='cudnn'`),
-    except when the weights are asked for or attention dropout is active: those need the explicit
-    softmax.
+    layout of `flax.linen.MultiHeadDotProductAttention`. The core is `implementation`:
+    `'explicit'` (heads-major matmuls under the precision policy, softmax in float32; the weights
+    can be returned and dropped out), `'xla'` / `'cudnn'` (`jax.nn.dot_product_attention`, e.g.
+    cuDNN flash attention on GPU), or None: `jax.nn.dot_product_attention` on GPU, explicit
+    elsewhere. Attention weights or attention dropout always take the explicit core.
     """
 
     num_heads: int
@@ -119,55 +124,60 @@ class MultiHeadAttention(nn.Module):
         deterministic: bool,
         return_weights: bool = False,
     ) -> tuple[Array, Array | None]:
+        if self.implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                f"got {self.implementation!r}"
+            )
         width = inputs_q.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"hidden size {width} is not divisible by num_heads={self.num_heads}")
         head_dim = width // self.num_heads
-        proj = functools.partial(
-            nn.DenseGeneral,
-            features=(self.num_heads, head_dim),
-            axis=-1,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=self.kernel_init,
-        )
+        dot = precision.dot_general(self.dtype)
+        cast = lambda t: t.astype(self.dtype)
+        params = lambda name: ProjectionParams(
+            (self.num_heads, head_dim), self.kernel_init, self.param_dtype, name=name
+        )(width)
+
+        def project(x: Array, kernel: Array, bias: Array) -> Array:
+            """(B, N, D) x (D, ..., H, hd) -> heads-major (..., B, H, N, hd)."""
+            y = dot(cast(x), kernel, (((2,), (0,)), ((), ())))  # (B, N, ..., H, hd)
+            y = y + cast(bias)
+            return jnp.moveaxis(y, (0, 1), (-4, -2))
+
         if inputs_q is inputs_kv and self.fuse_qkv:
             # Self-attention: one matmul against the three kernels side by side (same params).
-            kernels, biases = zip(
-                *(
-                    ProjectionParams(
-                        (self.num_heads, head_dim), self.kernel_init, self.param_dtype, name=name
-                    )(width)
-                    for name in ("query", "key", "value")
-                ),
-                strict=True,
-            )
-            kernel = jnp.stack(kernels, axis=1).astype(self.dtype)  # (D, 3, H, hd)
-            # Computed heads-major, (3, B, H, N, hd), and handed on as (B, N, H, hd) views: the
-            # attention's batched matmuls then see (B, H) as leading batch dimensions. On XLA:CPU
-            # that made the attention core ~1.4x and the whole sublayer ~1.1x faster (forward +
-            # backward, ViT-B/16 shapes); the values are the same.
-            qkv = jnp.einsum("bnd,dkhe->kbhne", inputs_q.astype(self.dtype), kernel)
-            qkv = qkv + jnp.stack(biases).astype(self.dtype)[:, None, :, None, :]
-            q, k, v = (jnp.swapaxes(t, 1, 2) for t in qkv)
+            kernels, biases = zip(*(params(n) for n in ("query", "key", "value")), strict=True)
+            q, k, v = project(inputs_q, jnp.stack(kernels, axis=1), jnp.stack(biases))
         else:
-            q = proj(name="query")(inputs_q)
-            k = proj(name="key")(inputs_kv)
-            v = proj(name="value")(inputs_kv)
-        weights = None
+            q = project(inputs_q, *params("query"))
+            k = project(inputs_kv, *params("key"))
+            v = project(inputs_kv, *params("value"))
         use_dropout = self.dropout_rate > 0.0 and not deterministic
-        if return_weights or use_dropout:
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim).astype(q.dtype)
-            weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        library = self.implementation in ("xla", "cudnn") or (
+            self.implementation is None and jax.default_backend() == "gpu"
+        )
+        weights = None
+        if return_weights or use_dropout or not library:
+            # Heads-major operands: the batched matmuls see (B, H) as leading batch dimensions,
+            # which XLA:CPU runs without layout copies. Scores and softmax in float32.
+            scores = dot(q, k, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+            weights = jax.nn.softmax(scores / np.sqrt(head_dim).astype(np.float32), axis=-1)
             probs = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
-            y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+            y = dot(cast(probs), v, (((3,), (2,)), ((0, 1), (0, 1))))  # (B, H, N, hd)
+            y = jnp.swapaxes(y, 1, 2)
+            weights = weights if return_weights else None
         else:
-            y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+            bnhd = lambda t: jnp.swapaxes(t, 1, 2)
+            y = jax.nn.dot_product_attention(
+                bnhd(q), bnhd(k), bnhd(v), implementation=self.implementation
+            )
         out = nn.DenseGeneral(
             features=width,
             axis=(-2, -1),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            **precision.dense_kwargs(self.dtype),
             kernel_init=self.kernel_init,
             name="out",
         )(y)
@@ -475,6 +485,7 @@ class VisionTransformer(nn.Module):
             padding="VALID",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            **precision.conv_kwargs(self.dtype),
             name="embedding",
         )(x)
         n, gh, gw, c = x.shape
@@ -534,6 +545,7 @@ class VisionTransformer(nn.Module):
                 self.representation_size,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                **precision.dense_kwargs(self.dtype),
                 name="pre_logits",
             )(x)
             x = jnp.tanh(x)
@@ -547,6 +559,7 @@ class VisionTransformer(nn.Module):
             self.num_classes,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            **precision.dense_kwargs(self.dtype),
             kernel_init=nn.initializers.zeros,
             bias_init=nn.initializers.constant(self.head_bias_init),
         )
