@@ -117,6 +117,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert "stopped at step" in stderr
     _, meta = workdir_lib.load_trained(tmp_path)
     assert 5 <= meta["step"] < 100000
+    # The progress row of the steps since the last report is written before the save.
+    train = [r["step"] for r in _metrics(tmp_path) if "train_loss" in r]
+    assert train[-1] == meta["step"] and train == sorted(set(train))
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path):

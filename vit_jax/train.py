@@ -3,6 +3,11 @@
 Trains (or fine-tunes) a model as the config says, resuming from the newest checkpoint in DIR.
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or --distributed on a
 cluster JAX detects by itself (TPU pods, SLURM), and run the same command on every host.
+
+Exit codes: 0 done (or nothing to do); 1 the run failed (non-finite loss, a checkpoint that
+could not be saved, no checkpoint that restores, an unreadable image, an I/O error); 2 it
+cannot run as asked (a bad flag or config value, the workdir held by another trainer, a
+restart that changes what the checkpoints depend on). Errors are one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
+EXIT_RUN_FAILED = 1  # the run failed: NaN loss, a save, no checkpoint restores, bad data, I/O
+EXIT_CONFIG = 2  # it cannot run as asked: bad flag or config value, workdir in use, config change
+
+
+def _fail(error: BaseException | str, code: int) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(code)
+
+
 def initialize_distributed() -> None:
     import jax
 
@@ -36,24 +50,56 @@ def initialize_distributed() -> None:
 
 
 class _QuietLibraries(logging.logging.Filter):
-    """Keeps Orbax's per-save INFO chatter out of the console (warnings still show)."""
+    """Library chatter off the console: Orbax's INFO, and tracebacks of what the trainer reports.
+
+    A failed save makes Orbax and asyncio log the same error once per array, with tracebacks;
+    the trainer reports it in one line. Library warnings and errors keep their first line.
+    """
 
     def filter(self, record) -> bool:
         # absl.logging.WARNING is absl's own -1; records carry the standard library's levels.
-        return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
+        if record.name == "asyncio":
+            return record.levelno >= logging.logging.WARNING and "never retrieved" not in str(
+                record.msg
+            )
+        if "/orbax/" not in record.pathname:
+            return True
+        if record.levelno < logging.logging.WARNING:
+            return False
+        first_line = record.getMessage().split("\n", 1)[0]
+        record.msg, record.args, record.exc_info, record.exc_text = first_line, (), None, None
+        return True
+
+
+def _without_closed_loop_callbacks(hook):
+    """sys.unraisablehook, minus TensorStore callbacks that reach Orbax's closed event loops.
+
+    After a failed async write each pending array write prints `RuntimeError: Event loop is
+    closed` with a traceback; the failure itself is reported once, by the trainer.
+    """
+
+    def unraisablehook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    return unraisablehook
 
 
 def main(argv: list[str]) -> None:
-    # On the `absl` logger itself: every library that logs through absl creates its records there.
-    logging.get_absl_logger().addFilter(_QuietLibraries())
+    # On absl's handler: it prints the records of every logger (asyncio's too).
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}", EXIT_CONFIG)
     if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required")
+        _fail("--config and --workdir are required", EXIT_CONFIG)
     initialize_distributed()
     import jax
 
-    from vit_jax import trainer
+    from vit_jax import data, run_lock, trainer
+    from vit_jax import workdir as workdir_lib
 
     logging.info(
         "JAX %s, process %d/%d, %d devices (%s)",
@@ -65,10 +111,20 @@ def main(argv: list[str]) -> None:
     )
     try:
         results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (trainer.NonFiniteLossError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    if "test_accuracy" in results:
+    except (
+        trainer.NonFiniteLossError,
+        workdir_lib.CheckpointSaveError,
+        workdir_lib.CheckpointDamagedError,
+        data.BadImageError,
+    ) as e:
+        _fail(e, EXIT_RUN_FAILED)
+    except (run_lock.WorkdirLockedError, ValueError, FileNotFoundError) as e:
+        _fail(e, EXIT_CONFIG)
+    except OSError as e:  # a full disk or a lost mount while writing metrics, events, final.npz
+        _fail(e, EXIT_RUN_FAILED)
+    if results.get("nothing_to_do"):
+        print(f"already at step {results['step']} of {_CONFIG.value.total_steps}: nothing to do")
+    elif "test_accuracy" in results:
         print(
             f"step {results['step']}: test accuracy {results['test_accuracy']:.4f} "
             f"(top-5 {results['test_top5_accuracy']:.4f}, loss {results['test_loss']:.4f})"
@@ -109,8 +165,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             message = _bad_override(argv) or str(e)
         except Exception:  # noqa: BLE001 - the config file itself is broken: report the original
             message = str(e)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        _fail(message, EXIT_CONFIG)
 
 
 if __name__ == "__main__":

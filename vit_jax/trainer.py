@@ -26,7 +26,7 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vit_jax import data, losses, models, optim, sharding
+from vit_jax import data, losses, models, optim, run_config, run_lock, sharding
 from vit_jax import workdir as workdir_lib
 
 Params = Any
@@ -34,6 +34,10 @@ Params = Any
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class ConfigError(ValueError):
+    """A config value the trainer cannot run with (the message names the key and the value)."""
 
 
 # ----------------------------------------------------------------------------- state
@@ -265,11 +269,13 @@ class StopRequest:
         logging.warning("received signal %d: saving a checkpoint after this step", signum)
         self.requested = True
 
-    def should_stop(self) -> bool:
+    def poll(self, save_failed: bool = False) -> tuple[bool, bool]:
+        """(a stop was requested, a checkpoint save failed), each on any process."""
         if jax.process_count() == 1:
-            return self.requested
-        flags = multihost_utils.process_allgather(np.asarray(self.requested))
-        return bool(np.any(flags))
+            return self.requested, save_failed
+        flags = multihost_utils.process_allgather(np.asarray([self.requested, save_failed]))
+        flags = np.asarray(flags).reshape(-1, 2)
+        return bool(np.any(flags[:, 0])), bool(np.any(flags[:, 1]))
 
     def restore_handlers(self) -> None:
         for sig, handler in self._previous.items():
@@ -303,13 +309,80 @@ def load_pretrained_params(config: ml_collections.ConfigDict, init_params: Param
 # ----------------------------------------------------------------------------- loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (resuming from the newest checkpoint in `workdir`) and returns the final metrics."""
-    wd = workdir_lib.resolve(workdir)
-    wd.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (wd / workdir_lib.CONFIG_JSON).write_text(config.to_json_best_effort(indent=2))
+_AGREED_ERRORS: tuple[type[Exception], ...] = (
+    run_lock.WorkdirLockedError,
+    run_config.ConfigChangeError,
+)
 
+
+def _on_process_0(fn: Callable[[], Any]) -> Any:
+    """Runs `fn` on process 0; its lock / config refusal is raised on every process alike.
+
+    The error's type and message are broadcast, so all processes stop together with one line.
+    """
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except _AGREED_ERRORS as e:
+            error = e
+    if jax.process_count() > 1:
+        buf = np.zeros(4096, np.int32)
+        if error is not None:
+            text = str(error).encode()[: buf.size - 2]
+            buf[0], buf[1] = _AGREED_ERRORS.index(type(error)) + 1, len(text)
+            buf[2 : 2 + len(text)] = np.frombuffer(text, np.uint8)
+        buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+        if buf[0] and error is None:
+            text = bytes(buf[2 : 2 + buf[1]].astype(np.uint8)).decode(errors="replace")
+            error = _AGREED_ERRORS[int(buf[0]) - 1](text)
+    if error is not None:
+        raise error
+    return result
+
+
+def _check_restart(config: ml_collections.ConfigDict, wd: epath.Path) -> dict[str, Any]:
+    """Allowed config changes against the run's stored config ({} for a run not yet saved)."""
+    if not workdir_lib.step_dirs(wd / workdir_lib.CHECKPOINTS):
+        return {}  # fresh, or stopped before its first checkpoint: the new config is the config
+    stored = run_config.read_stored(wd)
+    if stored is None:
+        logging.warning(
+            "%s has checkpoints but no readable %s: the config cannot be compared",
+            wd,
+            workdir_lib.CONFIG_JSON,
+        )
+        return {}
+    return run_config.check_restart(wd, stored, run_config.as_dict(config))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (resuming from the newest checkpoint in `workdir`) and returns the final metrics.
+
+    Holds the workdir's lock for the whole run; refuses a restart whose config changes what the
+    checkpoints depend on (`run_config`) before anything is written.
+    """
+    total = int(config.total_steps)
+    if total < 1:
+        raise ConfigError(f"total_steps must be at least 1, got {total}")
+    wd = workdir_lib.resolve(workdir)
+    lock = run_lock.RunLock(wd)
+
+    def take_lock() -> None:
+        wd.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+
+    _on_process_0(take_lock)
+    try:
+        changed = _on_process_0(lambda: _check_restart(config, wd)) or {}
+        return _train(config, wd, changed)
+    finally:
+        lock.release()
+
+
+def _train(
+    config: ml_collections.ConfigDict, wd: epath.Path, changed: dict[str, Any]
+) -> dict[str, float]:
     mesh = sharding.make_mesh(**config.mesh.to_dict())
     logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     info = data.get_info(config)
@@ -322,36 +395,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info(
         "model %s: %s parameters, %d classes", config.model_name, f"{n_params:,}", num_classes
     )
+    total = int(config.total_steps)
+    is_main = jax.process_index() == 0
 
     mngr = workdir_lib.checkpoint_manager(
         wd, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing
     )
-    start_step = 0
-    latest = mngr.latest_step()
-    if latest is not None:
+    writer = workdir_lib.CheckpointWriter(mngr, async_save=bool(config.async_checkpointing))
+    try:
         abstract = lambda t, s: jax.tree.map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s
         )
-        params, opt_state, meta = workdir_lib.restore(
-            mngr, latest, abstract(params, param_sh), abstract(opt_state, opt_sh)
+        restored = workdir_lib.restore_newest(
+            mngr, abstract(params, param_sh), abstract(opt_state, opt_sh)
         )
-        start_step = int(meta["data_step"])
+    except BaseException:
+        mngr.close()
+        raise
+    start_step = 0
+    if restored is not None:
+        params, opt_state, restored_meta, latest = restored
+        start_step = int(restored_meta["data_step"])
         logging.info("resumed from %s at step %d", mngr.directory / str(latest), start_step)
     elif config.pretrained_path or config.pretrained_dir:
         host = load_pretrained_params(config, to_host(params))
         params = put_sharded(host, param_sh)
-
-    batch_sh = sharding.batch_sharding(mesh)
-    train_iter = data.train_iterator(config, batch_sh, start_step=start_step)
-    rep = sharding.replicated(mesh)
-    objective = make_objective(config, model, mesh)
-    train_step = TrainStep(model, tx, config, mesh, param_sh, opt_sh, objective)
-    eval_step = jax.jit(make_eval_step(model), in_shardings=(param_sh, batch_sh), out_shardings=rep)
-
-    log = MetricsLog(wd)
-    stop = StopRequest()
-    total = int(config.total_steps)
-    per_device = config.batch / jax.device_count()
 
     def meta(step: int) -> dict[str, Any]:
         return {
@@ -366,8 +434,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "image_size": list(size),
         }
 
+    if start_step >= total:
+        mngr.close()
+        final = wd / workdir_lib.FINAL_NPZ
+        if start_step == total and config.write_final_npz and not final.exists():
+            _write_final_npz(wd, params, meta(start_step))
+        logging.warning("already at step %d of %d: nothing to do", start_step, total)
+        return {"step": start_step, "nothing_to_do": True}
+
+    if is_main:
+        for key, (old, new) in changed.items():
+            logging.warning("restart with a changed %s: %s -> %s", key, old, new)
+        run_config.record_start(wd, config, start_step, changed)
+        dropped = workdir_lib.truncate_metrics(wd, start_step)
+        if dropped:
+            logging.info(
+                "dropped %d metrics rows after step %d (replayed now)", dropped, start_step
+            )
+
+    batch_sh = sharding.batch_sharding(mesh)
+    train_iter = data.train_iterator(config, batch_sh, start_step=start_step)
+    rep = sharding.replicated(mesh)
+    objective = make_objective(config, model, mesh)
+    train_step = TrainStep(model, tx, config, mesh, param_sh, opt_sh, objective)
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(param_sh, batch_sh), out_shardings=rep)
+
+    log = MetricsLog(wd)
+    stop = StopRequest()
+    per_device = config.batch / jax.device_count()
+    saved_step = start_step
+
     def save(step: int) -> None:
-        workdir_lib.save(mngr, step, params, opt_state, meta(step))
+        nonlocal saved_step
+        writer.save(step, params, opt_state, meta(step))
+        saved_step = step
+
+    def last_good() -> str:
+        try:
+            writer.wait()
+        except workdir_lib.CheckpointSaveError:
+            pass
+        steps = workdir_lib.step_dirs(epath.Path(mngr.directory))
+        return f"step {steps[0].name}" if steps else "none written yet"
 
     def run_eval(step: int) -> dict[str, float]:
         results = evaluate(eval_step, params, data.eval_iterator(config, batch_sh))
@@ -382,48 +490,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         return results
 
-    window = _Window(start_step)
+    def report(step: int, host: dict[str, float], steps_per_sec: float) -> None:
+        host["img_per_sec_per_device"] = steps_per_sec * per_device
+        log.write(step, host)
+        eta = (total - step) / max(steps_per_sec, 1e-9)
+        logging.info(
+            "step %d/%d: loss %.4f, lr %.2e, %.2f steps/s, %.1f img/s/device, ETA %s",
+            step,
+            total,
+            host["train_loss"],
+            host["learning_rate"],
+            steps_per_sec,
+            host["img_per_sec_per_device"],
+            _hms(eta),
+        )
+
+    window = _Window(start_step, last_good)
     results: dict[str, float] = {}
     step = start_step
+    finished = False
     try:
         while step < total:
             batch = next(train_iter)
             params, opt_state, metrics = train_step(params, opt_state, step, batch)
             step += 1
-            window.push(step, metrics, mngr)  # reads the previous step's metrics: no stall
+            window.push(step, metrics)  # reads the previous step's metrics: no stall
             done = step == total
             if step % config.progress_every == 0 or done:
-                host, steps_per_sec = window.flush(mngr)
-                host["img_per_sec_per_device"] = steps_per_sec * per_device
-                log.write(step, host)
-                eta = (total - step) / max(steps_per_sec, 1e-9)
-                logging.info(
-                    "step %d/%d: loss %.4f, lr %.2e, %.2f steps/s, %.1f img/s/device, ETA %s",
-                    step,
-                    total,
-                    host["train_loss"],
-                    host["learning_rate"],
-                    steps_per_sec,
-                    host["img_per_sec_per_device"],
-                    _hms(eta),
-                )
+                report(step, *window.flush())
             if step % config.eval_every == 0 or done:
                 results = run_eval(step)
             if step % config.checkpoint_every == 0 or done:
                 save(step)
-            if not done and stop.should_stop():
-                window.flush(mngr)
-                save(step)
+            local_failure = writer.poll()
+            stop_requested, save_failed = stop.poll(local_failure is not None)
+            if save_failed:
+                raise local_failure or workdir_lib.CheckpointSaveError(
+                    f"a checkpoint save failed on another process (step {step}); see its log"
+                )
+            if not done and stop_requested:
+                host, steps_per_sec = window.flush()
+                if host:  # the progress row of the steps since the last report
+                    report(step, host, steps_per_sec)
+                if saved_step != step:
+                    save(step)
+                writer.wait()
                 logging.warning("stopped at step %d on request; checkpoint saved", step)
                 break
-        mngr.wait_until_finished()
+        writer.wait()
         if step == total and config.write_final_npz:
             _write_final_npz(wd, params, meta(step))
+        finished = True
     finally:
         stop.restore_handlers()
-        mngr.wait_until_finished()
-        mngr.close()
-        log.close()
+        try:
+            writer.close()
+        except workdir_lib.CheckpointSaveError:
+            if finished:
+                raise  # otherwise the error already propagating is the one to report
+        finally:
+            log.close()
     return {"step": step, **results}
 
 
@@ -433,33 +559,33 @@ class _Window:
     A NaN/Inf loss raises `NonFiniteLossError`; the step itself left the state unchanged.
     """
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, last_good: Callable[[], str]):
+        self.last_good = last_good
         self.pending: tuple[int, dict] | None = None
         self.rows: list[dict[str, float]] = []
         self.start_time, self.start_step = time.perf_counter(), step
 
-    def push(self, step: int, metrics: dict, mngr) -> None:
+    def push(self, step: int, metrics: dict) -> None:
         if self.pending is not None:
-            self._read(*self.pending, mngr)
+            self._read(*self.pending)
         self.pending = (step, metrics)
 
-    def _read(self, step: int, metrics: dict, mngr) -> None:
+    def _read(self, step: int, metrics: dict) -> None:
         row = {k: float(v) for k, v in metrics.items()}
         if not np.isfinite(row["train_loss"]):
-            mngr.wait_until_finished()
-            latest = mngr.latest_step()
-            kept = f"step {latest}" if latest is not None else "none written yet"
+            kept = self.last_good()
             raise NonFiniteLossError(
                 f"training loss is {row['train_loss']} at step {step}; stopping (last good "
-                f"checkpoint: {kept}). Lower base_lr, raise warmup_steps or set grad_norm_clip."
+                f"checkpoint: {kept}). Restart with a lower base_lr or more warmup_steps; "
+                "switching grad_norm_clip on needs a new workdir."
             )
         self.rows.append(row)
 
-    def flush(self, mngr) -> tuple[dict[str, float], float]:
+    def flush(self) -> tuple[dict[str, float], float]:
         """Mean loss / grad norm and the last learning rate since the last flush; steps/s."""
         if self.pending is not None:
             step, metrics = self.pending
-            self._read(step, metrics, mngr)
+            self._read(step, metrics)
             self.pending = None
         if not self.rows:
             return {}, 0.0

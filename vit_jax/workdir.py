@@ -1,13 +1,19 @@
-"""The layout of a training workdir, and reading trained models back out of it.
+"""The layout of a training workdir, its checkpoints, and reading trained models back out of it.
 
-    {workdir}/config.json            the resolved config of the run
-    {workdir}/metrics.jsonl          one JSON object per line: step + metrics
+    {workdir}/train.lock             held while a trainer runs (vit_jax.run_lock)
+    {workdir}/config.json            the config of the latest start (vit_jax.run_config)
+    {workdir}/config_history.jsonl   one line per start: step, time, changed keys, full config
+    {workdir}/metrics.jsonl          one JSON object per line: step + metrics (each step once)
     {workdir}/checkpoints/{step}/    Orbax: `params`, `opt_state` (sharded arrays), `meta` (JSON:
                                      step, data position, seed, model config, class names)
+    {workdir}/checkpoints/{step}.damaged   a checkpoint that did not restore, kept for inspection
     {workdir}/final.npz              final parameters in the published layout
 
+The trainer restores the newest checkpoint that restores (`restore_newest`) and saves through
+`CheckpointWriter`, which turns a failed save (async included) into one `CheckpointSaveError`.
 `load_trained(path)` accepts a workdir, its `checkpoints/` directory or one step directory and
-returns the parameters with the metadata needed to rebuild the model (predict, evaluate, teacher).
+returns the parameters with the metadata needed to rebuild the model (predict, evaluate, teacher)
+from the newest checkpoint that reads, changing nothing on disk.
 """
 
 from __future__ import annotations
@@ -20,12 +26,25 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+
+from vit_jax.checkpoint import CheckpointError, CheckpointNotFoundError
 
 CHECKPOINTS = "checkpoints"
 CONFIG_JSON = "config.json"
 METRICS_JSONL = "metrics.jsonl"
 FINAL_NPZ = "final.npz"
+CONFIG_HISTORY_JSONL = "config_history.jsonl"
+DAMAGED_SUFFIX = ".damaged"
+
+
+class CheckpointDamagedError(CheckpointError):
+    """Checkpoints exist but none can be read (the message names each step and why)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (the message names step, directory, reason, last good)."""
 
 
 def resolve(path: str | epath.Path) -> epath.Path:
@@ -39,7 +58,10 @@ def checkpoint_manager(
 ) -> ocp.CheckpointManager:
     """An Orbax manager for `{workdir}/checkpoints` holding params, opt_state and JSON meta."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        create=True,
+        cleanup_tmp_directories=True,  # what a killed or failed save left behind
     )
     return ocp.CheckpointManager(
         resolve(workdir) / CHECKPOINTS,
@@ -73,43 +95,263 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_op
     return out.params, out.opt_state, out.meta
 
 
-def _step_dir(path: epath.Path) -> epath.Path | None:
-    """The newest complete step directory under a workdir / checkpoints dir, or path itself."""
-    if (path / "meta").exists() and (path / "params").exists():
-        return path
-    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+def failure_reason(error: BaseException) -> str:
+    """One short line for why a checkpoint read or write failed (the root cause, not the stack).
+
+    An OSError anywhere in the chain gives its text (`No space left on device`); otherwise the
+    first line of the innermost exception (TensorStore / JSON / missing item), shortened.
+    """
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        # TensorStore reports an OS error inside its message: [os_error_code='28'].
+        code = re.search(r"os_error_code=\W*(\d+)", str(e))
+        if code:
+            return os.strerror(int(code.group(1)))
+    root = chain[-1]
+    lines = str(root).strip().strip("'\"").splitlines()
+    text = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+    return text if len(text) <= 240 else text[:239] + "…"
+
+
+def step_dirs(root: epath.Path) -> list[epath.Path]:
+    """The step directories (`<digits>`) directly under `root`, newest first."""
     if not root.is_dir():
-        return None
-    steps = [p for p in root.iterdir() if re.fullmatch(r"\d+", p.name) and (p / "meta").exists()]
-    return max(steps, key=lambda p: int(p.name)) if steps else None
+        return []
+    steps = [p for p in root.iterdir() if re.fullmatch(r"\d+", p.name) and p.is_dir()]
+    return sorted(steps, key=lambda p: int(p.name), reverse=True)
+
+
+def move_aside(step_dir: epath.Path) -> epath.Path:
+    """Renames a step directory to `<step>.damaged` (Orbax ignores it); never deletes it."""
+    target = step_dir.parent / f"{step_dir.name}{DAMAGED_SUFFIX}"
+    n = 1
+    while target.exists():
+        target = step_dir.parent / f"{step_dir.name}{DAMAGED_SUFFIX}-{n}"
+        n += 1
+    step_dir.rename(target)
+    return target
+
+
+def _all_processes(ok: bool) -> bool:
+    """True when `ok` on every process (multi-host restores agree on each checkpoint)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def restore_newest(
+    mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state
+) -> tuple[Any, Any, dict, int] | None:
+    """(params, opt_state, meta, step) of the newest checkpoint that restores; None if none exist.
+
+    A newer checkpoint that fails is logged (step and reason) and, once an older one has
+    restored, moved aside to `<step>.damaged`. When none restores, nothing is moved and
+    `CheckpointDamagedError` names each step and its reason.
+    """
+    directory = epath.Path(mngr.directory)
+    failed: list[tuple[int, str]] = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            params, opt_state, meta = restore(mngr, step, abstract_params, abstract_opt_state)
+            int(meta["data_step"])
+            ok, reason = True, ""
+        except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
+            ok, reason = False, failure_reason(e)
+        if not _all_processes(ok):
+            reason = reason or "failed on another process"
+            logging.warning("checkpoint %s cannot be restored: %s", directory / str(step), reason)
+            failed.append((step, reason))
+            continue
+        if failed:
+            if jax.process_index() == 0:
+                for bad, _ in failed:
+                    moved = move_aside(directory / str(bad))
+                    logging.warning("moved the damaged checkpoint %d aside to %s", bad, moved)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("vit_jax: damaged checkpoints moved aside")
+            mngr.reload()
+        return params, opt_state, dict(meta), step
+    if failed:
+        tried = "; ".join(f"step {s}: {r}" for s, r in failed)
+        raise CheckpointDamagedError(
+            f"{directory}: no checkpoint could be restored (tried {tried}); nothing was moved: "
+            "move the damaged step directories aside or start a new --workdir"
+        )
+    return None
+
+
+class CheckpointWriter:
+    """Orbax saves whose failures (async ones included) surface as `CheckpointSaveError`.
+
+    `save` starts a save; `poll` (cheap, every step) and `wait` report a failed one. A failed
+    save leaves nothing that looks complete (see `_discard`).
+    """
+
+    def __init__(self, mngr: ocp.CheckpointManager, *, async_save: bool):
+        self.mngr, self.async_save = mngr, async_save
+        self.directory = epath.Path(mngr.directory)
+        self.pending: int | None = None
+        self.failure: CheckpointSaveError | None = None
+
+    def save(self, step: int, params, opt_state, meta: dict) -> None:
+        self.wait()
+        self.pending = step
+        try:
+            save(self.mngr, step, params, opt_state, meta)
+        except Exception as e:  # noqa: BLE001 - every failure to write is reported the same way
+            self._fail(e)
+        if not self.async_save:
+            self.wait()
+
+    def poll(self) -> CheckpointSaveError | None:
+        """The failure of a finished save, if any (does not block on a running one)."""
+        if self.failure is None and self.pending is not None:
+            if not self.mngr.is_saving_in_progress():
+                try:
+                    self.wait()
+                except CheckpointSaveError:
+                    pass
+        return self.failure
+
+    def wait(self) -> None:
+        """Blocks until the running save is done; raises `CheckpointSaveError` if it failed."""
+        if self.failure is not None:
+            raise self.failure
+        if self.pending is None:
+            return
+        try:
+            self.mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+        if not (self.directory / str(self.pending)).is_dir():
+            self._fail(RuntimeError("the checkpoint was not finalized"))
+        self.pending = None
+
+    def close(self) -> None:
+        """Waits for a running save and closes the manager; a failure is raised once, here."""
+        try:
+            if self.failure is None:
+                self.wait()
+        finally:
+            try:
+                self.mngr.close()
+            except Exception:  # noqa: BLE001 - the failure was reported already
+                if self.failure is None:
+                    raise
+
+    def _discard(self, step: int) -> None:
+        """A finalized directory of a failed save is moved aside: it must not look complete.
+
+        Orbax's `<step>.orbax-checkpoint-tmp` directories are left alone (writes may still be in
+        flight); they never look complete and the next start removes them.
+        """
+        if jax.process_index() == 0 and (self.directory / str(step)).is_dir():
+            move_aside(self.directory / str(step))
+
+    def _fail(self, error: BaseException) -> None:
+        step = self.pending
+        self.pending = None
+        self._discard(step)
+        complete = [p for p in step_dirs(self.directory) if p.name != str(step)]
+        last = (
+            f"the last complete checkpoint is {complete[0].name}"
+            if complete
+            else "no complete checkpoint was written"
+        )
+        self.failure = CheckpointSaveError(
+            f"could not save checkpoint {step} to {self.directory}: {failure_reason(error)}; {last}"
+        )
+        raise self.failure from error
+
+
+def _step_dir_candidates(path: epath.Path) -> list[epath.Path]:
+    """`path` itself when it is a step directory, else the step directories under it."""
+    if any((path / name).exists() for name in ("meta", "params", "_CHECKPOINT_METADATA")):
+        return [path]
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    return step_dirs(root)
 
 
 def is_trained(path: str | epath.Path) -> bool:
     """True for a workdir, a checkpoints dir or a step dir written by this trainer."""
     path = epath.Path(path)
-    return path.is_dir() and _step_dir(path) is not None
+    return path.is_dir() and bool(_step_dir_candidates(path))
 
 
 def load_trained(path: str | epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(params as numpy arrays, meta) from the newest checkpoint under `path`.
+    """(params as numpy arrays, meta) from the newest checkpoint under `path` that reads.
 
     `meta` has `step`, `model` (model config dict), `model_name`, `num_classes`, `class_names`.
+    A newer checkpoint that cannot be read is skipped with a warning and left where it is (a
+    reader never changes a run). Raises `CheckpointNotFoundError` when there is no checkpoint,
+    `CheckpointDamagedError` (naming each step tried and why) when none reads.
     """
     path = resolve(path)
-    step_dir = _step_dir(path) if path.is_dir() else None
-    if step_dir is None:
-        raise FileNotFoundError(
+    candidates = _step_dir_candidates(path) if path.is_dir() else []
+    if not candidates:
+        raise CheckpointNotFoundError(
             f"{path}: no trainer checkpoint found (expected a workdir with checkpoints/<step>/ "
             "or a step directory holding 'params' and 'meta')"
         )
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    restored = checkpointer.restore(
-        step_dir,
-        args=ocp.args.Composite(params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-    )
-    params = jax.tree.map(np.asarray, restored.params)
-    return params, dict(restored.meta)
+    tried: list[str] = []
+    for step_dir in candidates:
+        try:
+            restored = checkpointer.restore(
+                step_dir,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                ),
+            )
+            params = jax.tree.map(np.asarray, restored.params)
+            meta = dict(restored.meta)
+        except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
+            reason = failure_reason(e)
+            logging.warning("skipping checkpoint %s: it cannot be read (%s)", step_dir, reason)
+            tried.append(f"{step_dir.name}: {reason}")
+            continue
+        if tried:
+            logging.warning("using checkpoint %s, the newest that reads", step_dir)
+        return params, meta
+    raise CheckpointDamagedError(f"{path}: no checkpoint could be read (tried {'; '.join(tried)})")
 
 
 def write_json(path: epath.Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def replace_text(path: epath.Path, text: str) -> None:
+    """Writes `text` to a temporary file beside `path`, then renames it over `path` (atomic)."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def truncate_metrics(workdir: epath.Path, step: int) -> int:
+    """Drops metrics.jsonl rows after `step` (and torn lines); returns how many were dropped."""
+    path = workdir / METRICS_JSONL
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            row_step = None
+        if row_step is not None and row_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        replace_text(path, "".join(f"{line}\n" for line in kept))
+    return dropped
