@@ -245,12 +245,14 @@ def test_reader_with_no_readable_checkpoint_names_what_it_tried(run, tmp_path):
 
 
 def test_damaged_newest_checkpoint_moved_aside_and_run_resumed_bit_exactly(run, tmp_path, caplog):
-    """A crash left checkpoint 40 truncated (metrics logged to 40, a torn last line); the restart
-    changes the checkpoint cadence. It resumes from 20, replaces the rows after 20 (each step
-    once, identical to the first run's), records the start and reaches the same weights."""
+    """A crash left checkpoint 40 truncated, an unfinished save, metrics logged to 40 and a torn
+    last line; the restart changes the checkpoint cadence. It resumes from 20, replaces the rows
+    after 20 (each step once, identical to the first run's), records the start and reaches the
+    same weights."""
     wd = _copy(run, tmp_path)
     truncate_array(wd / "checkpoints" / "40")
     damaged = _snapshot(wd / "checkpoints" / "40")
+    shutil.copytree(wd / "checkpoints" / "20", wd / "checkpoints" / "50.orbax-checkpoint-tmp")
     (wd / "final.npz").unlink()
     with (wd / "metrics.jsonl").open("a") as f:
         f.write('{"step": 50, "train_lo')
@@ -262,6 +264,7 @@ def test_damaged_newest_checkpoint_moved_aside_and_run_resumed_bit_exactly(run, 
     assert _snapshot(wd / "checkpoints" / "40.damaged") == damaged  # kept, unchanged
     steps = ocp.CheckpointManager(wd / "checkpoints").all_steps()
     assert sorted(steps) == [30, 40]  # Orbax ignores the damaged directory (max_to_keep 2)
+    assert not (wd / "checkpoints" / "50.orbax-checkpoint-tmp").exists()  # an unfinished save
     _assert_same_params(wd, run)
     assert (wd / "final.npz").exists()
 

@@ -398,6 +398,9 @@ def _train(
     total = int(config.total_steps)
     is_main = jax.process_index() == 0
 
+    if is_main:
+        for name in workdir_lib.remove_temporaries(wd):
+            logging.info("removed %s, left by an unfinished save", name)
     mngr = workdir_lib.checkpoint_manager(
         wd, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing
     )

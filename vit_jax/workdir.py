@@ -61,7 +61,6 @@ def checkpoint_manager(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save,
         create=True,
-        cleanup_tmp_directories=True,  # what a killed or failed save left behind
     )
     return ocp.CheckpointManager(
         resolve(workdir) / CHECKPOINTS,
@@ -117,6 +116,22 @@ def failure_reason(error: BaseException) -> str:
     lines = str(root).strip().strip("'\"").splitlines()
     text = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
     return text if len(text) <= 240 else text[:239] + "…"
+
+
+def remove_temporaries(workdir: epath.Path) -> list[str]:
+    """Removes what killed or failed saves left (`checkpoints/<step>.orbax-checkpoint-tmp*`).
+
+    Only for the lock holder, before its first save: nobody else writes there.
+    """
+    root = workdir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    removed = []
+    for tmp in root.iterdir():
+        if re.fullmatch(r"\d+\.orbax-checkpoint-tmp.*", tmp.name) and tmp.is_dir():
+            tmp.rmtree()
+            removed.append(tmp.name)
+    return removed
 
 
 def step_dirs(root: epath.Path) -> list[epath.Path]:
