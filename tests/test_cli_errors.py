@@ -204,6 +204,24 @@ def test_unchanged_config_json_supplies_the_eval_resize(run_dir, tmp_path):
     assert (inference.load_model(str(wd)).resize, inference.load_model(str(wd)).crop) == (10, 8)
 
 
+def test_predict_skips_a_damaged_newest_checkpoint(run_dir, tmp_path, image, capsys, caplog):
+    wd = tmp_path / "run"
+    shutil.copytree(run_dir, wd)
+    (step,) = [p.name for p in (wd / "checkpoints").iterdir()]
+    newer = wd / "checkpoints" / str(int(step) + 100)
+    shutil.copytree(wd / "checkpoints" / step, newer)
+    meta = newer / "meta" / "metadata"
+    meta.write_bytes(meta.read_bytes()[:10])  # a truncated meta, as a crashed copy leaves it
+    assert predict.main(["--checkpoint", str(wd), image]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: ")
+    assert any(str(newer) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert newer.is_dir()  # a reader never changes the run
+    # When no checkpoint reads: one line naming the run, exit 2.
+    (wd / "checkpoints" / step / "meta" / "metadata").write_bytes(b"{")
+    assert predict.main(["--checkpoint", str(wd), image]) == 2
+    assert str(wd) in _error_line(capsys)
+
+
 def test_workdir_without_checkpoint_is_exit_2(tmp_path, image, capsys):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "config.json").write_text("{}")
