@@ -113,6 +113,7 @@ def main(argv: list[str]) -> None:
         results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (
         trainer.NonFiniteLossError,
+        trainer.OtherProcessError,
         workdir_lib.CheckpointSaveError,
         workdir_lib.CheckpointDamagedError,
         data.BadImageError,

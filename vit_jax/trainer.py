@@ -9,6 +9,7 @@ final checkpoint and `final.npz`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -38,6 +39,10 @@ class NonFiniteLossError(FloatingPointError):
 
 class ConfigError(ValueError):
     """A config value the trainer cannot run with (the message names the key and the value)."""
+
+
+class OtherProcessError(RuntimeError):
+    """Process 0 stopped before training with an error (its own log has the details)."""
 
 
 # ----------------------------------------------------------------------------- state
@@ -316,26 +321,32 @@ _AGREED_ERRORS: tuple[type[Exception], ...] = (
 
 
 def _on_process_0(fn: Callable[[], Any]) -> Any:
-    """Runs `fn` on process 0; its lock / config refusal is raised on every process alike.
+    """Runs `fn` on process 0; its error is raised on every process, so all stop together.
 
-    The error's type and message are broadcast, so all processes stop together with one line.
+    A lock or config refusal is raised with the same type and message everywhere (one line, the
+    same exit code); any other error of process 0 as `OtherProcessError` on the others.
     """
     result, error = None, None
     if jax.process_index() == 0:
         try:
             result = fn()
-        except _AGREED_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others are told
             error = e
     if jax.process_count() > 1:
         buf = np.zeros(4096, np.int32)
         if error is not None:
             text = str(error).encode()[: buf.size - 2]
-            buf[0], buf[1] = _AGREED_ERRORS.index(type(error)) + 1, len(text)
+            kind = type(error)
+            buf[0] = _AGREED_ERRORS.index(kind) + 1 if kind in _AGREED_ERRORS else 255
+            buf[1] = len(text)
             buf[2 : 2 + len(text)] = np.frombuffer(text, np.uint8)
         buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
         if buf[0] and error is None:
             text = bytes(buf[2 : 2 + buf[1]].astype(np.uint8)).decode(errors="replace")
-            error = _AGREED_ERRORS[int(buf[0]) - 1](text)
+            if buf[0] == 255:
+                error = OtherProcessError(f"process 0 stopped: {text}")
+            else:
+                error = _AGREED_ERRORS[int(buf[0]) - 1](text)
     if error is not None:
         raise error
     return result
@@ -401,118 +412,126 @@ def _train(
     if is_main:
         for name in workdir_lib.remove_temporaries(wd):
             logging.info("removed %s, left by an unfinished save", name)
-    mngr = workdir_lib.checkpoint_manager(
-        wd, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing
-    )
-    writer = workdir_lib.CheckpointWriter(mngr, async_save=bool(config.async_checkpointing))
-    try:
+    with contextlib.ExitStack() as cleanup:
+        mngr = workdir_lib.checkpoint_manager(
+            wd, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing
+        )
+        writer = workdir_lib.CheckpointWriter(mngr, async_save=bool(config.async_checkpointing))
+
+        def close_writer(exc_type, exc, tb) -> bool:
+            try:
+                writer.close()
+            except workdir_lib.CheckpointSaveError:
+                if exc_type is None:
+                    raise  # otherwise the error already propagating is the one to report
+            return False
+
+        cleanup.push(close_writer)
         abstract = lambda t, s: jax.tree.map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s
         )
         restored = workdir_lib.restore_newest(
             mngr, abstract(params, param_sh), abstract(opt_state, opt_sh)
         )
-    except BaseException:
-        mngr.close()
-        raise
-    start_step = 0
-    if restored is not None:
-        params, opt_state, restored_meta, latest = restored
-        start_step = int(restored_meta["data_step"])
-        logging.info("resumed from %s at step %d", mngr.directory / str(latest), start_step)
-    elif config.pretrained_path or config.pretrained_dir:
-        host = load_pretrained_params(config, to_host(params))
-        params = put_sharded(host, param_sh)
+        start_step = 0
+        if restored is not None:
+            params, opt_state, restored_meta, latest = restored
+            start_step = int(restored_meta["data_step"])
+            logging.info("resumed from %s at step %d", mngr.directory / str(latest), start_step)
+        elif config.pretrained_path or config.pretrained_dir:
+            host = load_pretrained_params(config, to_host(params))
+            params = put_sharded(host, param_sh)
 
-    def meta(step: int) -> dict[str, Any]:
-        return {
-            "step": step,
-            "data_step": step,
-            "seed": int(config.seed),
-            "model_name": config.model_name,
-            "model": config.model.to_dict(),
-            "num_classes": num_classes,
-            "class_names": list(info.class_names)[:num_classes],
-            "dataset": str(config.dataset),
-            "image_size": list(size),
-        }
+        def meta(step: int) -> dict[str, Any]:
+            return {
+                "step": step,
+                "data_step": step,
+                "seed": int(config.seed),
+                "model_name": config.model_name,
+                "model": config.model.to_dict(),
+                "num_classes": num_classes,
+                "class_names": list(info.class_names)[:num_classes],
+                "dataset": str(config.dataset),
+                "image_size": list(size),
+            }
 
-    if start_step >= total:
-        mngr.close()
-        final = wd / workdir_lib.FINAL_NPZ
-        if start_step == total and config.write_final_npz and not final.exists():
-            _write_final_npz(wd, params, meta(start_step))
-        logging.warning("already at step %d of %d: nothing to do", start_step, total)
-        return {"step": start_step, "nothing_to_do": True}
+        if start_step >= total:
+            final = wd / workdir_lib.FINAL_NPZ
+            if start_step == total and config.write_final_npz and not final.exists():
+                _write_final_npz(wd, params, meta(start_step))
+            logging.warning("already at step %d of %d: nothing to do", start_step, total)
+            return {"step": start_step, "nothing_to_do": True}
 
-    if is_main:
-        for key, (old, new) in changed.items():
-            logging.warning("restart with a changed %s: %s -> %s", key, old, new)
-        run_config.record_start(wd, config, start_step, changed)
-        dropped = workdir_lib.truncate_metrics(wd, start_step)
-        if dropped:
+        if is_main:
+            for key, (old, new) in changed.items():
+                logging.warning("restart with a changed %s: %s -> %s", key, old, new)
+            run_config.record_start(wd, config, start_step, changed)
+            dropped = workdir_lib.truncate_metrics(wd, start_step)
+            if dropped:
+                logging.info(
+                    "dropped %d metrics rows after step %d (replayed now)", dropped, start_step
+                )
+
+        batch_sh = sharding.batch_sharding(mesh)
+        train_iter = data.train_iterator(config, batch_sh, start_step=start_step)
+        rep = sharding.replicated(mesh)
+        objective = make_objective(config, model, mesh)
+        train_step = TrainStep(model, tx, config, mesh, param_sh, opt_sh, objective)
+        eval_step = jax.jit(
+            make_eval_step(model), in_shardings=(param_sh, batch_sh), out_shardings=rep
+        )
+
+        log = MetricsLog(wd)
+        cleanup.callback(log.close)
+        stop = StopRequest()
+        cleanup.callback(stop.restore_handlers)
+        per_device = config.batch / jax.device_count()
+        saved_step = start_step
+
+        def save(step: int) -> None:
+            nonlocal saved_step
+            writer.save(step, params, opt_state, meta(step))
+            saved_step = step
+
+        def last_good() -> str:
+            try:
+                writer.wait()
+            except workdir_lib.CheckpointSaveError:
+                pass
+            steps = workdir_lib.step_dirs(epath.Path(mngr.directory))
+            return f"step {steps[0].name}" if steps else "none written yet"
+
+        def run_eval(step: int) -> dict[str, float]:
+            results = evaluate(eval_step, params, data.eval_iterator(config, batch_sh))
+            log.write(step, {k: v for k, v in results.items() if k != "test_examples"})
             logging.info(
-                "dropped %d metrics rows after step %d (replayed now)", dropped, start_step
+                "step %d: test accuracy %.4f, top-5 %.4f, loss %.4f (%d examples)",
+                step,
+                results["test_accuracy"],
+                results["test_top5_accuracy"],
+                results["test_loss"],
+                results["test_examples"],
+            )
+            return results
+
+        def report(step: int, host: dict[str, float], steps_per_sec: float) -> None:
+            host["img_per_sec_per_device"] = steps_per_sec * per_device
+            log.write(step, host)
+            eta = (total - step) / max(steps_per_sec, 1e-9)
+            logging.info(
+                "step %d/%d: loss %.4f, lr %.2e, %.2f steps/s, %.1f img/s/device, ETA %s",
+                step,
+                total,
+                host["train_loss"],
+                host["learning_rate"],
+                steps_per_sec,
+                host["img_per_sec_per_device"],
+                _hms(eta),
             )
 
-    batch_sh = sharding.batch_sharding(mesh)
-    train_iter = data.train_iterator(config, batch_sh, start_step=start_step)
-    rep = sharding.replicated(mesh)
-    objective = make_objective(config, model, mesh)
-    train_step = TrainStep(model, tx, config, mesh, param_sh, opt_sh, objective)
-    eval_step = jax.jit(make_eval_step(model), in_shardings=(param_sh, batch_sh), out_shardings=rep)
-
-    log = MetricsLog(wd)
-    stop = StopRequest()
-    per_device = config.batch / jax.device_count()
-    saved_step = start_step
-
-    def save(step: int) -> None:
-        nonlocal saved_step
-        writer.save(step, params, opt_state, meta(step))
-        saved_step = step
-
-    def last_good() -> str:
-        try:
-            writer.wait()
-        except workdir_lib.CheckpointSaveError:
-            pass
-        steps = workdir_lib.step_dirs(epath.Path(mngr.directory))
-        return f"step {steps[0].name}" if steps else "none written yet"
-
-    def run_eval(step: int) -> dict[str, float]:
-        results = evaluate(eval_step, params, data.eval_iterator(config, batch_sh))
-        log.write(step, {k: v for k, v in results.items() if k != "test_examples"})
-        logging.info(
-            "step %d: test accuracy %.4f, top-5 %.4f, loss %.4f (%d examples)",
-            step,
-            results["test_accuracy"],
-            results["test_top5_accuracy"],
-            results["test_loss"],
-            results["test_examples"],
-        )
-        return results
-
-    def report(step: int, host: dict[str, float], steps_per_sec: float) -> None:
-        host["img_per_sec_per_device"] = steps_per_sec * per_device
-        log.write(step, host)
-        eta = (total - step) / max(steps_per_sec, 1e-9)
-        logging.info(
-            "step %d/%d: loss %.4f, lr %.2e, %.2f steps/s, %.1f img/s/device, ETA %s",
-            step,
-            total,
-            host["train_loss"],
-            host["learning_rate"],
-            steps_per_sec,
-            host["img_per_sec_per_device"],
-            _hms(eta),
-        )
-
-    window = _Window(start_step, last_good)
-    results: dict[str, float] = {}
-    step = start_step
-    finished = False
-    try:
+        window = _Window(start_step, last_good)
+        results: dict[str, float] = {}
+        step = start_step
         while step < total:
             batch = next(train_iter)
             params, opt_state, metrics = train_step(params, opt_state, step, batch)
@@ -543,17 +562,7 @@ def _train(
         writer.wait()
         if step == total and config.write_final_npz:
             _write_final_npz(wd, params, meta(step))
-        finished = True
-    finally:
-        stop.restore_handlers()
-        try:
-            writer.close()
-        except workdir_lib.CheckpointSaveError:
-            if finished:
-                raise  # otherwise the error already propagating is the one to report
-        finally:
-            log.close()
-    return {"step": step, **results}
+        return {"step": step, **results}
 
 
 class _Window:
