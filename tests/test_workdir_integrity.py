@@ -301,29 +301,63 @@ def test_trainer_with_no_restorable_checkpoint_stops_and_moves_nothing(run, tmp_
 # ----------------------------------------------------------------------------- saves
 
 
-@pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
-def test_failed_save_stops_the_run_and_keeps_the_last_complete_checkpoint(
-    run, tmp_path, monkeypatch, async_save
-):
-    wd = _copy(run, tmp_path)
-    shutil.rmtree(wd / "checkpoints" / "40")
+def _disk_full(monkeypatch):
+    """Orbax's writer of the `meta` item (it runs in the background for async saves) fails."""
 
     async def disk_full(self, x, directory):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
 
-    # The meta item's writer, which runs in Orbax's background thread for async saves.
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", disk_full)
-    config = tiny.tiny_config(
-        **{**RUN, "total_steps": 200, "async_checkpointing": async_save, "progress_every": 1}
+
+
+@pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
+def test_checkpoint_writer_reports_a_failed_save_once(tmp_path, monkeypatch, async_save):
+    mngr = workdir_lib.checkpoint_manager(tmp_path, max_to_keep=1, async_save=async_save)
+    writer = workdir_lib.CheckpointWriter(mngr, async_save=async_save)
+    tree = {"w": np.arange(1000, dtype=np.float32)}
+    writer.save(1, tree, tree, {"step": 1})
+    writer.wait()
+    assert writer.poll() is None
+    _disk_full(monkeypatch)
+    expected = (
+        f"could not save checkpoint 2 to {tmp_path}/checkpoints: No space left on device; "
+        "the last complete checkpoint is 1"
     )
+    try:
+        writer.save(2, tree, tree, {"step": 2})
+    except workdir_lib.CheckpointSaveError as e:
+        assert not async_save and str(e) == expected
+    else:
+        assert async_save  # the failure surfaces later, from the background
+        deadline = time.time() + 60
+        while writer.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert str(writer.poll()) == expected
+    with pytest.raises(workdir_lib.CheckpointSaveError, match="checkpoint 2"):
+        writer.save(3, tree, tree, {"step": 3})  # no further save after a failure
+    writer.close()  # the failure was reported: closing does not raise it again
+    monkeypatch.undo()
+    # max_to_keep=1 did not let the failed save remove the last complete checkpoint.
+    assert _complete_looking(tmp_path / "checkpoints") == ["1"]
+    assert workdir_lib.load_trained(tmp_path)[1] == {"step": 1}
+
+
+def test_failed_save_stops_the_run_and_keeps_the_last_complete_checkpoint(
+    run, tmp_path, monkeypatch
+):
+    wd = _copy(run, tmp_path)
+    shutil.rmtree(wd / "checkpoints" / "40")
+    _disk_full(monkeypatch)
+    config = tiny.tiny_config(**{**RUN, "total_steps": 200, "progress_every": 1})
     with pytest.raises(workdir_lib.CheckpointSaveError) as e:
         trainer.train_and_evaluate(config, str(wd))
     assert str(e.value) == (
         f"could not save checkpoint 40 to {wd}/checkpoints: No space left on device; "
         "the last complete checkpoint is 20"
     )
-    last = max(r["step"] for r in _rows(wd))
-    assert last == 40 if not async_save else 40 <= last <= 60, last
+    # Stopped at the step boundary where the failure surfaced; at the latest at the next
+    # checkpoint step, whose save first waits for the previous one.
+    assert 40 <= max(r["step"] for r in _rows(wd)) <= 60
     assert _complete_looking(wd / "checkpoints") == ["20"]
     monkeypatch.undo()
     assert workdir_lib.load_trained(wd)[1]["step"] == 20
@@ -373,8 +407,6 @@ def test_full_disk_stops_the_cli_with_one_line(run, tmp_path):
         ], out.stderr[-3000:]
         assert "Traceback" not in out.stderr
         assert _complete_looking(ckpts) == ["20", "filler"]
-        # Stopped at the step boundary where the failure surfaced; at the latest at the next
-        # checkpoint step, whose save first waits for the previous one.
         assert max(r["step"] for r in _rows(wd)) <= 60
         assert workdir_lib.load_trained(wd)[1]["step"] == 20
     finally:
