@@ -1,10 +1,11 @@
 """Training and evaluation: sharded state, one jitted step, eval, metrics, Orbax checkpoints.
 
-Data flow: config -> mesh -> data iterator (global batches sharded over ('data', 'fsdp')) ->
+Data flow: config -> the workdir's lock and the restart check (`run_lock`, `run_config`; before
+anything is written) -> mesh -> data iterator (global batches sharded over ('data', 'fsdp')) ->
 model -> `jax.eval_shape` of init -> shardings from `vit_jax.sharding` rules ->
-`jax.jit(init, out_shardings=...)` -> pretrained weights or the latest checkpoint restored into
-those shardings -> loop: step (one `jax.jit`, donated state) -> progress / eval / checkpoint ->
-final checkpoint and `final.npz`.
+`jax.jit(init, out_shardings=...)` -> pretrained weights or the newest checkpoint that restores,
+into those shardings -> loop: step (one `jax.jit`, donated state) -> progress / eval /
+checkpoint (a failed save stops the run) -> final checkpoint and `final.npz`.
 """
 
 from __future__ import annotations
