@@ -30,9 +30,10 @@ from vit_jax import benchmark  # noqa: E402
 # (part, regex on the op_name metadata); first match wins. Inside the model the op_name holds the
 # Flax module path; outside it (optimizer, gradient norm, NaN guard) only `jit(step_fn)/<op>`.
 PARTS = [
-    ("attention: q/k/v projections", r"Attention_1/(query|key|value|bnd,dkhe|stack|unstack)"),
+    ("attention: q/k/v projections", r"Attention_1/(qkv|query|key|value)"),
     ("attention: out projection", r"MultiHeadDotProductAttention_1/out"),
-    ("attention: scores, softmax, weighted sum", r"MultiHeadDotProductAttention_1"),
+    ("attention: scores, softmax, weighted sum", r"MultiHeadDotProductAttention_1/core"),
+    ("attention: rest", r"MultiHeadDotProductAttention_1"),
     ("MLP: matmuls + GELU", r"MlpBlock_3"),
     ("LayerNorm", r"LayerNorm|encoder_norm"),
     ("patch embedding", r"/embedding/"),
@@ -98,6 +99,8 @@ def main() -> None:
     p.add_argument("--mode", choices=("train", "infer"), default="train")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=0, help="also list the N most expensive ops")
+    p.add_argument("--attention", choices=("explicit", "xla"), help="attention core")
     args = p.parse_args()
     compiled, one_step, _ = benchmark.build_step(
         args.model,
@@ -105,6 +108,7 @@ def main() -> None:
         resolution=args.resolution,
         mode=args.mode,
         dtype=args.dtype,
+        model_overrides={"attention_implementation": args.attention} if args.attention else None,
     )
     for i in range(2):
         jax.block_until_ready(one_step(i))
@@ -116,7 +120,7 @@ def main() -> None:
         trace = json.load(gzip.open(path))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     op_names, calls, bodies = parse_hlo(compiled.as_text())
-    by_part, by_kind = collections.Counter(), collections.Counter()
+    by_part, by_kind, by_op = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:
         name = e.get("name", "")
         if e.get("ph") != "X" or name not in op_names and name not in calls:
@@ -124,6 +128,8 @@ def main() -> None:
         us = float(e.get("dur", 0))
         by_part[part_of(op_names.get(name, ""))] += us
         by_kind[kind_of(name, calls, bodies)] += us
+        op = re.sub(r"encoderblock_\d+", "encoderblock_*", op_names.get(name, ""))
+        by_op[(re.sub(r"\.\d+$", "", name), op[-70:], kind_of(name, calls, bodies)[:6])] += us
     total = sum(by_part.values())
     print(
         f"{args.model} batch {args.batch} @{args.resolution} {args.mode} {args.dtype}: "
@@ -134,6 +140,10 @@ def main() -> None:
         for key, us in counts.most_common():
             print(f"| {key} | {us / total:.1%} |")
         print()
+    if args.top:
+        print("| op (all layers) | op_name | kind | share |\n|---|---|---|---:|")
+        for (name, op, kind), us in by_op.most_common(args.top):
+            print(f"| {name} | {op} | {kind} | {us / total:.1%} |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 from vit_jax.models import precision, resnet
 
 Array = jax.Array
+F32 = jnp.float32
 Dtype = Any
 
 REMAT_POLICIES = {
@@ -145,33 +146,37 @@ class MultiHeadAttention(nn.Module):
             y = y + cast(bias)
             return jnp.moveaxis(y, (0, 1), (-4, -2))
 
-        if inputs_q is inputs_kv and self.fuse_qkv:
-            # Self-attention: one matmul against the three kernels side by side (same params).
-            kernels, biases = zip(*(params(n) for n in ("query", "key", "value")), strict=True)
-            q, k, v = project(inputs_q, jnp.stack(kernels, axis=1), jnp.stack(biases))
-        else:
-            q = project(inputs_q, *params("query"))
-            k = project(inputs_kv, *params("key"))
-            v = project(inputs_kv, *params("value"))
+        with jax.named_scope("qkv"):  # names the ops for profiles
+            if inputs_q is inputs_kv and self.fuse_qkv:
+                # Self-attention: one matmul against the three kernels side by side (same params).
+                kernels, biases = zip(*(params(n) for n in ("query", "key", "value")), strict=True)
+                q, k, v = project(inputs_q, jnp.stack(kernels, axis=1), jnp.stack(biases))
+            else:
+                q = project(inputs_q, *params("query"))
+                k = project(inputs_kv, *params("key"))
+                v = project(inputs_kv, *params("value"))
         use_dropout = self.dropout_rate > 0.0 and not deterministic
         library = self.implementation in ("xla", "cudnn") or (
             self.implementation is None and jax.default_backend() == "gpu"
         )
         weights = None
-        if return_weights or use_dropout or not library:
-            # Heads-major operands: the batched matmuls see (B, H) as leading batch dimensions,
-            # which XLA:CPU runs without layout copies. Scores and softmax in float32.
-            scores = dot(q, k, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
-            weights = jax.nn.softmax(scores / np.sqrt(head_dim).astype(np.float32), axis=-1)
-            probs = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
-            y = dot(cast(probs), v, (((3,), (2,)), ((0, 1), (0, 1))))  # (B, H, N, hd)
-            y = jnp.swapaxes(y, 1, 2)
-            weights = weights if return_weights else None
-        else:
-            bnhd = lambda t: jnp.swapaxes(t, 1, 2)
-            y = jax.nn.dot_product_attention(
-                bnhd(q), bnhd(k), bnhd(v), implementation=self.implementation
-            )
+        with jax.named_scope("core"):  # names the ops for profiles
+            if return_weights or use_dropout or not library:
+                # Heads-major operands: the batched matmuls see (B, H) as leading batch
+                # dimensions, which XLA:CPU runs without layout copies. Scores and softmax in
+                # float32; the 1/sqrt(head_dim) scale on the (smaller) queries.
+                q = q * np.asarray(1 / np.sqrt(head_dim), q.dtype)
+                scores = dot(q, k, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=F32)
+                weights = jax.nn.softmax(scores, axis=-1)
+                probs = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
+                y = dot(cast(probs), v, (((3,), (2,)), ((0, 1), (0, 1))))  # (B, H, N, hd)
+                y = jnp.swapaxes(y, 1, 2)
+                weights = weights if return_weights else None
+            else:
+                bnhd = lambda t: jnp.swapaxes(t, 1, 2)
+                y = jax.nn.dot_product_attention(
+                    bnhd(q), bnhd(k), bnhd(v), implementation=self.implementation
+                )
         out = nn.DenseGeneral(
             features=width,
             axis=(-2, -1),
