@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax import models, optim, sharding, trainer
+from vit_jax import cli, models, optim, sharding, trainer  # cli first: quiets TensorFlow
 from vit_jax.models import precision
 
 KEYS = ("img_per_sec", "step_time_s", "compile_time_s", "mfu", "peak_memory_bytes")
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         help="attention core: explicit matmuls (default off GPU) or jax.nn.dot_product_attention",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     args = p.parse_args(argv)
     overrides = {"scan": True} if args.scan else {}
     if args.remat:
@@ -270,4 +271,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -1,21 +1,36 @@
-"""What the reader CLIs (predict, evaluate, visualize, convert) share: exit codes, one-line errors.
+"""What the CLIs share: exit codes, one-line errors, and a console without library chatter.
 
 Exit codes: 0 success; 1 a runtime failure (an input image that cannot be read, a test set that
 fails while evaluating, an output that cannot be written); 2 a configuration error, found before
 any work is done (a bad or missing flag, a checkpoint that is missing, damaged or does not fit
 the model, an unknown model name, classes that differ from the dataset's, an output path that
 is taken). Each error is one `error: ...` line on stderr, never a traceback.
+
+The console (stderr): one short line per event of ours (`HH:MM:SS message` for the trainer,
+`warning: ...` / `error: ...`), libraries' warnings and errors as their first line, and none of
+their INFO chatter (TensorFlow's C++ banners while it loads, JAX's accelerator probing, Orbax
+and absl INFO). `--verbose` keeps all of it, in absl's format. Environment variables the user
+set (`TF_CPP_MIN_LOG_LEVEL`) are never overridden.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.abc
+import importlib.util
+import logging
+import os
+import re
 import sys
+import tempfile
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
+
+VERBOSE_HELP = "also show the libraries' logs (TensorFlow, JAX, Orbax) in absl's long format"
 
 
 def one_line(error: BaseException | str) -> str:
@@ -35,3 +50,273 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         sys.exit(fail(f"{message} (see {self.prog} --help)", EXIT_CONFIG))
+
+
+# ----------------------------------------------------------------------------- quiet libraries
+
+
+def wants_verbose(argv: Sequence[str]) -> bool:
+    """Whether argv asks for `--verbose` (argparse and absl spellings)."""
+    verbose = False
+    for a in argv:
+        if a == "--":
+            break
+        if a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1"):
+            verbose = True
+        elif a in ("--noverbose", "--verbose=false", "--verbose=False", "--verbose=0"):
+            verbose = False
+    return verbose
+
+
+def _tf_load_chatter(min_level: int) -> re.Pattern:
+    """What TensorFlow prints from C++ while it loads, below TF_CPP_MIN_LOG_LEVEL=`min_level`.
+
+    Its glog-format lines (`I0000 00:00:17... port.cc:153] oneDNN custom operations are on`)
+    come from absl C++ logging, which ignores TF_CPP_MIN_LOG_LEVEL: the level is applied here.
+    """
+    levels = "IW"[: max(0, min(min_level, 2))]
+    if not levels:
+        return re.compile(r"(?!)")  # matches nothing
+    return re.compile(
+        r"^(WARNING: All log messages before absl::InitializeLog\(\)"
+        rf"|[{levels}]\d{{4}} [\d:.]+ +\d+ \S+:\d+\]"
+        r"|To enable the following instructions:)"
+    )
+
+
+class _QuietImport(importlib.abc.MetaPathFinder):
+    """Loads `tensorflow` with file descriptor 2 captured; replays all but its load chatter."""
+
+    name = "tensorflow"
+
+    def __init__(self, min_level: int):
+        self.chatter = _tf_load_chatter(min_level)
+        self.finding = False
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name or self.finding:
+            return None
+        self.finding = True  # the finders after this one find the real spec
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self.finding = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def quiet_exec_module(module):
+            if self in sys.meta_path:  # loaded once (find_spec alone may be a probe)
+                sys.meta_path.remove(self)
+            with _CapturedStderr(self.chatter):
+                exec_module(module)
+
+        spec.loader.exec_module = quiet_exec_module
+        return spec
+
+
+class _CapturedStderr:
+    """Within: fd 2 goes to a temporary file. After: its lines but `drop`'s go to stderr."""
+
+    def __init__(self, drop: re.Pattern):
+        self.drop = drop
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        self.file = tempfile.TemporaryFile(mode="w+b")
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            sys.stderr.flush()
+        finally:
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+        self.file.seek(0)
+        text = self.file.read().decode(errors="replace")
+        self.file.close()
+        kept = [line for line in text.splitlines() if not self.drop.match(line)]
+        if kept:
+            sys.stderr.write("\n".join(kept) + "\n")
+            sys.stderr.flush()
+        return False
+
+
+def quiet_libraries(argv: Sequence[str] | None = None) -> bool:
+    """Library chatter off unless `--verbose` is in argv (default sys.argv); returns verbose.
+
+    Call it when a CLI starts, before anything imports TensorFlow. TF_CPP_MIN_LOG_LEVEL decides
+    what TensorFlow's C++ code prints, its load banners included (which it applies to those
+    only through us): the user's value if they set one, else 2 (errors only).
+    """
+    import vit_jax
+
+    verbose = wants_verbose(sys.argv[1:] if argv is None else argv)
+    if verbose:
+        return True
+    user = vit_jax._USER_TF_CPP_MIN_LOG_LEVEL  # read before `import jax` sets its default
+    if user is None:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    try:
+        min_level = int(os.environ["TF_CPP_MIN_LOG_LEVEL"])
+    except ValueError:
+        min_level = 0
+    if (
+        min_level > 0
+        and "tensorflow" not in sys.modules
+        and not any(isinstance(f, _QuietImport) for f in sys.meta_path)
+    ):
+        sys.meta_path.insert(0, _QuietImport(min_level))
+    return False
+
+
+_OWN_CODE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _LibraryFilter(logging.Filter):
+    """Our records pass; a library's only from WARNING up, and only its first line.
+
+    A failed save makes Orbax and asyncio log the same error once per array, with tracebacks;
+    the trainer reports it in one line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.pathname.startswith(_OWN_CODE):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        if record.name == "asyncio" and "never retrieved" in str(record.msg):
+            return False
+        first_line = record.getMessage().split("\n", 1)[0]
+        record.msg, record.args, record.exc_info, record.exc_text = first_line, (), None, None
+        return True
+
+
+class _ShortFormatter(logging.Formatter):
+    """`[HH:MM:SS ]message`; warnings and errors say so (`warning: ...`, `error: ...`)."""
+
+    def __init__(self, timestamps: bool):
+        super().__init__("%(asctime)s %(message)s" if timestamps else "%(message)s", "%H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        if record.levelno >= logging.ERROR:
+            record.message = f"error: {record.message}"
+        elif record.levelno >= logging.WARNING:
+            record.message = f"warning: {record.message}"
+        return super().formatMessage(record)
+
+
+class ConsoleHandler(logging.Handler):
+    """One line per record on stderr; progress records (`extra={"progress": (step, total)}`)
+    drive a tqdm bar instead when the stream is a terminal (lines above it stay intact)."""
+
+    def __init__(self, stream=None, *, timestamps: bool = True, progress_bar: bool | None = None):
+        super().__init__()
+        self.stream = stream
+        self.progress_bar = progress_bar
+        self.bar = None
+        self.setFormatter(_ShortFormatter(timestamps))
+
+    def _stream(self):
+        return self.stream if self.stream is not None else sys.stderr
+
+    def _use_bar(self) -> bool:
+        if self.progress_bar is not None:
+            return self.progress_bar
+        isatty = getattr(self._stream(), "isatty", None)
+        return bool(isatty and isatty())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            progress = getattr(record, "progress", None)
+            if progress is not None and self._use_bar():
+                self._progress(record, *progress)
+                return
+            line = self.format(record)
+            if self.bar is not None:
+                from tqdm import tqdm
+
+                tqdm.write(line, file=self._stream())
+            else:
+                self._stream().write(line + "\n")
+                self._stream().flush()
+        except Exception:  # noqa: BLE001 - logging's contract: report, never raise
+            self.handleError(record)
+
+    def _progress(self, record: logging.LogRecord, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        message = record.getMessage()
+        if self.bar is None:
+            self._stream().write(self.format(record) + "\n")
+            self.bar = tqdm(
+                total=total, initial=step, unit="step", file=self._stream(), dynamic_ncols=True
+            )
+            return
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix_str(message.split(": ", 1)[-1], refresh=True)
+        if step >= total:
+            self.close_bar()
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.close_bar()
+        super().close()
+
+
+def setup_console(verbose: bool, *, timestamps: bool = False) -> ConsoleHandler | None:
+    """Routes logging to the console as described in the module docstring.
+
+    Verbose: absl's handler and format, INFO from every library. Otherwise: a `ConsoleHandler`
+    replaces the root logger's stderr handlers (absl's included), INFO from our code only,
+    Python warnings as one line. Returns the handler (None when verbose).
+    """
+    from absl import logging as absl_logging
+
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.INFO)
+    if verbose:
+        absl_logging.use_absl_handler()
+        return None
+    for h in list(root.handlers):
+        if h is absl_logging.get_absl_handler() or (
+            isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.__stderr__)
+        ):
+            root.removeHandler(h)
+    handler = ConsoleHandler(timestamps=timestamps)
+    handler.addFilter(_LibraryFilter())
+    root.addHandler(handler)
+    logging.captureWarnings(True)
+    return handler
+
+
+CLI_MODULES = frozenset(
+    f"vit_jax.{name}"
+    for name in ("train", "predict", "evaluate", "visualize", "convert.__main__", "benchmark")
+)
+
+
+def _running_cli() -> bool:
+    """Whether this process runs one of our CLIs (`python -m vit_jax.X`)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) in CLI_MODULES
+
+
+def run(main: Callable[[], int | None]) -> int:
+    """A reader CLI's entry point: quiet libraries (unless --verbose), short console, main()."""
+    verbose = quiet_libraries()
+    setup_console(verbose)
+    return main() or EXIT_OK
+
+
+# A CLI that imports this module before TensorFlow (every one of ours does) loads it quietly,
+# even when its own module-level imports pull TensorFlow in (benchmark -> trainer -> data).
+if _running_cli():
+    quiet_libraries()

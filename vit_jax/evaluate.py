@@ -121,6 +121,7 @@ def _flags(argv: list[str]):
         "checkpoint", None, "Workdir, checkpoint, .npz or converted file.", flag_values=fv
     )
     flags.DEFINE_bool("json", False, "Print one JSON object.", flag_values=fv)
+    flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP, flag_values=fv)
     flags.DEFINE_bool(
         "allow-class-mismatch",
         False,
@@ -168,4 +169,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -2,8 +2,9 @@
 
 Classifies images with a training workdir, an Orbax checkpoint, a published `.npz` or a converted
 PyTorch file. Prints the top-k class names with probabilities for each image; `--json` prints one
-object per image per line. The model, input size and class names are the ones the checkpoint
-records (a workdir's config.json may since have changed).
+object per image per line. Only the answer goes to stdout; warnings and errors go to stderr
+(`--verbose`: with the libraries' logs). The model, input size and class names are the ones
+the checkpoint records (a workdir's config.json may since have changed).
 
 Exit status: 0 all images classified; 1 an image could not be read (one error line for it; the
 others still get their answer); 2 a configuration error before any image is read (bad flag,
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
+    p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
     if args.batch < 1 or args.top_k < 1:
@@ -94,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -8,16 +8,25 @@ Exit codes: 0 done (or nothing to do); 1 the run failed (non-finite loss, a chec
 could not be saved, no checkpoint that restores, an unreadable image, an I/O error); 2 it
 cannot run as asked (a bad flag or config value, the workdir held by another trainer, a
 restart that changes what the checkpoints depend on). Errors are one `error: ...` line.
+
+The console: one `HH:MM:SS message` line per event on stderr (a progress bar on a terminal),
+then a summary on stdout (test accuracy, steps, wall time, img/s, where final.npz, the
+checkpoints and the TensorBoard logs are, the command to try next). `--verbose` adds the
+libraries' logs (TensorFlow, JAX, Orbax) in absl's format.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from vit_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -27,6 +36,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 
 
 EXIT_RUN_FAILED = 1  # the run failed: NaN loss, a save, no checkpoint restores, bad data, I/O
@@ -49,28 +59,6 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-class _QuietLibraries(logging.logging.Filter):
-    """Library chatter off the console: Orbax's INFO, and tracebacks of what the trainer reports.
-
-    A failed save makes Orbax and asyncio log the same error once per array, with tracebacks;
-    the trainer reports it in one line. Library warnings and errors keep their first line.
-    """
-
-    def filter(self, record) -> bool:
-        # absl.logging.WARNING is absl's own -1; records carry the standard library's levels.
-        if record.name == "asyncio":
-            return record.levelno >= logging.logging.WARNING and "never retrieved" not in str(
-                record.msg
-            )
-        if "/orbax/" not in record.pathname:
-            return True
-        if record.levelno < logging.logging.WARNING:
-            return False
-        first_line = record.getMessage().split("\n", 1)[0]
-        record.msg, record.args, record.exc_info, record.exc_text = first_line, (), None, None
-        return True
-
-
 def _without_closed_loop_callbacks(hook):
     """sys.unraisablehook, minus TensorStore callbacks that reach Orbax's closed event loops.
 
@@ -88,8 +76,8 @@ def _without_closed_loop_callbacks(hook):
 
 
 def main(argv: list[str]) -> None:
-    # On absl's handler: it prints the records of every logger (asyncio's too).
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    started = time.perf_counter()
+    console = cli.setup_console(_VERBOSE.value, timestamps=True)
     sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}", EXIT_CONFIG)
@@ -123,13 +111,69 @@ def main(argv: list[str]) -> None:
         _fail(e, EXIT_CONFIG)
     except OSError as e:  # a full disk or a lost mount while writing metrics, events, final.npz
         _fail(e, EXIT_RUN_FAILED)
+    if console is not None:
+        console.close_bar()
     if results.get("nothing_to_do"):
         print(f"already at step {results['step']} of {_CONFIG.value.total_steps}: nothing to do")
-    elif "test_accuracy" in results:
-        print(
-            f"step {results['step']}: test accuracy {results['test_accuracy']:.4f} "
-            f"(top-5 {results['test_top5_accuracy']:.4f}, loss {results['test_loss']:.4f})"
-        )
+    elif jax.process_index() == 0:
+        wall = time.perf_counter() - started
+        print(summary(results, workdir_lib.resolve(_WORKDIR.value), _CONFIG.value, wall))
+
+
+def _best_accuracy(metrics_jsonl) -> tuple[float, int] | None:
+    """(best test accuracy, its step) over the run's metrics.jsonl (earlier starts included)."""
+    best = None
+    try:
+        lines = metrics_jsonl.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if "test_accuracy" in row and (best is None or row["test_accuracy"] > best[0]):
+            best = (float(row["test_accuracy"]), int(row["step"]))
+    return best
+
+
+def summary(results: dict, wd, config, wall_seconds: float) -> str:
+    """What the run achieved and where its files are, with the command to try next."""
+    from vit_jax import workdir as workdir_lib
+
+    total, step = int(config.total_steps), int(results["step"])
+    stopped = step < total
+    head = f"stopped at step {step} of {total}" if stopped else f"done: {step} steps"
+    lines = [
+        f"{head} in {_hms(wall_seconds)} ({results.get('steps_run', 0)} this run, "
+        f"{results.get('img_per_sec', 0.0):,.0f} img/s)"
+    ]
+    if "test_accuracy" in results:
+        text = f"test accuracy {results['test_accuracy']:.4f} at step {step}"
+        best = _best_accuracy(wd / workdir_lib.METRICS_JSONL)
+        if best is not None:
+            text += f", best {best[0]:.4f} at step {best[1]}"
+        lines.append(text)
+    final = wd / workdir_lib.FINAL_NPZ
+    has_final = not stopped and config.write_final_npz and final.exists()
+    rows = [
+        ("final weights", str(final) if has_final else "none (run not finished)"),
+        ("checkpoints", str(wd / workdir_lib.CHECKPOINTS)),
+        ("TensorBoard", f"tensorboard --logdir {wd}"),
+        ("metrics", str(wd / workdir_lib.METRICS_JSONL)),
+    ]
+    lines += [f"  {name + ':':<15}{value}" for name, value in rows]
+    if stopped:
+        lines.append("next: run the same command again to continue")
+    else:
+        target = final if has_final else wd
+        lines.append(f"next: python -m vit_jax.predict --checkpoint {target} IMAGE...")
+    return "\n".join(lines)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _bad_override(argv: list[str]) -> str | None:
@@ -170,5 +214,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    cli.quiet_libraries()
     flags.mark_flags_as_required(["workdir"])
     app.run(main, flags_parser=parse_flags)

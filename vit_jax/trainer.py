@@ -241,13 +241,16 @@ def evaluate(eval_step: Callable, params: Params, batches) -> dict[str, float]:
 
 
 class MetricsLog:
-    """Metrics to TensorBoard (clu) and, one JSON object per line, to metrics.jsonl."""
+    """Metrics to TensorBoard (clu) and, one JSON object per line, to metrics.jsonl.
+
+    Process 0 writes both; the console gets the trainer's own lines, not clu's echo of every
+    write (no clu LoggingWriter).
+    """
 
     def __init__(self, workdir: epath.Path):
         self.is_main = jax.process_index() == 0
-        self.writer = metric_writers.create_default_writer(
-            str(workdir), just_logging=not self.is_main, asynchronous=False
-        )
+        writers = [metric_writers.SummaryWriter(str(workdir))] if self.is_main else []
+        self.writer = metric_writers.MultiWriter(writers)
         self.path = workdir / workdir_lib.METRICS_JSONL
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -493,6 +496,11 @@ def _train(
             nonlocal saved_step
             writer.save(step, params, opt_state, meta(step))
             saved_step = step
+            where = epath.Path(mngr.directory) / str(step)
+            if writer.async_save:
+                logging.info("step %d: saving checkpoint %s in the background", step, where)
+            else:
+                logging.info("step %d: saved checkpoint %s", step, where)
 
         def last_good() -> str:
             try:
@@ -520,19 +528,29 @@ def _train(
             log.write(step, host)
             eta = (total - step) / max(steps_per_sec, 1e-9)
             logging.info(
-                "step %d/%d: loss %.4f, lr %.2e, %.2f steps/s, %.1f img/s/device, ETA %s",
+                "step %d/%d: loss %.4f, lr %.2e, %.2f steps/s, %.0f img/s, ETA %s",
                 step,
                 total,
                 host["train_loss"],
                 host["learning_rate"],
                 steps_per_sec,
-                host["img_per_sec_per_device"],
+                steps_per_sec * config.batch,
                 _hms(eta),
+                extra={"progress": (step, total)},  # a console may draw a progress bar
             )
 
+        logging.info(
+            "training steps %d-%d, batch %d over %d devices",
+            start_step + 1,
+            total,
+            config.batch,
+            jax.device_count(),
+            extra={"progress": (start_step, total)},
+        )
         window = _Window(start_step, last_good)
         results: dict[str, float] = {}
         step = start_step
+        loop_start = time.perf_counter()
         while step < total:
             batch = next(train_iter)
             params, opt_state, metrics = train_step(params, opt_state, step, batch)
@@ -561,9 +579,16 @@ def _train(
                 logging.warning("stopped at step %d on request; checkpoint saved", step)
                 break
         writer.wait()
+        train_seconds = time.perf_counter() - loop_start
         if step == total and config.write_final_npz:
             _write_final_npz(wd, params, meta(step))
-        return {"step": step, **results}
+        return {
+            "step": step,
+            **results,
+            "steps_run": step - start_step,
+            "train_seconds": train_seconds,
+            "img_per_sec": (step - start_step) * config.batch / max(train_seconds, 1e-9),
+        }
 
 
 class _Window:

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--heads", action="store_true", help="also the last layer's per-head maps")
     p.add_argument("--scale", type=int, default=0, help="output size in pixels (default: >= 224)")
+    p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
     out_dir = pathlib.Path(args.out)
@@ -171,4 +172,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

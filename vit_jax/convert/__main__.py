@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="zoo name, for an .npz without sidecar / a timm file")
     parser.add_argument("--image-size", type=_size, help="H or HxW (non-square grids)")
     parser.add_argument("--num-heads", type=int, help="attention heads of a timm state dict")
+    parser.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     args = parser.parse_args(argv)
     try:
         converted, out, kind = convert.convert(
@@ -62,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))
