@@ -53,18 +53,30 @@ def train_command(workdir, **changes) -> list[str]:
     ]
 
 
-def env(devices: int = 1) -> dict[str, str]:
+def env(devices: int = 1, changes: dict[str, str | None] | None = None) -> dict[str, str]:
+    """This environment for a CLI subprocess; `changes` sets variables (None: removes one)."""
     e = dict(os.environ)
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     e["PYTHONPATH"] = str(ROOT)
+    for key, value in (changes or {}).items():
+        if value is None:
+            e.pop(key, None)
+        else:
+            e[key] = value
     return e
 
 
 def run(
-    cmd, devices: int = 1, timeout: int = 600, cwd=ROOT, **kwargs
+    cmd, devices: int = 1, timeout: int = 600, cwd=ROOT, env_changes=None, **kwargs
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cmd, cwd=cwd, env=env(devices), capture_output=True, text=True, timeout=timeout, **kwargs
+        cmd,
+        cwd=cwd,
+        env=env(devices, env_changes),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
     )
 
 

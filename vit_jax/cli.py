@@ -280,10 +280,11 @@ def setup_console(verbose: bool, *, timestamps: bool = False) -> ConsoleHandler 
     from absl import logging as absl_logging
 
     root = logging.getLogger()
+    if verbose:
+        absl_logging.use_absl_handler()  # (sets levels from absl's flags: set ours after it)
     root.setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.INFO)
     if verbose:
-        absl_logging.use_absl_handler()
         return None
     for h in list(root.handlers):
         if h is absl_logging.get_absl_handler() or (
