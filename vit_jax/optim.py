@@ -1,9 +1,9 @@
 """The optax optimizer and learning-rate schedule a config asks for.
 
 Chain: clip by global norm -> SGD-momentum or Adam moments -> decoupled weight decay (kernels
-only: not biases, norms, position embeddings, class token or MAP probe) -> learning-rate schedule
--> per-parameter multipliers by regex (0 freezes a sub-tree, e.g. everything but `head` for a
-linear probe).
+only: not biases, norms, position embeddings, the class or distillation token, the MAP probe)
+-> learning-rate schedule -> per-parameter multipliers by regex (0 freezes a sub-tree, e.g.
+everything but `head` for a linear probe).
 
 Config keys: `optimizer` ('sgd' | 'adamw'), `base_lr`, `warmup_steps`, `total_steps`,
 `decay_type` ('cosine' | 'linear' | 'constant'), `grad_norm_clip` (0/None = off), `momentum`,
@@ -23,7 +23,7 @@ import optax
 
 from vit_jax.sharding import path_str
 
-NO_DECAY_NAMES = ("bias", "scale", "pos_embedding", "cls", "probe")
+NO_DECAY_NAMES = ("bias", "scale", "pos_embedding", "cls", "dist", "probe")
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
