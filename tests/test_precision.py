@@ -58,6 +58,7 @@ def test_float32_policy_is_plain_lax():
     assert precision.dot_general(jnp.float32) is jax.lax.dot_general
     assert precision.dense_kwargs("float32") == {} and precision.conv_kwargs("float32") == {}
     assert not precision.is_mixed("float32") and precision.is_mixed("bfloat16")
+    assert "float32 accumulation" in precision.describe("bfloat16")  # what the benchmark reports
 
 
 def _dots(jaxpr) -> list:

@@ -132,6 +132,7 @@ def test_benchmark_json_keys_and_sane_values(capsys):
     ):
         assert key in r
     assert r["img_per_sec"] == pytest.approx(2 / r["step_time_s"])
+    assert (r["precision"], r["attention"]) == ("float32 throughout", "auto")
     assert 0 < r["mfu"] < 1.5 and r["peak_memory_bytes"] > 5_000_000 * 4  # params + momentum
     # XLA's count for ViT-Ti/16 fwd+bwd at 32x32 (4 patches + cls) is far below 224's 7.56 GFLOP.
     assert 0 < r["model_flops_per_image"] < 7.56e9
