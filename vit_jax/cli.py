@@ -209,8 +209,9 @@ class _ShortFormatter(logging.Formatter):
 
 
 class ConsoleHandler(logging.Handler):
-    """One line per record on stderr; progress records (`extra={"progress": (step, total)}`)
-    drive a tqdm bar instead when the stream is a terminal (lines above it stay intact)."""
+    """One line per record on stderr; progress records (`extra={"progress": (step, total)}`,
+    optionally `"postfix": text` for the bar) drive a tqdm bar instead when the stream is a
+    terminal at least 40 columns wide (other records are written above the bar)."""
 
     def __init__(self, stream=None, *, timestamps: bool = True, progress_bar: bool | None = None):
         super().__init__()
@@ -225,8 +226,14 @@ class ConsoleHandler(logging.Handler):
     def _use_bar(self) -> bool:
         if self.progress_bar is not None:
             return self.progress_bar
-        isatty = getattr(self._stream(), "isatty", None)
-        return bool(isatty and isatty())
+        stream = self._stream()
+        isatty = getattr(stream, "isatty", None)
+        if not (isatty and isatty()):
+            return False
+        try:
+            return os.get_terminal_size(stream.fileno()).columns >= 40
+        except (AttributeError, OSError, ValueError):  # no descriptor (a test's fake terminal)
+            return True
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -255,8 +262,10 @@ class ConsoleHandler(logging.Handler):
                 total=total, initial=step, unit="step", file=self._stream(), dynamic_ncols=True
             )
             return
+        postfix = getattr(record, "postfix", None) or message.split(": ", 1)[-1]
+        self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix_str(message.split(": ", 1)[-1], refresh=True)
+        self.bar.refresh()
         if step >= total:
             self.close_bar()
 

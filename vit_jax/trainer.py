@@ -527,6 +527,8 @@ def _train(
             host["img_per_sec_per_device"] = steps_per_sec * per_device
             log.write(step, host)
             eta = (total - step) / max(steps_per_sec, 1e-9)
+            img_per_sec = steps_per_sec * config.batch
+            postfix = f"loss {host['train_loss']:.4f}, lr {host['learning_rate']:.2e}"
             logging.info(
                 "step %d/%d: loss %.4f, lr %.2e, %.2f steps/s, %.0f img/s, ETA %s",
                 step,
@@ -534,17 +536,19 @@ def _train(
                 host["train_loss"],
                 host["learning_rate"],
                 steps_per_sec,
-                steps_per_sec * config.batch,
+                img_per_sec,
                 _hms(eta),
-                extra={"progress": (step, total)},  # a console may draw a progress bar
+                # A console may draw a bar instead (it shows steps/s and ETA itself).
+                extra={"progress": (step, total), "postfix": f"{postfix}, {img_per_sec:.0f} img/s"},
             )
 
         logging.info(
-            "training steps %d-%d, batch %d over %d devices",
+            "training steps %d-%d, batch %d over %d device%s",
             start_step + 1,
             total,
             config.batch,
             jax.device_count(),
+            "" if jax.device_count() == 1 else "s",
             extra={"progress": (start_step, total)},
         )
         window = _Window(start_step, last_good)
