@@ -113,9 +113,7 @@ def main(argv: list[str]) -> None:
         _fail(e, EXIT_RUN_FAILED)
     if console is not None:
         console.close_bar()
-    if results.get("nothing_to_do"):
-        print(f"already at step {results['step']} of {_CONFIG.value.total_steps}: nothing to do")
-    elif jax.process_index() == 0:
+    if jax.process_index() == 0:
         wall = time.perf_counter() - started
         print(summary(results, workdir_lib.resolve(_WORKDIR.value), _CONFIG.value, wall))
 
@@ -143,21 +141,26 @@ def summary(results: dict, wd, config, wall_seconds: float) -> str:
 
     total, step = int(config.total_steps), int(results["step"])
     stopped = step < total
-    head = f"stopped at step {step} of {total}" if stopped else f"done: {step} steps"
-    lines = [
-        f"{head} in {_hms(wall_seconds)} ({results.get('steps_run', 0)} this run, "
-        f"{results.get('img_per_sec', 0.0):,.0f} img/s)"
-    ]
+    if results.get("nothing_to_do"):  # the trainer's warning said why
+        lines = [f"no steps run: the run is at step {step}, total_steps is {total}"]
+    else:
+        head = f"stopped at step {step} of {total}" if stopped else f"done: {step} steps"
+        lines = [
+            f"{head} in {_hms(wall_seconds)} ({results.get('steps_run', 0)} this run, "
+            f"{results.get('img_per_sec', 0.0):,.0f} img/s)"
+        ]
+    best = _best_accuracy(wd / workdir_lib.METRICS_JSONL)
     if "test_accuracy" in results:
         text = f"test accuracy {results['test_accuracy']:.4f} at step {step}"
-        best = _best_accuracy(wd / workdir_lib.METRICS_JSONL)
         if best is not None:
             text += f", best {best[0]:.4f} at step {best[1]}"
         lines.append(text)
+    elif best is not None:
+        lines.append(f"best test accuracy {best[0]:.4f} at step {best[1]}")
     final = wd / workdir_lib.FINAL_NPZ
-    has_final = not stopped and config.write_final_npz and final.exists()
+    has_final = not stopped and final.exists()
     rows = [
-        ("final weights", str(final) if has_final else "none (run not finished)"),
+        ("final weights", str(final) if has_final else "none (not written)"),
         ("checkpoints", str(wd / workdir_lib.CHECKPOINTS)),
         ("TensorBoard", f"tensorboard --logdir {wd}"),
         ("metrics", str(wd / workdir_lib.METRICS_JSONL)),
