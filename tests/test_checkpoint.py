@@ -437,3 +437,16 @@ def test_remote_file_is_downloaded_once_into_the_cache(tmp_path, good_file, monk
     _assert_same_tree(second, first)
     cached = list((tmp_path / "cache").iterdir())
     assert len(cached) == 1 and cached[0].name.endswith("-good.npz")
+
+
+def test_save_npz_never_overwrites_unless_asked(tmp_path):
+    params = {"head": {"kernel": np.ones((2, 3), np.float32), "bias": np.zeros(3, np.float32)}}
+    path = checkpoint.save_npz(params, tmp_path / "w.npz")
+    before = path.read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match="w.npz: exists; refusing to overwrite"):
+        checkpoint.save_npz({"head": {"kernel": np.zeros((2, 3), np.float32)}}, path)
+    assert path.read_bytes() == before
+    twice = {"head": {"kernel": 2 * np.ones((2, 3), np.float32), "bias": np.zeros(3, np.float32)}}
+    checkpoint.save_npz(twice, path, overwrite=True)
+    np.testing.assert_array_equal(checkpoint.load(path)["head"]["kernel"], 2.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npz"]

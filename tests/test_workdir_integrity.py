@@ -437,6 +437,19 @@ def test_resume_at_or_past_the_end_does_nothing(run, tmp_path, caplog):
     assert _snapshot(wd) == before  # final.npz, config.json, history, metrics untouched
 
 
+def test_raising_total_steps_continues_and_replaces_final_npz(run, tmp_path):
+    from vit_jax import checkpoint
+
+    wd = _copy(run, tmp_path)
+    old = checkpoint.load(wd / "final.npz")
+    results = trainer.train_and_evaluate(tiny.tiny_config(**{**RUN, "total_steps": 50}), str(wd))
+    assert results["step"] == 50
+    new, trained = checkpoint.load(wd / "final.npz"), workdir_lib.load_trained(wd)[0]
+    assert not np.array_equal(old["head"]["kernel"], new["head"]["kernel"])
+    np.testing.assert_array_equal(new["head"]["kernel"], trained["head"]["kernel"])
+    assert not list(wd.glob("*.partial"))
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

@@ -366,9 +366,16 @@ def load_with_metadata(path: str | os.PathLike):
 
 
 def save_npz(
-    params: Mapping[str, Any], path: str | os.PathLike, *, metadata: dict | None = None
+    params: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    metadata: dict | None = None,
+    overwrite: bool = False,
 ) -> epath.Path:
     """Writes `params` in the published flat layout (scanned blocks unstacked); returns the path.
+
+    The file appears complete or not at all (written aside, then renamed). An existing file is
+    an error unless `overwrite` (then it is replaced in one step, never left half-written).
 
     The reference code, timm's `.npz` loader and `load` read it; `load(path)` returns `params`
     bit for bit (bfloat16 leaves are stored as float32, losslessly, since `.npz` readers don't
@@ -388,11 +395,13 @@ def save_npz(
         if array.dtype.name == "bfloat16":
             array = array.astype(np.float32)
         flat[key] = array
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: exists; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.parent / f"{path.name}.partial"
     with partial.open("wb") as f:
         np.savez(f, **flat)
-    partial.rename(path)
+    partial.replace(path)
     if metadata is not None:
         metadata_path(path).write_text(json.dumps(metadata, indent=2, default=_json_default))
     return path

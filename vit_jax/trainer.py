@@ -646,7 +646,7 @@ def _write_final_npz(wd: epath.Path, params: Params, meta: dict[str, Any]) -> No
 
     host = to_host(params)
     if jax.process_index() == 0:
-        checkpoint.save_npz(host, wd / workdir_lib.FINAL_NPZ, metadata=meta)
+        checkpoint.save_npz(host, wd / workdir_lib.FINAL_NPZ, metadata=meta, overwrite=True)
         logging.info("wrote %s", wd / workdir_lib.FINAL_NPZ)
 
 
