@@ -36,6 +36,7 @@ LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"MlpBlock_\d+/Dense_1/kernel$", ("mlp", "embed")),
 )
 LOGICAL_TO_MESH = {"heads": "model", "mlp": "model"}
+TENSOR_PARALLEL = {"heads": "the attention heads", "mlp": "the MLP hidden dimension"}
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1, devices=None) -> Mesh:
@@ -84,7 +85,10 @@ def path_str(path) -> str:
 
 
 def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """The spec for one array: tensor-parallel axes from its name, then FSDP on what is left."""
+    """The spec for one array: tensor-parallel axes from its name, then FSDP on what is left.
+
+    Raises ValueError when `mesh.model` > 1 does not divide the heads / MLP dimension it splits.
+    """
     spec: list[str | None] = [None] * len(shape)
     model_size = mesh.shape["model"]
     for pattern, logical in LOGICAL_AXES:
@@ -92,8 +96,17 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSp
             offset = len(shape) - len(logical)
             for i, name in enumerate(logical):
                 axis = LOGICAL_TO_MESH.get(name)
-                if axis and model_size > 1 and shape[offset + i] % model_size == 0:
-                    spec[offset + i] = axis
+                if not axis or model_size == 1:
+                    continue
+                if shape[offset + i] % model_size:
+                    what = "num_heads" if name == "heads" else "mlp_dim"
+                    raise ValueError(
+                        f"{what}={shape[offset + i]} is not divisible by the mesh's model axis "
+                        f"(mesh.model={model_size}), which splits {TENSOR_PARALLEL[name]} "
+                        f"(array {path} of shape {tuple(shape)}); choose a mesh.model that "
+                        f"divides {what}"
+                    )
+                spec[offset + i] = axis
             break
     fsdp_size = mesh.shape["fsdp"]
     if fsdp_size > 1:
