@@ -1,16 +1,51 @@
-"""Shared fixtures: one small digits model trained once per test session."""
+"""Shared fixtures: one small digits model trained once per test session (not once per worker)."""
+
+import fcntl
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import tiny
 
 
 @pytest.fixture(scope="session")
-def trained_workdir(tmp_path_factory):
-    """A workdir of a short digits run that classifies most test digits correctly."""
-    from vit_jax import trainer
+def build_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """`build_once(name, build)`: a directory made by `build(path)` once per test session.
 
-    workdir = tmp_path_factory.mktemp("trained")
-    config = tiny.tiny_config(**tiny.GOOD)
-    results = trainer.train_and_evaluate(config, str(workdir))
-    assert results["test_accuracy"] > 0.8, results
-    return workdir
+    Under pytest-xdist every worker has its own session (and session fixtures); the workers share
+    the parent of their base temporary directories, so the first worker to ask builds the
+    directory there, under a file lock, and the others wait for it and reuse it. A build that
+    failed (no `.done` marker) is redone by the next worker that asks.
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's base: popen-gw0, popen-gw1, ... lie in it
+
+    def build_dir(name: str, build: Callable[[Path], None]) -> Path:
+        path = base / f"shared-{name}"
+        with open(base / f"shared-{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (path / ".done").exists():
+                shutil.rmtree(path, ignore_errors=True)
+                path.mkdir()
+                build(path)
+                (path / ".done").touch()
+        return path
+
+    return build_dir
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(build_once):
+    """A workdir of a short digits run that classifies most test digits correctly."""
+
+    def train(workdir: Path) -> None:
+        from vit_jax import trainer
+
+        config = tiny.tiny_config(**tiny.GOOD)
+        results = trainer.train_and_evaluate(config, str(workdir))
+        assert results["test_accuracy"] > 0.8, results
+
+    return build_once("trained", train)

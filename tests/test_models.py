@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,11 @@ PUBLISHED_COUNTS = {
     "R50+ViT-L_32": 328_994_856,
     "Mixer-B_16": 59_880_472,
     "Mixer-L_16": 208_196_168,
+    "Mixer-B_32": 60_293_428,
+    "ViT-S_16-gap-norep": 22_049_896,
     "ViT-B_16-gap-norep": 86_566_120,
+    "ViT-S_32-gap-norep": 22_878_184,
+    "ViT-B_32-gap-norep": 88_222_696,
 }
 
 TINY = dict(
@@ -70,8 +75,18 @@ def test_i21k_head_count_and_augreg_names():
     assert models.get_config("R26_S_32").name == "R26+ViT-S_32"
     for short, full in models.AUGREG_NAMES.items():
         assert models.get_config(short).to_dict() == models.get_config(full).to_dict()
-    for name in ["Mixer-B_32", "ViT-S_16-gap-norep", "ViT-S_32-gap-norep", "ViT-B_32-gap-norep"]:
-        assert models.count_params(name) > 0
+
+
+def test_readme_zoo_table_is_the_published_counts():
+    """Every count of the README's zoo table is one the test above computes."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Model zoo", 1)[1].split("\n\n| model |", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        names, counts = [c.strip() for c in line.strip("|").split("|")][:2]
+        for name, count in zip(names.split(" / "), counts.split(" / "), strict=True):
+            rows[name] = int(count.replace(",", ""))
+    assert rows == PUBLISHED_COUNTS
 
 
 def test_published_tree_names_and_shapes():

@@ -57,6 +57,7 @@ def env(devices: int = 1, changes: dict[str, str | None] | None = None) -> dict[
     """This environment for a CLI subprocess; `changes` sets variables (None: removes one)."""
     e = dict(os.environ)
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["JAX_PLATFORMS"] = "cpu"  # the simulated devices are CPUs, even where an accelerator is
     e["PYTHONPATH"] = str(ROOT)
     for key, value in (changes or {}).items():
         if value is None:
