@@ -1,6 +1,9 @@
 """Every config file loads, names a buildable model and carries the reference recipe."""
 
+import sys
+
 import pytest
+import tiny
 
 from configs import augreg, common, default, mixer, transfer, vit
 from vit_jax import models
@@ -51,3 +54,35 @@ def test_augreg_and_transfer_specifics():
     assert ft.total_steps == scratch.total_steps
     with pytest.raises(ValueError, match="pretrain, finetune or scratch"):
         transfer.get_config("other")
+
+
+@pytest.mark.parametrize(
+    "flag,message,node",
+    [
+        ("--config.bach=3", "config.bach (did you mean 'batch'?)", ()),
+        ("--config.pp.crpo=8", "config.pp.crpo (did you mean 'crop'?)", ("pp",)),
+    ],
+)
+def test_misspelt_config_key_exits_2_with_one_line_listing_the_valid_keys(
+    tmp_path, flag, message, node
+):
+    """The train CLI's misspelt `--config.KEY`: exit 2 (cannot run as asked), no traceback."""
+    out = tiny.run(
+        [
+            sys.executable,
+            "-m",
+            "vit_jax.train",
+            f"--config={tiny.ROOT}/configs/default.py",
+            f"--workdir={tmp_path}",
+            flag,
+        ],
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    keys = default.get_config()
+    for name in node:
+        keys = keys[name]
+    assert out.stderr.splitlines() == [
+        f"error: unknown config key {message}; valid keys: {', '.join(sorted(keys.keys()))}"
+    ]
+    assert not (tmp_path / "config.json").exists()
