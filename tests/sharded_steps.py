@@ -25,7 +25,7 @@ MESHES = {
 QKV = "MultiHeadDotProductAttention_1/query/kernel"
 MLP = "MlpBlock_3/Dense_0/kernel"
 # A scanned model (blocks stacked on a leading axis) trained with AdamW (two sharded moments).
-SCAN_ADAMW = {"model.scan": True, "optimizer": "adamw", "weight_decay": 0.1, "base_lr": 0.01}
+SCAN_ADAMW = {"model.scan": True, "optimizer": "adamw", "weight_decay": 0.1, "base_lr": 0.002}
 
 
 def run(mesh_shape, steps=3, accum_steps=1, batch=32, memory=False, **changes):
