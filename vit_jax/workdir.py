@@ -303,6 +303,14 @@ def is_trained(path: str | epath.Path) -> bool:
     return path.is_dir() and bool(_step_dir_candidates(path))
 
 
+def _on_one_device(step_dir: epath.Path) -> Any:
+    """The stored params' shapes placed on this process's first device: a checkpoint written by
+    a run on any number of devices reads anywhere (Orbax would otherwise ask for the saved ones)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    stored = ocp.StandardCheckpointHandler().metadata(step_dir / "params")
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored)
+
+
 def load_trained(path: str | epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(params as numpy arrays, meta) from the newest checkpoint under `path` that reads.
 
@@ -325,7 +333,8 @@ def load_trained(path: str | epath.Path) -> tuple[dict[str, Any], dict[str, Any]
             restored = checkpointer.restore(
                 step_dir,
                 args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                    params=ocp.args.StandardRestore(_on_one_device(step_dir)),
+                    meta=ocp.args.JsonRestore(),
                 ),
             )
             params = jax.tree.map(np.asarray, restored.params)
