@@ -20,7 +20,9 @@ from PIL import Image
 
 from vit_jax import cli
 
-FRESH_SHELL = {"TF_CPP_MIN_LOG_LEVEL": None}
+# A user's shell: neither variable set (tiny.env pins JAX_PLATFORMS=cpu, which skips the probing
+# of other backends whose logs these tests look for).
+FRESH_SHELL = {"TF_CPP_MIN_LOG_LEVEL": None, "JAX_PLATFORMS": None}
 RUN = {"total_steps": 20, "eval_every": 10, "checkpoint_every": 10, "progress_every": 5}
 
 # What the libraries printed before (issue 16): TensorFlow's C++ banners, JAX probing for a TPU,
