@@ -8,10 +8,7 @@ same step (`StopRequest.poll` agrees across hosts).
 
 import json
 import re
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -28,63 +25,6 @@ CHANGES = {
     "mesh.fsdp": 4,
 }
 STOPPER = str(tiny.ROOT / "tests" / "multihost_sigterm.py")
-ADDRESS_IN_USE = re.compile(r"address already in use|failed to add port|failed to bind", re.I)
-
-
-def _launch(tmp_path, name: str, argv, timeout: float = 300) -> list[tuple[int, str]]:
-    """Runs processes 0 and 1 of `argv(i)` as one 2-process run: [(exit code, output)].
-
-    Each process writes to its own file (no pipe that fills while the other is read). The
-    coordinator port is held, bound, until just before process 0 starts; if another program took
-    it in that moment (process 0 cannot listen), the run is retried on a new port. When one
-    process fails, the other gets 30 s to notice, then is killed, as is any still running at
-    `timeout`.
-    """
-    for attempt in range(3):
-        held = socket.socket()
-        held.bind(("127.0.0.1", 0))
-        port = held.getsockname()[1]
-        logs = [tmp_path / f"{name}.{attempt}.process{i}.log" for i in range(2)]
-        procs = []
-        for i, log in enumerate(logs):
-            if i == 0:
-                held.close()
-            with open(log, "w") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            *argv(i),
-                            f"--coordinator_address=127.0.0.1:{port}",
-                            "--num_processes=2",
-                            f"--process_id={i}",
-                        ],
-                        cwd=tiny.ROOT,
-                        env=tiny.env(devices=2),
-                        stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-        deadline, grace, killed = time.monotonic() + timeout, None, set()
-        while any(p.poll() is None for p in procs):
-            if grace is None and any(p.returncode not in (None, 0) for p in procs):
-                grace = time.monotonic() + 30
-            if time.monotonic() > min(deadline, grace or deadline):
-                for i, p in enumerate(procs):
-                    if p.poll() is None:
-                        p.kill()
-                        p.wait()
-                        killed.add(i)
-                break
-            time.sleep(0.1)
-        results = [
-            (p.returncode, log.read_text() + ("\n[killed: still running]" if i in killed else ""))
-            for i, (p, log) in enumerate(zip(procs, logs, strict=True))
-        ]
-        if results[0][0] != 0 and ADDRESS_IN_USE.search(results[0][1]):
-            continue
-        return results
-    raise AssertionError(f"no free coordinator port in 3 tries:\n{results[0][1][-3000:]}")
 
 
 def _train(workdir):
@@ -132,7 +72,7 @@ def test_two_processes_match_one_with_four_devices_through_a_sigterm_to_one_and_
     # Process 1 alone gets SIGTERM, as it takes its 5th batch; process 0 hears of it only from
     # process 1. Both finish step 5 (a report, not a checkpoint step), save it and exit 0.
     stopper = lambda i: [sys.executable, STOPPER, "1", "4", *_train(two)(i)[3:]]
-    (rc0, log0), (rc1, log1) = _launch(tmp_path, "stop", stopper, timeout=180)
+    (rc0, log0), (rc1, log1) = tiny.launch_two_processes(tmp_path, "stop", stopper, timeout=180)
     assert rc0 == 0, log0[-3000:]
     assert rc1 == 0, log1[-3000:]
     assert "process 1/2, 4 devices" in log1
@@ -145,7 +85,7 @@ def test_two_processes_match_one_with_four_devices_through_a_sigterm_to_one_and_
 
     # Restarted, both processes restore their shards of step 5 and the run ends as if it had
     # gone straight through in one process with 4 devices.
-    (rc0, log0), (rc1, log1) = _launch(tmp_path, "resume", _train(two))
+    (rc0, log0), (rc1, log1) = tiny.launch_two_processes(tmp_path, "resume", _train(two))
     assert rc0 == 0, log0[-3000:]
     assert rc1 == 0, log1[-3000:]
     for log in (log0, log1):

@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -469,37 +468,14 @@ def test_cli_exit_codes(run, tmp_path):
 
 @pytest.mark.slow
 def test_multihost_processes_all_stop_on_a_held_lock(tmp_path):
-    port = socket.socket()
-    port.bind(("127.0.0.1", 0))
-    address = f"127.0.0.1:{port.getsockname()[1]}"
-    port.close()
     wd = tmp_path / "run"
     wd.mkdir()
     with run_lock.RunLock(wd).held():
-        procs = [
-            subprocess.Popen(
-                [
-                    *tiny.train_command(wd, **RUN),
-                    f"--coordinator_address={address}",
-                    "--num_processes=2",
-                    f"--process_id={i}",
-                ],
-                cwd=tiny.ROOT,
-                env=tiny.env(devices=2),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for i in range(2)
-        ]
-        try:
-            outs = [p.communicate(timeout=300)[1] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGKILL)
-    for p, err in zip(procs, outs, strict=True):
-        assert p.returncode == 2, err[-3000:]
-        errors = [x for x in err.splitlines() if x.startswith("error:")]
-        assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0], err[-2000:]
+        results = tiny.launch_two_processes(
+            tmp_path, "locked", lambda i: tiny.train_command(wd, **RUN)
+        )
+    for code, out in results:
+        assert code == 2, out[-3000:]
+        errors = [x for x in out.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0], out[-2000:]
     assert sorted(p.name for p in wd.iterdir()) == []

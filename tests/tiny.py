@@ -1,8 +1,11 @@
 """A tiny digits run shared by the trainer tests: the config object and the same as CLI flags."""
 
 import os
+import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +94,62 @@ GOOD = {
     "progress_every": 50,
     "batch": 64,
 }
+
+
+ADDRESS_IN_USE = re.compile(r"address already in use|failed to add port|failed to bind", re.I)
+
+
+def launch_two_processes(tmp_path, name: str, argv, timeout: float = 300) -> list[tuple[int, str]]:
+    """Runs processes 0 and 1 of `argv(i)` as one 2-process run: [(exit code, output)].
+
+    Each process writes to its own file (no pipe that fills while the other is read). The
+    coordinator port is held, bound, until just before process 0 starts; if another program took
+    it in that moment (process 0 cannot listen), the run is retried on a new port. When one
+    process fails, the other gets 30 s to notice, then is killed, as is any still running at
+    `timeout`.
+    """
+    for attempt in range(3):
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        logs = [tmp_path / f"{name}.{attempt}.process{i}.log" for i in range(2)]
+        procs = []
+        for i, log in enumerate(logs):
+            if i == 0:
+                held.close()
+            with open(log, "w") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            *argv(i),
+                            f"--coordinator_address=127.0.0.1:{port}",
+                            "--num_processes=2",
+                            f"--process_id={i}",
+                        ],
+                        cwd=ROOT,
+                        env=env(devices=2),
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline, grace, killed = time.monotonic() + timeout, None, set()
+        while any(p.poll() is None for p in procs):
+            if grace is None and any(p.returncode not in (None, 0) for p in procs):
+                grace = time.monotonic() + 30
+            if time.monotonic() > min(deadline, grace or deadline):
+                for i, p in enumerate(procs):
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+                        killed.add(i)
+                break
+            time.sleep(0.1)
+        results = [
+            (p.returncode, log.read_text() + ("\n[killed: still running]" if i in killed else ""))
+            for i, (p, log) in enumerate(zip(procs, logs, strict=True))
+        ]
+        if results[0][0] != 0 and ADDRESS_IN_USE.search(results[0][1]):
+            continue
+        return results
+    raise AssertionError(f"no free coordinator port in 3 tries:\n{results[0][1][-3000:]}")

@@ -95,13 +95,13 @@ def mismatch_report(
 # ----------------------------------------------------------------------------- trees
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': x}} -> {'a/b': x}."""
+def flatten(tree: Mapping[str, Any], prefix: str = "", *, sep: str = "/") -> dict[str, Any]:
+    """{'a': {'b': x}} -> {'a/b': x} (keys joined by `sep`)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}/"))
+            out.update(flatten(value, f"{name}{sep}", sep=sep))
         else:
             out[name] = value
     return out

@@ -31,6 +31,7 @@ import ml_collections
 from etils import epath
 
 from vit_jax import workdir as workdir_lib
+from vit_jax.checkpoint import flatten
 
 _ANY: Callable[[Any, Any], bool] = lambda old, new: True
 
@@ -70,17 +71,6 @@ def as_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, 
     return json.loads(json.dumps(config, default=str))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def _rule(key: str) -> Callable[[Any, Any], bool] | None:
     if key in RESUMABLE:
         return RESUMABLE[key]
@@ -98,7 +88,7 @@ def _show(value: Any) -> str:
 
 def changes(stored: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old, new)} for every key whose value differs (`_UNSET` where absent)."""
-    a, b = _flatten(stored), _flatten(new)
+    a, b = flatten(stored, sep="."), flatten(new, sep=".")
     return {
         k: (a.get(k, _UNSET), b.get(k, _UNSET))
         for k in sorted(a.keys() | b.keys())
