@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, models
-from vit_jax.checkpoint import CheckpointError, flatten
+from vit_jax import checkpoint, models, weights
+from vit_jax.weights.errors import CheckpointError
+from vit_jax.weights.tree import flatten
 
 TINY = dict(
     name="tiny",
@@ -103,7 +104,8 @@ def test_save_npz_writes_sidecar_and_bfloat16_as_float32(tmp_path):
     bf16 = jax.tree.map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16), params)
     meta = {"model": models.get_config(TINY).to_dict(), "class_names": list("abcde")}
     path = checkpoint.save_npz(bf16, tmp_path / "w.npz", metadata=meta)
-    loaded, config, names = checkpoint.load_with_metadata(path)
+    loaded, meta = weights.open(path)
+    config, names = meta["model"], meta["class_names"]
     assert config["hidden_size"] == 16 and names == list("abcde")
     for key, value in flatten(loaded).items():
         assert value.dtype == np.float32
@@ -193,7 +195,7 @@ def test_big_vision_files_load_and_run(tmp_path, classifier):
 
 def test_resample_identity_at_equal_grid():
     posemb = np.random.RandomState(0).normal(size=(1, 1 + 9, 4)).astype(np.float32)
-    out = checkpoint.resample_posemb(posemb, (3, 3), num_prefix_tokens=1)
+    out = weights.resample_posemb(posemb, (3, 3), num_prefix_tokens=1)
     np.testing.assert_array_equal(out, posemb)
 
 
@@ -207,7 +209,7 @@ def test_resample_is_exact_on_a_linear_ramp(old, new):
 
     cls = np.array([[[7.0, -3.0]]], np.float32)
     posemb = np.concatenate([cls, ramp(*old)], axis=1)
-    out = checkpoint.resample_posemb(posemb, new, num_prefix_tokens=1, old_grid=old)
+    out = weights.resample_posemb(posemb, new, num_prefix_tokens=1, old_grid=old)
     assert out.shape == (1, 1 + new[0] * new[1], 2)
     np.testing.assert_array_equal(out[:, :1], cls)
     np.testing.assert_array_equal(out[:, 1:], ramp(*new))
@@ -232,7 +234,7 @@ def test_load_pretrained_new_head_and_resolution(tmp_path):
     assert posemb.shape == (1, 1 + 16, 16)
     np.testing.assert_array_equal(posemb[:, 0], stored[:, 0])
     np.testing.assert_array_equal(
-        posemb, checkpoint.resample_posemb(stored, (4, 4), num_prefix_tokens=1)
+        posemb, weights.resample_posemb(stored, (4, 4), num_prefix_tokens=1)
     )
     assert _apply(model, params, 16).shape == (2, 3)
 
@@ -251,7 +253,7 @@ def test_load_pretrained_non_square_grid_needs_image_size(tmp_path):
     stored = pretrained["Transformer"]["posembed_input"]["pos_embedding"]
     np.testing.assert_array_equal(
         params["Transformer"]["posembed_input"]["pos_embedding"],
-        checkpoint.resample_posemb(stored, (2, 4), num_prefix_tokens=1),
+        weights.resample_posemb(stored, (2, 4), num_prefix_tokens=1),
     )
     assert _apply(model, params, (8, 16)).shape == (2, 5)
     # ... and back: the stored grid comes from the file's sidecar image_size.
@@ -408,7 +410,7 @@ def test_resolve_pretrained_names_and_augreg_index(tmp_path):
 
 
 def test_remote_file_is_downloaded_once_into_the_cache(tmp_path, good_file, monkeypatch):
-    monkeypatch.setenv(checkpoint.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(weights.cache.CACHE_ENV, str(tmp_path / "cache"))
     served = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):

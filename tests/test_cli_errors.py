@@ -14,7 +14,7 @@ import tiny
 from PIL import Image
 
 from vit_jax import checkpoint, evaluate, inference, models, predict, visualize
-from vit_jax.convert import hf
+from vit_jax.weights import hf
 from vit_jax.convert.__main__ import main as convert_main
 
 TINY = dict(
@@ -337,7 +337,7 @@ def test_rollout_skips_both_prefix_tokens():
 @pytest.fixture
 def hf_sharded(tmp_path):
     """A transformers dir whose weights are split into two shards listed in the index."""
-    from vit_jax.convert import pytorch as pt
+    from vit_jax.weights import pytorch as pt
 
     config = models.get_config(TINY)
     model_dir = hf.to_hf(_params(num_classes=3), config, tmp_path / "model", image_size=(8, 8))

@@ -15,9 +15,12 @@ import torch.nn.functional as F
 import transformers  # the `torch` extra: CI installs it, these tests never skip
 from safetensors.numpy import save_file
 
-from vit_jax import checkpoint, convert, models
-from vit_jax.checkpoint import flatten
-from vit_jax.convert import ConversionError
+from vit_jax import checkpoint, models, weights
+from vit_jax.weights import hf as hf_format
+from vit_jax.weights import pytorch
+from vit_jax.weights import timm as timm_format
+from vit_jax.weights.errors import ConversionError
+from vit_jax.weights.tree import flatten
 from vit_jax.convert.__main__ import main as cli
 
 TINY = dict(
@@ -90,7 +93,7 @@ def test_hf_to_ours_gives_the_same_logits(tmp_path):
     x = _images()
     with torch.no_grad():
         expected = hf(pixel_values=_nchw(x)).logits.numpy()
-    c = convert.from_hf(path)
+    c = hf_format.from_hf(path)
     assert c.image_size == HW and c.class_names == ["cat", "dog", "fish"]
     cfg = c.model_config
     assert (cfg.gelu_approximate, cfg.layernorm_epsilon, cfg.classifier) == (False, 1e-12, "token")
@@ -105,7 +108,7 @@ def test_ours_to_hf_gives_the_same_logits(tmp_path, gelu_approximate):
     model, config, params = _ours(gelu_approximate=gelu_approximate)
     x = _images()
     expected = _apply(model, params, x)
-    out = convert.to_hf(params, config, tmp_path / "hf", class_names=list("abcde"), image_size=HW)
+    out = hf_format.to_hf(params, config, tmp_path / "hf", class_names=list("abcde"), image_size=HW)
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["hidden_act"] == ("gelu_pytorch_tanh" if gelu_approximate else "gelu")
     assert hf_config["image_size"] == list(HW) and hf_config["id2label"]["4"] == "e"
@@ -113,7 +116,7 @@ def test_ours_to_hf_gives_the_same_logits(tmp_path, gelu_approximate):
     with torch.no_grad():
         logits = hf(pixel_values=_nchw(x)).logits.numpy()
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
-    back = convert.from_hf(out)  # and back, bit for bit
+    back = hf_format.from_hf(out)  # and back, bit for bit
     _assert_same_tree(back.params, params)
     assert back.class_names == list("abcde") and back.model_config.layernorm_epsilon == 1e-6
 
@@ -122,12 +125,12 @@ def test_ours_features_with_representation_to_hf_pooler(tmp_path):
     model, config, params = _ours(num_classes=None, hw=(8, 8), representation_size=12)
     x = _images((8, 8))
     expected = _apply(model, params, x)
-    out = convert.to_hf(params, config, tmp_path / "features")
+    out = hf_format.to_hf(params, config, tmp_path / "features")
     hf = transformers.ViTModel.from_pretrained(out).eval()
     with torch.no_grad():
         pooled = hf(pixel_values=_nchw(x)).pooler_output.numpy()
     np.testing.assert_allclose(pooled, expected, atol=1e-4, rtol=0)
-    back = convert.from_hf(out)
+    back = hf_format.from_hf(out)
     assert back.model_config.representation_size == 12 and back.class_names is None
     _assert_same_tree(back.params, params)
 
@@ -140,12 +143,12 @@ def test_hf_reads_transformers5_in_memory_names(tmp_path):
     v5.mkdir()
     save_file(state, str(v5 / "model.safetensors"), metadata={"format": "pt"})
     (v5 / "config.json").write_text((path / "config.json").read_text())
-    _assert_same_tree(convert.from_hf(v5).params, convert.from_hf(path).params)
+    _assert_same_tree(hf_format.from_hf(v5).params, hf_format.from_hf(path).params)
 
 
 def test_hf_reads_sharded_safetensors_and_weights_only_bin(tmp_path):
     hf, path = _hf_model(tmp_path)
-    expected = convert.from_hf(path).params
+    expected = hf_format.from_hf(path).params
     state = {k: v.numpy() for k, v in hf.state_dict().items()}
     keys = sorted(state)
     sharded = tmp_path / "sharded"
@@ -157,15 +160,16 @@ def test_hf_reads_sharded_safetensors_and_weights_only_bin(tmp_path):
         weight_map.update({k: name for k in part})
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (sharded / "config.json").write_text((path / "config.json").read_text())
-    _assert_same_tree(convert.from_hf(sharded).params, expected)
+    _assert_same_tree(hf_format.from_hf(sharded).params, expected)
     (path / "model.safetensors").unlink()
     torch.save(hf.state_dict(), path / "pytorch_model.bin")
-    _assert_same_tree(convert.from_hf(path).params, expected)
+    _assert_same_tree(hf_format.from_hf(path).params, expected)
 
 
 def test_load_pretrained_and_predict_read_an_hf_directory(tmp_path):
     _, path = _hf_model(tmp_path)
-    params, config, names = checkpoint.load_with_metadata(path)
+    params, meta = weights.open(path)
+    config, names = meta["model"], meta["class_names"]
     assert config["gelu_approximate"] is False and names == ["cat", "dog", "fish"]
     target = models.get_config(config)
     model = models.get_model(target, num_classes=7)
@@ -229,8 +233,8 @@ def test_timm_layout_matches_reference_forward_and_round_trips(tmp_path, overrid
     model, config, params = _ours(gelu_approximate=False, **overrides)
     x = _images()
     expected = _apply(model, params, x)
-    path = convert.to_timm(params, config, tmp_path / "m.safetensors", image_size=HW)
-    state = convert.pytorch.read_safetensors(path)
+    path = timm_format.to_timm(params, config, tmp_path / "m.safetensors", image_size=HW)
+    state = pytorch.read_safetensors(path)
     d = config.hidden_size
     assert state["blocks.1.attn.qkv.weight"].shape == (3 * d, d)
     assert ("cls_token" in state) == (config.classifier == "token")
@@ -238,7 +242,7 @@ def test_timm_layout_matches_reference_forward_and_round_trips(tmp_path, overrid
     meta = json.loads((tmp_path / "m.json").read_text())
     kwargs = meta["timm"]["kwargs"]
     assert (kwargs["num_heads"], kwargs["img_size"], kwargs["num_classes"]) == (2, list(HW), 5)
-    back = convert.from_timm(path)  # heads, image size and config from the sidecar
+    back = timm_format.from_timm(path)  # heads, image size and config from the sidecar
     _assert_same_tree(back.params, params)
     assert back.image_size == HW
     for field in ("classifier", "distillation_token", "gelu_approximate"):
@@ -248,16 +252,16 @@ def test_timm_layout_matches_reference_forward_and_round_trips(tmp_path, overrid
 def test_timm_without_sidecar_needs_heads_and_reads_no_embed_class(tmp_path):
     model, config, params = _ours(hw=(8, 8), gelu_approximate=False)
     params["Transformer"]["posembed_input"]["pos_embedding"][:, 0] = 0
-    path = convert.to_timm(params, config, tmp_path / "m.safetensors")
+    path = timm_format.to_timm(params, config, tmp_path / "m.safetensors")
     os.remove(tmp_path / "m.json")
-    state = convert.pytorch.read_safetensors(path)
+    state = pytorch.read_safetensors(path)
     state["pos_embed"] = state["pos_embed"][:, 1:]  # timm no_embed_class=True
     save_file(state, str(path))
     x = _images((8, 8))
     reference = _timm_reference(state, x, heads=2, no_embed_class=True)
     with pytest.raises(ConversionError, match="number of attention heads; pass --model"):
-        convert.from_timm(path)
-    back = convert.from_timm(path, num_heads=2)
+        timm_format.from_timm(path)
+    back = timm_format.from_timm(path, num_heads=2)
     _assert_same_tree(back.params, params)
     assert back.image_size == (8, 8) and back.model_config.layernorm_epsilon == 1e-6
     np.testing.assert_allclose(_apply(model, back.params, x), reference, atol=1e-4, rtol=0)
@@ -265,12 +269,12 @@ def test_timm_without_sidecar_needs_heads_and_reads_no_embed_class(tmp_path):
 
 def test_timm_features_timm_cannot_express_are_refused(tmp_path):
     _, config, params = _ours(hw=(8, 8))
-    path = convert.to_timm(params, config, tmp_path / "m.safetensors")
-    state = convert.pytorch.read_safetensors(path)
+    path = timm_format.to_timm(params, config, tmp_path / "m.safetensors")
+    state = pytorch.read_safetensors(path)
     state["blocks.0.ls1.gamma"] = np.ones(16, np.float32)
     save_file(state, str(path))
     with pytest.raises(ConversionError, match="LayerScale"):
-        convert.from_timm(path)
+        timm_format.from_timm(path)
 
 
 # ----------------------------------------------------------------------------- CLI and errors
@@ -287,7 +291,7 @@ def test_cli_converts_hf_to_npz_to_timm_with_facts(tmp_path, capsys):
     assert meta["class_names"] == ["cat", "dog", "fish"] and meta["image_size"] == list(HW)
     st = tmp_path / "timm.safetensors"
     assert cli([str(npz), str(st)]) == 0
-    back = convert.from_timm(st)
+    back = timm_format.from_timm(st)
     assert back.model_config.layernorm_epsilon == 1e-12 and back.class_names == [
         "cat",
         "dog",
@@ -296,7 +300,7 @@ def test_cli_converts_hf_to_npz_to_timm_with_facts(tmp_path, capsys):
     x = _images()
     with torch.no_grad():
         expected = hf(pixel_values=_nchw(x)).logits.numpy()
-    state = convert.pytorch.read_safetensors(st)
+    state = pytorch.read_safetensors(st)
     np.testing.assert_allclose(
         _timm_reference(state, x, heads=2, eps=1e-12), expected, atol=1e-4, rtol=0
     )
@@ -343,7 +347,7 @@ def test_npz_without_sidecar_needs_model(tmp_path, capsys):
 def test_models_a_format_cannot_express_are_refused(tmp_path, spec, overrides, target, match):
     hw = (32, 32) if "resnet" in overrides else (8, 8)
     _, config, params = _ours(spec, hw=hw, **overrides)
-    write = convert.to_hf if target == "hf" else convert.to_timm
+    write = hf_format.to_hf if target == "hf" else timm_format.to_timm
     dst = tmp_path / ("hf" if target == "hf" else "m.safetensors")
     with pytest.raises(ConversionError, match=match):
         write(params, config, dst)
@@ -361,7 +365,7 @@ def test_mixer_is_refused():
     )
     _, config, params = _ours(mixer, hw=(8, 8))
     with pytest.raises(ConversionError, match="model_type 'Mixer'"):
-        convert.to_timm(params, config, "/nonexistent/m.safetensors")
+        timm_format.to_timm(params, config, "/nonexistent/m.safetensors")
 
 
 def test_bad_pytorch_files_are_one_clear_error(tmp_path):
@@ -369,13 +373,13 @@ def test_bad_pytorch_files_are_one_clear_error(tmp_path):
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "model_type": "deit"}))
     with pytest.raises(ConversionError, match=f"{path}: model_type 'deit'"):
-        convert.from_hf(path)
+        hf_format.from_hf(path)
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:300])
     with pytest.raises(ConversionError, match=f"{weights}: not a readable safetensors file"):
-        convert.from_timm(weights)
+        timm_format.from_timm(weights)
     with pytest.raises(FileNotFoundError, match="no such file"):
-        convert.from_timm(tmp_path / "missing.safetensors")
+        timm_format.from_timm(tmp_path / "missing.safetensors")
 
     marker = tmp_path / "pwned"
 
@@ -386,10 +390,10 @@ def test_bad_pytorch_files_are_one_clear_error(tmp_path):
     evil = tmp_path / "evil.bin"
     evil.write_bytes(pickle.dumps({"patch_embed.proj.weight": Boom()}, protocol=2))
     with pytest.raises(ConversionError, match=f"{evil}: refused or unreadable"):
-        convert.from_timm(evil)
+        timm_format.from_timm(evil)
     torch.save({"a": Boom()}, evil)
     with pytest.raises(ConversionError, match=f"{evil}: refused or unreadable"):
-        convert.from_timm(evil)
+        timm_format.from_timm(evil)
     assert not marker.exists()
 
 
@@ -398,8 +402,8 @@ def test_hf_wrong_shapes_list_every_problem(tmp_path):
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(ConversionError) as e:
-        convert.from_hf(path)
+        hf_format.from_hf(path)
     message = str(e.value)
     assert "missing (16) [" in message
     assert "encoder.layer.2.layernorm_before.weight (16,)" in message
-    assert "\n" not in message  # one line (vit_jax.checkpoint.mismatch_report)
+    assert "\n" not in message  # one line (vit_jax.weights.errors.mismatch_report)

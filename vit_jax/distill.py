@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_jax import data, inference, losses, models, sharding, trainer
+from vit_jax import data, inference, losses, models, sharding, trainer, weights
 
 DISTILL_TYPES = ("soft", "hard")
 
@@ -157,17 +157,24 @@ def load_teacher(
     if teacher_config.get("dtype"):
         overrides = dict(dtype=teacher_config.dtype, param_dtype=teacher_config.dtype)
     module = models.get_model(loaded.model_config, num_classes=num_classes, **overrides)
-    params = _fit_to(module, loaded.params, image_size, path)
+    params = _fit_to(module, loaded.params, image_size, path, loaded.model_config)
     if overrides:
         dtype = jnp.dtype(teacher_config.dtype)
         params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
     return module, params, list(loaded.class_names)
 
 
-def _fit_to(module: nn.Module, params: Params, image_size: tuple[int, int], path: str) -> Params:
+def _fit_to(
+    module: nn.Module, params: Params, image_size: tuple[int, int], path: str, config: Any
+) -> Params:
     """`params` with position embeddings resampled to `image_size`; other mismatches raise."""
-    return inference.fit_params(
-        module, params, image_size, what=f"config.teacher.checkpoint={path}", model_name="its model"
+    return weights.fit(
+        params,
+        {},
+        config,
+        models.init_shapes(module, image_size),
+        image_size=image_size,
+        what=f"config.teacher.checkpoint={path}",
     )
 
 

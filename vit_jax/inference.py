@@ -8,6 +8,7 @@ way the eval pipeline does (resize, central crop, [-1, 1]).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from typing import Any
@@ -20,7 +21,7 @@ import tensorflow as tf
 from absl import logging
 from etils import epath
 
-from vit_jax import models
+from vit_jax import models, weights
 from vit_jax import workdir as workdir_lib
 from vit_jax.data import preprocess
 
@@ -36,29 +37,22 @@ class TrainedModel:
     recorded_class_names: list[str] | None = None  # what the checkpoint says, None if nothing
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        return np.asarray(_apply(self.model)(self.params, images))
+        return np.asarray(self._logits_fn(self.params, images))
 
     def intermediates(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        return jax.tree.map(np.asarray, _apply_with_out(self.model)(self.params, images))
+        return jax.tree.map(np.asarray, self._intermediates_fn(self.params, images))
 
+    @functools.cached_property
+    def _logits_fn(self):
+        return jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False))
 
-_APPLY_CACHE: dict[int, Any] = {}
-
-
-def _apply(model: nn.Module):
-    key = (id(model), False)
-    if key not in _APPLY_CACHE:
-        _APPLY_CACHE[key] = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
-    return _APPLY_CACHE[key]
-
-
-def _apply_with_out(model: nn.Module):
-    key = (id(model), True)
-    if key not in _APPLY_CACHE:
-        _APPLY_CACHE[key] = jax.jit(
-            lambda p, x: model.apply({"params": p}, x, train=False, return_intermediates=True)[1]
+    @functools.cached_property
+    def _intermediates_fn(self):
+        return jax.jit(
+            lambda p, x: self.model.apply({"params": p}, x, train=False, return_intermediates=True)[
+                1
+            ]
         )
-    return _APPLY_CACHE[key]
 
 
 def imagenet_labels(num_classes: int) -> list[str] | None:
@@ -89,66 +83,6 @@ def num_prefix_tokens(module: nn.Module) -> int:
     return 2 if getattr(module, "distillation_token", False) else 1
 
 
-def fit_params(
-    module: nn.Module,
-    params: Any,
-    image_size: tuple[int, int],
-    *,
-    what: str,
-    model_name: str | None = None,
-    stored_image_size: tuple[int, int] | None = None,
-) -> Any:
-    """`params` checked against `module` run on `image_size` images.
-
-    Position embeddings made for another grid are resampled (the stored grid comes from
-    `stored_image_size`, square by default); anything else that differs is one
-    `CheckpointError` naming `what` and every missing, mismatched and unexpected key.
-    """
-    from vit_jax import checkpoint
-
-    expected = {
-        k: tuple(v.shape)
-        for k, v in checkpoint.flatten(models.init_shapes(module, image_size)).items()
-    }
-    flat = {k: np.asarray(v) for k, v in checkpoint.flatten(params).items()}
-    mismatched = []
-    key = checkpoint.POSEMB_KEY
-    if key in flat and key in expected and flat[key].shape != expected[key]:
-        stored, target = flat[key], expected[key]
-        if stored.ndim == 3 and stored.shape[-1] == target[-1]:
-            sh, sw = module.stride()
-            try:
-                old_grid = None
-                if stored_image_size is not None:
-                    old_grid = (stored_image_size[0] // sh, stored_image_size[1] // sw)
-                flat[key] = checkpoint.resample_posemb(
-                    stored,
-                    (image_size[0] // sh, image_size[1] // sw),
-                    num_prefix_tokens=num_prefix_tokens(module),
-                    old_grid=old_grid,
-                )
-                logging.info("%s: position embeddings resampled to %s", what, image_size)
-            except checkpoint.CheckpointError as e:
-                mismatched.append(f"{key}: stored {stored.shape}, model {target} ({e})")
-    expected = dict(sorted(expected.items(), key=lambda kv: kv[0].lower()))  # cls, embedding, ..
-    for k, shape in expected.items():
-        if k in flat and flat[k].shape != shape and not (mismatched and k == key):
-            mismatched.append(f"{k}: stored {flat[k].shape}, model {shape}")
-    missing = [f"{k} {shape}" for k, shape in expected.items() if k not in flat]
-    unexpected = [f"{k} {v.shape}" for k, v in flat.items() if k not in expected]
-    if missing or mismatched or unexpected:
-        name = model_name or type(module).__name__
-        raise checkpoint.CheckpointError(
-            checkpoint.mismatch_report(
-                f"{what} does not fit {name} at {image_size[0]}x{image_size[1]}",
-                missing=missing,
-                mismatched=mismatched,
-                unexpected=unexpected,
-            )
-        )
-    return checkpoint.unflatten(flat)
-
-
 def load_model(
     path: str,
     *,
@@ -157,85 +91,49 @@ def load_model(
     resolution: int | None = None,
     class_names: list[str] | None = None,
 ) -> TrainedModel:
-    """Loads `path` (workdir, checkpoint dir, `.npz`, transformers dir or timm file).
+    """Loads anything `vit_jax.weights.open` reads (a run, `.npz`, transformers dir, timm file).
 
-    What the checkpoint records wins: a trainer checkpoint's model config, image size and class
-    names are used even when the workdir's `config.json` says otherwise (it only supplies the
-    eval resize, when its crop agrees). For files: `model` (zoo name or config) overrides what the
-    file records; `default_model` is used only when the file records nothing. `resolution`
-    runs the model at another input size (position embeddings resampled).
+    What the checkpoint records wins: a run's model config, image size and class names are used
+    even when the workdir's `config.json` says otherwise (it only supplies the eval resize, when
+    its crop agrees). For files: `model` (zoo name or config) overrides what the file records;
+    `default_model` is used only when the file records nothing. `resolution` runs the model at
+    another input size (position embeddings resampled by `vit_jax.weights.fit`).
 
     Raises `CheckpointError` (a ValueError) naming the file for anything that cannot be read or
     does not fit the model, `CheckpointNotFoundError` when there is nothing at `path`.
     """
-    from vit_jax import checkpoint
-
-    if _is_workdir(path):
-        if model is not None:
-            logging.warning("%s: a trainer checkpoint records its model; ignoring %s", path, model)
-        params, meta = workdir_lib.load_trained(path)
-        what = f"{path} (step {meta['step']})" if "step" in meta else str(path)
-        if not meta.get("model"):
-            raise checkpoint.CheckpointError(f"{what}: the checkpoint does not record its model")
-        config = models.get_config(meta["model"])
-        names = list(meta.get("class_names") or [])
-        stored = _pair(meta.get("image_size"))
-        crop = (stored or (models.DEFAULT_RESOLUTION,) * 2)[0]
-        resize = _run_resize(path, crop)
-    else:
-        from vit_jax import convert
-
-        what = str(path)
-        if (
-            model is None
-            and default_model is not None
-            and convert.detect(path) == "npz"
-            and not checkpoint.read_metadata(path).get("model")
-        ):
-            model = default_model
-        try:
-            converted = convert.load(path, model=model)
-        except checkpoint.CheckpointError:
-            raise
-        except ValueError as e:  # unknown model name, bad override in --model
-            raise checkpoint.CheckpointError(f"{path}: {e}") from None
-        params, config = converted.params, converted.model_config
-        names = list(converted.class_names or [])
-        stored = _pair(converted.image_size)
-        crop = resize = (stored or (models.DEFAULT_RESOLUTION,) * 2)[0]
+    is_run = weights.format_of(path) == "run"
+    if is_run and model is not None:
+        logging.warning("%s: a trainer checkpoint records its model; ignoring %s", path, model)
+        model = None
+    try:
+        params, meta = weights.open(path, model=model, default_model=default_model)
+    except weights.CheckpointError:
+        raise
+    except ValueError as e:  # unknown model name, bad override in --model
+        raise weights.CheckpointError(f"{path}: {e}") from None
+    what = f"{path} (step {meta['step']})" if "step" in meta else str(path)
+    if not meta.get("model"):
+        hint = "" if is_run else "; pass --model NAME (e.g. ViT-B_16)"
+        raise weights.CheckpointError(f"{what}: the checkpoint does not record its model{hint}")
+    config = models.get_config(meta["model"])
+    recorded = list(meta.get("class_names") or [])
+    stored = _pair(meta.get("image_size"))
+    crop = (stored or (models.DEFAULT_RESOLUTION,) * 2)[0]
+    resize = _run_resize(path, crop) if is_run else crop
     if resolution:
         crop = resize = int(resolution)
     num_classes = _num_classes(params)
-    recorded = names
     names = (
         class_names
-        or names
+        or recorded
         or imagenet_labels(num_classes or 0)
         or [f"class_{i}" for i in range(num_classes or 0)]
     )
-    if config.get("scan") and not models.is_stacked(params):
-        params = models.stack_layers(params)
-    elif not config.get("scan") and models.is_stacked(params):
-        params = models.unstack_layers(params)
     module = models.get_model(config, num_classes=num_classes)
-    params = fit_params(
-        module,
-        params,
-        (crop, crop),
-        what=what,
-        model_name=config.get("name"),
-        stored_image_size=stored,
-    )
+    target = models.init_shapes(module, (crop, crop))
+    params = weights.fit(params, meta, config, target, image_size=(crop, crop), what=what)
     return TrainedModel(module, params, config, names, resize, crop, recorded or None)
-
-
-def _is_workdir(path: str) -> bool:
-    """A trainer workdir, its checkpoints/ dir or a step dir (even with no usable checkpoint)."""
-    p = epath.Path(path)
-    return workdir_lib.is_trained(p) or (
-        p.is_dir()
-        and ((p / workdir_lib.CHECKPOINTS).is_dir() or (p / workdir_lib.METRICS_JSONL).exists())
-    )
 
 
 def _pair(size: Any) -> tuple[int, int] | None:

@@ -31,7 +31,7 @@ import ml_collections
 from etils import epath
 
 from vit_jax import workdir as workdir_lib
-from vit_jax.checkpoint import flatten
+from vit_jax.weights.tree import flatten
 
 _ANY: Callable[[Any, Any], bool] = lambda old, new: True
 

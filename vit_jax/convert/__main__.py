@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from vit_jax import cli, convert
-from vit_jax.checkpoint import CheckpointError
+from vit_jax.weights.errors import CheckpointError
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     args = parser.parse_args(argv)
     try:
-        converted, out, kind = convert.convert(
+        params, meta, out, kind = convert.convert(
             args.src,
             args.dst,
             model=args.model,
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the destination cannot be written (permissions, full disk)
         return cli.fail(f"{args.dst}: cannot be written ({e})", cli.EXIT_RUNTIME)
     names = {"hf": "transformers", "timm": "timm", "npz": "vit_jax .npz"}
-    print(f"wrote {out} ({names[kind]}): {convert.describe(converted)}")
+    print(f"wrote {out} ({names[kind]}): {convert.describe(params, meta)}")
     return 0
 
 

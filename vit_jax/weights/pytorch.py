@@ -19,12 +19,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from vit_jax.checkpoint import CheckpointError, CheckpointNotFoundError, mismatch_report
-
-
-class ConversionError(CheckpointError):
-    """A PyTorch file or parameter tree that cannot be converted (message names file and keys)."""
-
+from vit_jax.weights.errors import CheckpointNotFoundError, ConversionError, mismatch_report
 
 # ----------------------------------------------------------------------------- files
 

@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 
 from vit_jax import models
-from vit_jax.checkpoint import flatten
-from vit_jax.convert.pytorch import ConversionError
+from vit_jax.weights.errors import ConversionError
+from vit_jax.weights.tree import flatten
 
 
 class Converted(NamedTuple):

@@ -27,11 +27,12 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from vit_jax import checkpoint, models
-from vit_jax.checkpoint import unflatten
-from vit_jax.convert import pytorch as pt
-from vit_jax.convert.pytorch import ConversionError
-from vit_jax.convert.spec import Converted, class_names_for, vit_facts
+from vit_jax import models
+from vit_jax.weights import npz
+from vit_jax.weights import pytorch as pt
+from vit_jax.weights.errors import ConversionError
+from vit_jax.weights.facts import Converted, class_names_for, vit_facts
+from vit_jax.weights.tree import unflatten
 
 # timm architecture size words -> heads (head_dim 64, ViT-H 80).
 _HEADS_BY_SIZE = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16}
@@ -83,7 +84,7 @@ def from_timm(
     for marker, feature in _UNSUPPORTED.items():
         if any(marker in f".{k}" for k in state):
             raise ConversionError(f"{path}: the model has {feature}, which our ViT does not")
-    meta = checkpoint.read_metadata(path)
+    meta = npz.read_metadata(path)
     stored = meta.get("model") or {}
     hub = _timm_hub_config(path)
     zoo = models.get_config(model) if model else None
@@ -353,6 +354,6 @@ def to_timm(
     meta = Converted({}, f.config, names, f.image_size).metadata(
         timm={"class": timm_class, "kwargs": kwargs}
     )
-    checkpoint.metadata_path(out).write_text(json.dumps(meta, indent=2))
+    npz.metadata_path(out).write_text(json.dumps(meta, indent=2))
     logging.info("wrote timm %s state dict to %s", timm_class, out)
     return out

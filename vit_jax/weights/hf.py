@@ -30,10 +30,10 @@ from absl import logging
 from etils import epath
 
 from vit_jax import models
-from vit_jax.checkpoint import CheckpointNotFoundError, unflatten
-from vit_jax.convert import pytorch as pt
-from vit_jax.convert.pytorch import ConversionError
-from vit_jax.convert.spec import Converted, class_names_for, vit_facts
+from vit_jax.weights import pytorch as pt
+from vit_jax.weights.errors import CheckpointNotFoundError, ConversionError
+from vit_jax.weights.facts import Converted, class_names_for, vit_facts
+from vit_jax.weights.tree import unflatten
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

@@ -1,0 +1,189 @@
+"""The weights layer: every checkpoint format read and written through one door each way.
+
+    params, metadata = weights.open(path)            # any format below
+    params = weights.fit(params, metadata, model_config, target, ...)   # to a model
+    weights.save(params, metadata, dst)              # the format dst names
+
+Formats (`format_of`): a trainer run (`run`: a workdir, its `checkpoints/` or one step
+directory; `vit_jax.weights.run`), our / the published `.npz` in every variant in the wild
+(`npz`, with a JSON sidecar; `vit_jax.weights.npz`), a Hugging Face transformers directory
+(`hf`) and a timm state dict (`timm`: `.safetensors`, or weights-only `.bin` / `.pth` / `.pt`
+read without unpickling). Remote files are cached locally (`vit_jax.weights.cache`).
+
+`metadata` is a dict: `format`, `model` (a model config dict, or None when the file does not
+say), `class_names`, `image_size` ([h, w] the position embeddings were made for) and, for a
+run, `step`. Modules: `errors` and `tree` (leaves), `cache`, `npz`, `run`, `pytorch` (file
+readers/writers and layout transforms), `hf`, `timm`, `facts`, `fit`, `names`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from etils import epath
+
+from vit_jax import models
+from vit_jax.weights import hf, npz, run, timm
+from vit_jax.weights.cache import is_remote
+from vit_jax.weights.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConversionError,
+    mismatch_report,
+)
+from vit_jax.weights.facts import Converted
+from vit_jax.weights.fit import fit, resample_posemb, token_grid
+from vit_jax.weights.tree import flatten, unflatten
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ConversionError",
+    "FORMATS",
+    "fit",
+    "flatten",
+    "format_of",
+    "mismatch_report",
+    "open",
+    "resample_posemb",
+    "save",
+    "token_grid",
+    "unflatten",
+]
+
+FORMATS = ("run", "npz", "hf", "timm")
+TORCH_FILES = (".safetensors", ".bin", ".pth", ".pt")
+_RUN_MARKERS = (run.CHECKPOINTS, run.METRICS_JSONL)
+
+
+def format_of(path: str | os.PathLike) -> str:
+    """Which reader `path` needs: 'run', 'npz', 'hf' or 'timm' (decided here and only here)."""
+    p = str(path)
+    if p.endswith(TORCH_FILES):
+        return "timm"
+    if p.endswith(".npz") or is_remote(p):
+        return "npz"
+    local = epath.Path(p)
+    if not local.is_dir():
+        return "npz"
+    if run.is_trained(local) or any((local / m).exists() for m in _RUN_MARKERS):
+        return "run"
+    return "hf"
+
+
+def _metadata(fmt: str, converted: Converted) -> dict[str, Any]:
+    return {"format": fmt, **converted.metadata()}
+
+
+def _square_image_size(params: Mapping[str, Any], config: Any) -> list[int] | None:
+    """The square image size the position embeddings (or Mixer's token MLP) were made for."""
+    flat = flatten(models.unstack_layers(params))
+    if config.model_type == "Mixer":
+        kernel = flat.get("MixerBlock_0/token_mixing/Dense_0/kernel")
+        tokens = None if kernel is None else kernel.shape[0]
+    else:
+        posemb = flat.get(npz.POSEMB_KEY)
+        prefix = sum(k in flat for k in ("cls", "dist"))
+        tokens = None if posemb is None else posemb.shape[1] - prefix
+    if not tokens or math.isqrt(tokens) ** 2 != tokens:
+        return None
+    sh, sw = models.get_model(config, num_classes=None).stride()
+    side = math.isqrt(tokens)
+    return [side * sh, side * sw]
+
+
+def _open_npz(
+    path: str, model: Any, default_model: Any, image_size: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not is_remote(path) and not epath.Path(path).exists() and epath.Path(f"{path}.npz").exists():
+        path = f"{path}.npz"
+    params = npz.load(path)
+    meta: dict[str, Any] = {"format": "npz", **npz.read_metadata(path)}
+    if model is None and not meta.get("model"):
+        model = default_model
+    if model is not None:
+        meta["model"] = models.get_config(model).to_dict()
+    if meta.get("model"):
+        meta["model"] = models.get_config(meta["model"]).to_dict()  # complete, checked
+    size = image_size or meta.get("image_size")
+    if not size and meta.get("model"):
+        size = _square_image_size(params, models.get_config(meta["model"]))
+    meta["image_size"] = _pair(size)
+    meta.setdefault("class_names", None)
+    return params, meta
+
+
+def _pair(size: Any) -> list[int] | None:
+    if not size:
+        return None
+    if isinstance(size, int):
+        return [size, size]
+    return [int(size[0]), int(size[-1])]
+
+
+def open(  # noqa: A001 - the weights layer's one reader, as `open` reads a file
+    path: str | os.PathLike,
+    *,
+    model: Any = None,
+    default_model: Any = None,
+    num_heads: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(params, metadata) of any supported checkpoint (see the module docstring).
+
+    `model` (a zoo name or config) overrides what an `.npz` records; `default_model` is used
+    only when it records nothing. For a timm file `model` / `num_heads` supply the head count
+    and `image_size` what the file lacks. A run records its model: `model` must not be given.
+    Raises `CheckpointNotFoundError` when nothing is at `path`, `CheckpointError` naming the
+    file (and key) for anything that cannot be read.
+    """
+    fmt = format_of(path)
+    if fmt == "run":
+        if model is not None:
+            raise CheckpointError(f"{path}: a trainer run records its model; do not pass one")
+        params, meta = run.load_trained(path)
+        meta = {"format": "run", "class_names": None, "image_size": None, **meta}
+        meta["image_size"] = _pair(meta["image_size"])
+        return params, meta
+    if fmt == "hf":
+        return _unpack("hf", hf.from_hf(path))
+    if fmt == "timm":
+        converted = timm.from_timm(path, model=model, num_heads=num_heads, image_size=image_size)
+        return _unpack("timm", converted)
+    return _open_npz(str(path), model, default_model, image_size)
+
+
+def _unpack(fmt: str, converted: Converted) -> tuple[dict[str, Any], dict[str, Any]]:
+    return converted.params, _metadata(fmt, converted)
+
+
+def save(
+    params: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    source: str = "params",
+    overwrite: bool = False,
+) -> tuple[epath.Path, str]:
+    """Writes `params` in the format `path` names; returns (path, 'npz' | 'hf' | 'timm').
+
+    `.npz`: ours, with the JSON sidecar from `metadata`; `.safetensors`: a timm state dict;
+    anything else: a transformers directory. `metadata` needs `model` (a config dict) for the
+    PyTorch formats. `source` names where the parameters came from in error messages.
+    """
+    p = str(path)
+    if p.endswith(TORCH_FILES) and not p.endswith(".safetensors"):
+        raise ConversionError(f"{p}: write timm state dicts as .safetensors (never pickles)")
+    kind = "timm" if p.endswith(".safetensors") else "npz" if p.endswith(".npz") else "hf"
+    sidecar = {k: metadata.get(k) for k in ("model", "class_names", "image_size")}
+    if kind == "npz":
+        return npz.save_npz(params, p, metadata=sidecar, overwrite=overwrite), kind
+    if not metadata.get("model"):
+        raise ConversionError(f"{source}: the model config is needed to write {p}")
+    config = models.get_config(metadata["model"])
+    writer = hf.to_hf if kind == "hf" else timm.to_timm
+    args = dict(class_names=metadata.get("class_names"), image_size=metadata.get("image_size"))
+    return writer(params, config, p, **args, source=source), kind

@@ -1,0 +1,226 @@
+"""Fit a checkpoint's parameters to a model: the one place that adapts stored weights.
+
+`fit(params, metadata, model_config, target)` serves fine-tuning (the reference
+`load_pretrained`), inference (predict / evaluate / visualize at any resolution) and the
+distillation teacher alike:
+
+- `target` is the model's parameter tree: freshly initialised arrays when fine-tuning (the
+  heads are then taken from it: new class count, zero init), or just their shapes
+  (`jax.ShapeDtypeStruct`, e.g. `models.init_shapes(module, size)`) when the stored head is kept;
+- a stored `pre_logits` is dropped when fine-tuning a model without a representation layer, as
+  the reference does; otherwise it must fit;
+- position embeddings are resampled bilinearly on the 2-D token grid when the grids differ
+  (prefix tokens apart). The stored grid comes from the metadata's `image_size` and `model`,
+  the model's from `image_size`; either is square when not given;
+- the scanned / per-layer layout follows `target`;
+- anything else that differs is one `CheckpointError` listing missing, mismatched and
+  unexpected keys with their shapes. Nothing is loaded partially.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import scipy.ndimage
+from absl import logging
+
+from vit_jax import models
+from vit_jax.weights.errors import CheckpointError, mismatch_report
+from vit_jax.weights.npz import POSEMB_KEY
+from vit_jax.weights.tree import flatten, unflatten
+
+__all__ = ["HEADS", "fit", "resample_posemb", "token_grid"]
+
+HEADS = ("head", "head_dist")  # taken from the model being fine-tuned
+
+
+def resample_posemb(
+    posemb: np.ndarray,
+    new_grid: tuple[int, int],
+    *,
+    num_prefix_tokens: int,
+    old_grid: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """(1, prefix + gh*gw, D) -> (1, prefix + new_gh*new_gw, D): bilinear on the 2-D grid.
+
+    The prefix (class / distillation token) rows are kept as they are. As in the reference
+    (`scipy.ndimage.zoom`, order 1), corners map to corners, so a table linear in the grid
+    coordinates is reproduced exactly; equal grids return the input unchanged. `old_grid`
+    defaults to the square grid.
+    """
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
+    tokens = grid.shape[0]
+    if old_grid is None:
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise CheckpointError(
+                f"stored pos_embedding: {tokens} grid tokens are not a square grid; its "
+                "(rows, cols) are needed (an image_size in the file's metadata / JSON sidecar)"
+            )
+        old_grid = (side, side)
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid[0] * old_grid[1] != tokens:
+        raise CheckpointError(f"stored pos_embedding: {tokens} grid tokens, not grid {old_grid}")
+    if old_grid == new_grid:
+        return posemb
+    logging.info("resampling position embeddings from grid %s to %s", old_grid, new_grid)
+    grid = grid.reshape(*old_grid, -1).astype(np.float64)
+    zoom = (new_grid[0] / old_grid[0], new_grid[1] / old_grid[1], 1)
+    grid = scipy.ndimage.zoom(grid, zoom, order=1).astype(posemb.dtype)
+    assert grid.shape[:2] == new_grid, (grid.shape, new_grid)
+    return np.concatenate([prefix, grid.reshape(1, -1, grid.shape[-1])], axis=1)
+
+
+def token_grid(model_config: Any, image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of patch tokens a model config makes of images of `image_size`."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    sh, sw = models.get_model(model_config, num_classes=None).stride()
+    if h % sh or w % sw:
+        raise CheckpointError(f"image size {h}x{w} is not divisible by the patch stride {sh}x{sw}")
+    return h // sh, w // sw
+
+
+def _model_grid(tokens: int, model_config: Any, image_size: Any) -> tuple[int, int]:
+    if image_size is None:
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise CheckpointError(
+                f"the model's {tokens} grid tokens are not a square grid: pass image_size=(h, w) "
+                "so the position embeddings can be resampled"
+            )
+        return side, side
+    grid = token_grid(model_config, image_size)
+    if grid[0] * grid[1] != tokens:
+        raise CheckpointError(
+            f"image_size {image_size} gives a {grid} token grid, but the model's "
+            f"pos_embedding holds {tokens} grid tokens"
+        )
+    return grid
+
+
+def _stored_grid(what: str, metadata: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The stored position embeddings' grid from the metadata (None: assume square)."""
+    if not (metadata.get("image_size") and metadata.get("model")):
+        return None
+    try:
+        return token_grid(metadata["model"], tuple(metadata["image_size"]))
+    except (ValueError, TypeError) as e:
+        logging.warning("%s: ignoring the recorded model/image_size (%s)", what, e)
+        return None
+
+
+def _warn_architecture(what: str, metadata: Mapping[str, Any], model_config: Any) -> None:
+    """Warns when the stored model computed its GELU / LayerNorm differently from the model."""
+    stored = metadata.get("model") or {}
+    for field in ("gelu_approximate", "layernorm_epsilon"):
+        if field in stored and model_config is not None and field in model_config:
+            if stored[field] != model_config[field]:
+                logging.warning(
+                    "%s was trained with %s=%s, the model uses %s: outputs differ slightly "
+                    "until fine-tuned (set model.%s=%s to match)",
+                    what,
+                    field,
+                    stored[field],
+                    model_config[field],
+                    field,
+                    stored[field],
+                )
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(np.shape(x))
+
+
+def _as_arrays(tree: Mapping[str, Any]) -> Any:
+    """Shape-only leaves (`jax.ShapeDtypeStruct`) as zero-copy numpy views, so they index."""
+
+    def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return np.broadcast_to(np.zeros((), x.dtype), x.shape)
+        return x
+
+    return jax.tree.map(leaf, tree)
+
+
+def _fit_posemb(value, target, metadata, model_config, image_size, prefix, what) -> np.ndarray:
+    if value.ndim != 3 or value.shape[-1] != target.shape[-1]:
+        return value  # reported as mismatched by the caller
+    new_grid = _model_grid(target.shape[1] - prefix, model_config, image_size)
+    old_grid = _stored_grid(what, metadata)
+    return resample_posemb(value, new_grid, num_prefix_tokens=prefix, old_grid=old_grid)
+
+
+def fit(
+    params: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+    model_config: Any,
+    target: Mapping[str, Any],
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    new_head: bool = False,
+    what: str = "checkpoint",
+) -> dict[str, Any]:
+    """`params` (from `vit_jax.weights.open`) made to fit the model whose tree is `target`.
+
+    `new_head=True` (fine-tuning) takes `head` / `head_dist` from `target` (arrays) and drops a
+    stored `pre_logits` the model lacks; otherwise `target` may be shapes and every stored
+    parameter must fit. Returns host numpy arrays in `target`'s dtypes and layout (see the
+    module docstring).
+    """
+    _warn_architecture(what, metadata, model_config)
+    stored = {k: np.asarray(v) for k, v in flatten(models.unstack_layers(params)).items()}
+    targets = flatten(models.unstack_layers(_as_arrays(target)))
+    prefix = sum(k in targets for k in ("cls", "dist"))  # the model's tokens before the grid
+    taken = HEADS if new_head else ()
+    drop_pre_logits = new_head and not any(k.startswith("pre_logits/") for k in targets)
+
+    result, mismatched = {}, []
+    for key, want in targets.items():
+        if key.split("/")[0] in taken:
+            result[key] = np.asarray(want)
+            continue
+        if key not in stored:
+            continue
+        value = stored[key]
+        if key == POSEMB_KEY and _shape(value) != _shape(want):
+            try:
+                value = _fit_posemb(value, want, metadata, model_config, image_size, prefix, what)
+            except CheckpointError as e:
+                mismatched.append(f"{key}: stored {_shape(value)}, model {_shape(want)} ({e})")
+                continue
+        if _shape(value) != _shape(want):
+            mismatched.append(f"{key}: stored {_shape(value)}, model {_shape(want)}")
+            continue
+        result[key] = value.astype(want.dtype)
+
+    bad = {m.split(":")[0] for m in mismatched}
+    missing = [f"{k} {_shape(v)}" for k, v in targets.items() if k not in result and k not in bad]
+    unexpected = []
+    for key, value in stored.items():
+        top = key.split("/")[0]
+        if key in targets or top in taken or (top == "pre_logits" and drop_pre_logits):
+            continue
+        unexpected.append(f"{key} {_shape(value)}")
+    if drop_pre_logits and any(k.startswith("pre_logits/") for k in stored):
+        logging.info("%s: dropping the stored pre_logits (the model has none)", what)
+    if missing or unexpected or mismatched:
+        name = (model_config or {}).get("name") or "the model"
+        at = ""
+        if image_size is not None:
+            h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+            at = f" at {h}x{w}"
+        order = str.lower  # cls, embedding, head, pre_logits, Transformer/...: top level first
+        raise CheckpointError(
+            mismatch_report(
+                f"{what} does not fit {name}{at}",
+                missing=sorted(missing, key=order),
+                mismatched=sorted(mismatched, key=order),
+                unexpected=sorted(unexpected, key=order),
+            )
+        )
+    tree = unflatten(result)
+    return models.stack_layers(tree) if models.is_stacked(target) else tree
