@@ -331,3 +331,47 @@ def test_zoo_cli_lists_counts():
     assert set(rows) == set(models.list_models())
     for name, expected in PUBLISHED_COUNTS.items():
         assert rows[name] == expected
+
+
+def _with_layer_scale(init, **extra):
+    return dict(TINY, transformer=dict(TINY["transformer"], layer_scale_init=init), **extra)
+
+
+def test_layer_scale_parameters_count_and_init():
+    base = models.count_params(models.get_model(TINY, num_classes=5), image_size=16)
+    model = models.get_model(_with_layer_scale(0.1), num_classes=5)
+    assert models.count_params(model, image_size=16) == base + 2 * 32 * 3  # 2 x (D,) per block
+    assert models.get_config("ViT-B_16").transformer.layer_scale_init is None
+    params = _init(model, _images())
+    for i in range(3):
+        for name in ("LayerScale_1", "LayerScale_3"):
+            scale = params["Transformer"][f"encoderblock_{i}"][name]["scale"]
+            np.testing.assert_array_equal(scale, np.full((32,), 0.1, np.float32))
+    scanned = models.get_model(_with_layer_scale(1e-5), num_classes=5, scan=True)
+    stacked = _init(scanned, _images())["Transformer"]["encoderblock"]["LayerScale_3"]["scale"]
+    np.testing.assert_array_equal(stacked, np.full((3, 32), 1e-5, np.float32))
+
+
+def test_layer_scale_scales_each_branch_per_channel():
+    """y = x + s1 * attn(LN(x)) (then + s3 * mlp(LN(.))): identity at 0, the plain block at 1."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+    kw = dict(mlp_dim=64, num_heads=4)
+    plain = vit_lib.Encoder1DBlock(**kw)
+    scaled = vit_lib.Encoder1DBlock(**kw, layer_scale_init=1.0)
+    params = _randomize(scaled.init(jax.random.key(1), x, 0.0, True)["params"])
+    run = lambda s1, s3: scaled.apply(
+        {"params": dict(params, LayerScale_1={"scale": s1}, LayerScale_3={"scale": s3})},
+        x,
+        0.0,
+        True,
+    )[0]
+    ones, zeros = jnp.ones(32), jnp.zeros(32)
+    np.testing.assert_array_equal(run(zeros, zeros), x)
+    without = {k: v for k, v in params.items() if not k.startswith("LayerScale")}
+    np.testing.assert_allclose(
+        run(ones, ones), plain.apply({"params": without}, x, 0.0, True)[0], atol=1e-6
+    )
+    s1 = jax.random.uniform(jax.random.key(2), (32,), minval=-2, maxval=2)
+    branch = run(ones, zeros) - x
+    assert float(jnp.abs(branch).max()) > 0.1
+    np.testing.assert_allclose(run(s1, zeros) - x, s1 * branch, atol=1e-5)
