@@ -140,7 +140,7 @@ def setup():
     model = models.get_model(HYBRID, num_classes=NUM_CLASSES)
     images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
     flat = _published_weights(models.init_shapes(model, 32))
-    ours = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(
+    ours, _ = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(
         checkpoint.unflatten(flat), images
     )
     return flat, images, np.asarray(ours)

@@ -48,7 +48,7 @@ _APPLY_CACHE: dict[int, Any] = {}
 def _apply(model: nn.Module):
     key = (id(model), False)
     if key not in _APPLY_CACHE:
-        _APPLY_CACHE[key] = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+        _APPLY_CACHE[key] = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
     return _APPLY_CACHE[key]
 
 

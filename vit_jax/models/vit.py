@@ -424,16 +424,16 @@ CLASSIFIERS = ("token", "gap", "map", "unpooled", "token_unpooled")
 class VisionTransformer(nn.Module):
     """ViT (and R+ViT hybrids when `resnet` is set).
 
-    `__call__(images, *, train, return_intermediates=False)`: images NHWC in [-1, 1]. Returns the
-    logits, or `(logits, out)` where `out` holds `stem` (patch embeddings), `tokens` (every block's
-    output, stacked (layers, B, N, D)), `attention_weights` ((layers, B, heads, N, N)), `encoded`,
-    `pre_logits`, `logits`.
+    `__call__(images, *, train, return_intermediates=False)`: images NHWC in [-1, 1]. Returns
+    `(logits, out)`, float32 logits (the representation when `num_classes` is None/0) and a dict
+    `out` with `stem` (patch embeddings (B, gh*gw, D)), `encoded` (the final LayerNorm's output)
+    and `pre_logits`. `return_intermediates=True` adds the costly per-block `tokens` (every
+    block's output, stacked (layers, B, N, D)) and `attention_weights` ((layers, B, heads, N, N)).
 
     `distillation_token=True` (DeiT, classifier 'token' only) adds a second learned token `dist`
     after `cls` (with its own position-embedding slot) and its own head `head_dist`. The logits
-    are then the mean of the two heads' logits; `separate_heads=True` returns the pair
-    `(class-head logits, distillation-head logits)` instead, as distillation training needs, and
-    `out` also holds `logits_cls` and `logits_dist`.
+    are then the mean of the two heads' logits, and `out` also holds each head's logits,
+    `logits_cls` and `logits_dist` (what distillation training reads).
     """
 
     num_classes: int | None
@@ -477,17 +477,12 @@ class VisionTransformer(nn.Module):
         *,
         train: bool,
         return_intermediates: bool = False,
-        separate_heads: bool = False,
-    ):
+    ) -> tuple[Array, dict[str, Array]]:
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
         if self.distillation_token and self.classifier != "token":
             raise ValueError(
                 f"distillation_token needs classifier='token', got {self.classifier!r}"
-            )
-        if separate_heads and not (self.distillation_token and self.num_classes):
-            raise ValueError(
-                "separate_heads=True needs a model with distillation_token=True and a head"
             )
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be NHWC with 3 channels, got shape {images.shape}")
@@ -582,8 +577,7 @@ class VisionTransformer(nn.Module):
         out["pre_logits"] = x  # (B, 2, D) with a distillation token: cls, dist
         if not self.num_classes:  # a feature extractor: the (mean of the tokens') representation
             x = jnp.mean(x, axis=1) if self.distillation_token else x
-            out["logits"] = x = x.astype(jnp.float32)
-            return (x, out) if return_intermediates else x
+            return x.astype(jnp.float32), out
         head = functools.partial(
             nn.Dense,
             self.num_classes,
@@ -597,11 +591,5 @@ class VisionTransformer(nn.Module):
             logits_cls = head(name="head")(x[:, 0]).astype(jnp.float32)
             logits_dist = head(name="head_dist")(x[:, 1]).astype(jnp.float32)
             out["logits_cls"], out["logits_dist"] = logits_cls, logits_dist
-            x = (logits_cls + logits_dist) / 2
-            out["logits"] = x
-            if separate_heads:
-                x = (logits_cls, logits_dist)
-        else:
-            x = head(name="head")(x).astype(jnp.float32)
-            out["logits"] = x
-        return (x, out) if return_intermediates else x
+            return (logits_cls + logits_dist) / 2, out
+        return head(name="head")(x).astype(jnp.float32), out

@@ -240,7 +240,8 @@ def get_model(
     """A Flax module for a zoo name, AugReg short name or config (see `get_config`).
 
     `num_classes=None` (or 0) builds a feature extractor without a head. Call it as
-    `model.apply({'params': params}, images, train=False)` with NHWC images in [-1, 1].
+    `logits, out = model.apply({'params': params}, images, train=False)` with NHWC images in
+    [-1, 1].
     """
     c = get_config(name_or_config, **overrides)
     common = dict(
