@@ -28,8 +28,10 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vit_jax import data, losses, models, optim, run_config, run_lock, sharding
+from vit_jax import data, models, objectives, optim, run_config, run_lock, sharding
 from vit_jax import workdir as workdir_lib
+from vit_jax.configs import image_size
+from vit_jax.sharding import put_sharded, to_host
 
 Params = Any
 
@@ -74,84 +76,34 @@ def create_state(
     return params, opt_state, param_sh, opt_sh
 
 
-def put_sharded(tree: Params, shardings: Any) -> Params:
-    """Host numpy arrays (identical on every process) -> global arrays with these shardings."""
-
-    def put(x, s):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-
-    return jax.tree.map(put, tree, shardings)
-
-
-def to_host(tree: Params) -> Params:
-    """Global arrays -> numpy on every process (gathering what other processes hold)."""
-
-    def get(x):
-        if x.is_fully_addressable:
-            return np.asarray(x)
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(get, tree)
-
-
 # ----------------------------------------------------------------------------- steps
-
-
-class ClassificationObjective:
-    """Cross-entropy of the model's logits against the batch labels (one-hot or mixed).
-
-    An objective is what the train step minimises: `loss(params, images, labels, rng, extra)`.
-    `extra` is a tree of global arrays the loss reads but does not train (e.g. a distillation
-    teacher's parameters); they enter the step as arguments, not as compiled-in constants.
-    """
-
-    def __init__(self, model: nn.Module, config: ml_collections.ConfigDict):
-        self.model, self.config = model, config
-        self.extra: Any = {}
-
-    def loss(self, params, images, labels, rng, extra) -> jax.Array:
-        del extra
-        logits = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-        return losses.classification_loss(
-            logits, labels, kind=self.config.loss, label_smoothing=self.config.label_smoothing
-        )
-
-
-def make_objective(config: ml_collections.ConfigDict, model: nn.Module, mesh) -> Any:
-    """Plain classification, or knowledge distillation when `config.teacher.checkpoint` is set."""
-    teacher = config.get("teacher")
-    if teacher is not None and teacher.get("checkpoint"):
-        from vit_jax import distill
-
-        return distill.DistillationObjective(config, model, mesh)
-    return ClassificationObjective(model, config)
 
 
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
-    objective: Any = None,
+    objective: objectives.Objective | None = None,
 ) -> Callable:
-    """`(params, opt_state, step, batch, extra) -> (params, opt_state, metrics)`, not jitted.
+    """`(params, opt_state, step, batch, frozen) -> (params, opt_state, metrics)`, not jitted.
 
-    Random numbers come from `fold_in(seed, step)`, so they don't depend on the device count or
-    on a restart. A non-finite loss leaves params and optimizer state unchanged (the host stops).
+    `objective` defaults to classification of `model`'s logits; `frozen` is the objective's
+    frozen inputs (`objective.frozen`). Random numbers come from `fold_in(seed, step)`, so they
+    don't depend on the device count or on a restart. A non-finite loss leaves params and
+    optimizer state unchanged (the host stops).
     """
-    del model  # the objective holds it
+    if objective is None:
+        objective = objectives.build_classification(config, model)
     accum = int(config.accum_steps)
     schedule = optim.learning_rate_schedule(config)
     base_rng = jax.random.key(config.seed)
     grad_fn = jax.value_and_grad(objective.loss)
 
-    def step_fn(params, opt_state, step, batch, extra):
+    def step_fn(params, opt_state, step, batch, frozen):
         rng = jax.random.fold_in(base_rng, step)
         images, labels = batch["image"], batch["label"]
         if accum == 1:
-            loss, grads = grad_fn(params, images, labels, rng, extra)
+            loss, grads = grad_fn(params, images, labels, rng, frozen)
         else:
             # Micro-batch i takes examples i, i+accum, ...: every micro-batch spans all devices.
             split = lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1)
@@ -160,7 +112,7 @@ def make_train_step(
             def body(carry, xs):
                 loss_sum, grad_sum = carry
                 im, lb, i = xs
-                loss, grads = grad_fn(params, im, lb, jax.random.fold_in(rng, i), extra)
+                loss, grads = grad_fn(params, im, lb, jax.random.fold_in(rng, i), frozen)
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -178,24 +130,27 @@ def make_train_step(
 
 
 class TrainStep:
-    """The jitted, sharded, state-donating train step: `step(params, opt_state, i, batch)`."""
+    """The jitted, sharded, state-donating train step: `step(params, opt_state, i, batch)`.
+
+    `objective` (default: classification) is built outside, with its frozen inputs on the mesh.
+    """
 
     def __init__(self, model, tx, config, mesh, param_sh, opt_sh, objective=None):
-        self.objective = objective or ClassificationObjective(model, config)
-        extra_sh = jax.tree.map(lambda x: x.sharding, self.objective.extra)
+        self.objective = objective or objectives.build_classification(config, model)
+        frozen_sh = jax.tree.map(lambda x: x.sharding, self.objective.frozen)
         rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
         self.jitted = jax.jit(
             make_train_step(model, tx, config, self.objective),
-            in_shardings=(param_sh, opt_sh, rep, batch_sh, extra_sh),
+            in_shardings=(param_sh, opt_sh, rep, batch_sh, frozen_sh),
             out_shardings=(param_sh, opt_sh, rep),
             donate_argnums=(0, 1),
         )
 
     def __call__(self, params, opt_state, step, batch):
-        return self.jitted(params, opt_state, np.int32(step), batch, self.objective.extra)
+        return self.jitted(params, opt_state, np.int32(step), batch, self.objective.frozen)
 
     def lower(self, params, opt_state, step, batch):
-        return self.jitted.lower(params, opt_state, np.int32(step), batch, self.objective.extra)
+        return self.jitted.lower(params, opt_state, np.int32(step), batch, self.objective.frozen)
 
 
 def make_eval_step(model: nn.Module) -> Callable:
@@ -293,10 +248,6 @@ class StopRequest:
 
 def resolve_num_classes(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> int:
     return int(config.num_classes) if config.num_classes > 0 else info.num_classes
-
-
-def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    return (int(config.pp.crop), int(config.pp.crop))
 
 
 def load_pretrained_params(config: ml_collections.ConfigDict, init_params: Params) -> Params:
@@ -479,7 +430,7 @@ def _train(
         batch_sh = sharding.batch_sharding(mesh)
         train_iter = data.train_iterator(config, batch_sh, start_step=start_step)
         rep = sharding.replicated(mesh)
-        objective = make_objective(config, model, mesh)
+        objective = objectives.build(config, model, mesh)
         train_step = TrainStep(model, tx, config, mesh, param_sh, opt_sh, objective)
         eval_step = jax.jit(
             make_eval_step(model), in_shardings=(param_sh, batch_sh), out_shardings=rep
