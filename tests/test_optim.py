@@ -230,12 +230,15 @@ def test_wd_mults_scale_the_decay_and_the_no_decay_patterns_are_an_argument(name
 
 @pytest.mark.slow
 def test_tiny_run_with_lion_learns(tmp_path):
-    """The default digits model trained with Lion from the config alone: the loss falls."""
+    """The digits model trained with Lion from the config alone: the loss falls, it classifies."""
     from vit_jax import trainer
 
-    config = tiny.tiny_config(optimizer="lion", base_lr=3e-4, weight_decay=0.1, total_steps=40)
+    config = tiny.tiny_config(
+        **{**tiny.GOOD, "progress_every": 20}, optimizer="lion", base_lr=1e-3, weight_decay=0.1
+    )
     results = trainer.train_and_evaluate(config, str(tmp_path))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r["train_loss"] for r in rows if "train_loss" in r]
-    assert results["step"] == 40 and len(train) == 4
-    assert train[-1] < 0.8 * train[0], train
+    assert results["step"] == 200 and len(train) == 10
+    assert train[-1] < 0.5 * train[0], train
+    assert results["test_accuracy"] > 0.7, results  # chance: 0.1; seen: 0.89
