@@ -18,9 +18,10 @@ trainer-written `.npz`, converted PyTorch file). Its parameters enter the jitted
 step as the objective's `frozen` tree (sharded by the same rules as the student's), it runs in
 eval mode (no dropout) under `jax.lax.stop_gradient`, optionally in bfloat16.
 
-Config keys: `teacher.checkpoint`, `teacher.model` (zoo name or model config for checkpoints
-that don't record their model; '' = from the checkpoint), `teacher.dtype` ('' = as stored, or
-e.g. 'bfloat16'), `alpha`, `temperature`, `distill_type` ('soft' | 'hard').
+Config keys: `objective` ('distillation'), `teacher.checkpoint`, `teacher.model` (zoo name or
+model config for checkpoints that don't record their model; '' = from the checkpoint),
+`teacher.dtype` ('' = as stored, or e.g. 'bfloat16'), `alpha`, `temperature`, `distill_type`
+('soft' | 'hard').
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ import numpy as np
 from absl import logging
 
 from vit_jax import configs, data, inference, losses, models, sharding
+
+__all__ = [
+    "DISTILL_TYPES",
+    "DistillationObjective",
+    "build",
+    "check_settings",
+    "distillation_loss",
+    "hard_distillation",
+    "load_teacher",
+    "soft_distillation",
+]
 
 DISTILL_TYPES = ("soft", "hard")
 
