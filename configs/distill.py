@@ -50,7 +50,7 @@ def get_config(arg: str = "student") -> ml_collections.ConfigDict:
     c = default.get_config()
     c.teacher = ml_collections.ConfigDict(
         dict(
-            checkpoint="",  # workdir / .npz / converted file; '' = no teacher (plain training)
+            checkpoint="",  # workdir / .npz / converted file (objective 'distillation' needs one)
             model="",  # zoo name for files that don't say which model they hold
             dtype="",  # '' = as stored; 'bfloat16' halves the teacher's memory and compute
         )
@@ -70,6 +70,7 @@ def get_config(arg: str = "student") -> ml_collections.ConfigDict:
     if arg == "scratch":
         c.alpha = 1.0
     else:
+        c.objective = "distillation"
         c.teacher.checkpoint = TEACHER_WORKDIR
     if arg == "token":
         c.distill_type = "hard"

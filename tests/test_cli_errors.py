@@ -14,8 +14,8 @@ import tiny
 from PIL import Image
 
 from vit_jax import checkpoint, evaluate, inference, models, predict, visualize
-from vit_jax.weights import hf
 from vit_jax.convert.__main__ import main as convert_main
+from vit_jax.weights import hf
 
 TINY = dict(
     name="tiny",

@@ -6,7 +6,7 @@ import pytest
 import tiny
 
 from configs import augreg, common, default, mixer, transfer, vit
-from vit_jax import models
+from vit_jax import benchmark, configs, models
 
 
 def test_vit_config_has_reference_finetune_recipe():
@@ -42,6 +42,23 @@ def test_configs_build_their_model(config):
     model = models.get_model(config.model, num_classes=10)
     assert models.count_params(model, image_size=config.pp.crop) > 0
     assert set(common.get_config().keys()) <= set(config.keys())
+
+
+def test_one_schema_for_recipes_benchmark_and_tests():
+    """configs/common.py re-exports the package's schema; the benchmark starts from it too."""
+    assert common.get_config is configs.get_config
+    assert common.with_dataset is configs.with_dataset and common.with_model is configs.with_model
+    schema = configs.get_config()
+    bench = benchmark.train_config(batch=8)
+    assert set(bench.keys()) == set(schema.keys())
+    assert (bench.optimizer, bench.momentum, bench.base_lr, bench.batch) == ("sgd", 0.9, 0.01, 8)
+    assert (schema.objective, schema.wd_mults, schema.lion_b1, schema.lion_b2) == (
+        "classification",
+        (),
+        0.9,
+        0.99,
+    )
+    assert configs.image_size(vit.get_config("b16,cifar10")) == (384, 384)
 
 
 def test_augreg_and_transfer_specifics():

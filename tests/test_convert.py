@@ -16,12 +16,12 @@ import transformers  # the `torch` extra: CI installs it, these tests never skip
 from safetensors.numpy import save_file
 
 from vit_jax import checkpoint, models, weights
+from vit_jax.convert.__main__ import main as cli
 from vit_jax.weights import hf as hf_format
 from vit_jax.weights import pytorch
 from vit_jax.weights import timm as timm_format
 from vit_jax.weights.errors import ConversionError
 from vit_jax.weights.tree import flatten
-from vit_jax.convert.__main__ import main as cli
 
 TINY = dict(
     name="tiny",

@@ -10,7 +10,19 @@ import pytest
 import tiny  # noqa: F401 - puts the repository root (configs/) on sys.path
 
 from configs import distill as distill_configs
-from vit_jax import checkpoint, data, distill, inference, losses, models, optim, sharding, trainer
+from vit_jax import (
+    checkpoint,
+    configs,
+    data,
+    distill,
+    inference,
+    losses,
+    models,
+    objectives,
+    optim,
+    sharding,
+    trainer,
+)
 from vit_jax import workdir as workdir_lib
 
 # Fixed logits: 3 examples, 4 classes; the last label row is a mixup-style mixture.
@@ -228,7 +240,7 @@ def _objective(config):
     """(mesh, student model, the objective the trainer builds for `config`)."""
     mesh = sharding.make_mesh()
     model = models.get_model(config.model, num_classes=data.get_info(config).num_classes)
-    return mesh, model, trainer.make_objective(config, model, mesh)
+    return mesh, model, objectives.build(config, model, mesh)
 
 
 @pytest.mark.slow
@@ -236,25 +248,25 @@ def test_teacher_gets_no_gradient_and_is_unchanged_by_steps(trained_workdir):
     config = _config(trained_workdir)
     mesh, model, objective = _objective(config)
     assert isinstance(objective, distill.DistillationObjective)
-    size = trainer.image_size(config)
+    size = configs.image_size(config)
     tx = optim.make_optimizer(config, trainer.abstract_params(model, size))
     params, opt_state, param_sh, opt_sh = trainer.create_state(model, tx, mesh, size, 0)
-    before = trainer.to_host(objective.extra)
+    before = sharding.to_host(objective.frozen)
     batches = data.train_iterator(config, sharding.batch_sharding(mesh))
     batch = next(batches)
 
     reference = inference.load_model(str(trained_workdir))
 
     @jax.jit
-    def probe(params, images, labels, extra, reference_params):
+    def probe(params, images, labels, frozen, reference_params):
         grads = jax.grad(objective.loss, argnums=(0, 4))(
-            params, images, labels, jax.random.key(0), extra
+            params, images, labels, jax.random.key(0), frozen
         )
         expected = reference.model.apply({"params": reference_params}, images, train=False)[0]
-        return objective.teacher_logits(images, extra), expected, grads
+        return objective.teacher_logits(images, frozen), expected, grads
 
     teacher_logits, expected, (grads, teacher_grads) = probe(
-        params, batch["image"], batch["label"], objective.extra, reference.params
+        params, batch["image"], batch["label"], objective.frozen, reference.params
     )
     # The teacher is the trained model in eval mode, and nothing flows back into it.
     np.testing.assert_allclose(teacher_logits, expected, rtol=1e-5, atol=1e-5)
@@ -267,7 +279,7 @@ def test_teacher_gets_no_gradient_and_is_unchanged_by_steps(trained_workdir):
         params, opt_state, metrics = step(params, opt_state, i, next(batches))
         losses_seen.append(float(metrics["train_loss"]))
     assert np.all(np.isfinite(losses_seen))
-    after = trainer.to_host(objective.extra)
+    after = sharding.to_host(objective.frozen)
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -277,15 +289,15 @@ def test_teacher_options_and_errors(trained_workdir, tmp_path):
     # A student at 8x8: the 16x16 teacher's position embeddings are resampled to its grid.
     config = _config(trained_workdir, **{"pp.resize": 8, "pp.crop": 8})
     *_, objective = _objective(config)
-    posemb = objective.extra["teacher"]["Transformer"]["posembed_input"]["pos_embedding"]
+    posemb = objective.frozen["teacher"]["Transformer"]["posembed_input"]["pos_embedding"]
     assert posemb.shape == (1, 1 + 2 * 2, 32)
 
     # A bfloat16 teacher stores and computes in bfloat16 and gives nearly the same logits.
     _, _, f32 = _objective(_config(trained_workdir))
     _, _, bf16 = _objective(_config(trained_workdir, **{"teacher.dtype": "bfloat16"}))
-    assert {x.dtype for x in jax.tree.leaves(bf16.extra)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(bf16.frozen)} == {jnp.dtype(jnp.bfloat16)}
     images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)), jnp.float32)
-    logits = [jax.jit(o.teacher_logits)(images, o.extra) for o in (f32, bf16)]
+    logits = [jax.jit(o.teacher_logits)(images, o.frozen) for o in (f32, bf16)]
     assert logits[1].dtype == jnp.float32
     np.testing.assert_allclose(logits[1], logits[0], atol=0.05 * float(jnp.abs(logits[0]).max()))
 
@@ -300,7 +312,7 @@ def test_teacher_options_and_errors(trained_workdir, tmp_path):
         _objective(_config(trained_workdir, **{"teacher.dtype": "bf16"}))
     # alpha = 1 is the baseline: no teacher is loaded, the loss is plain cross-entropy.
     *_, plain = _objective(_config(tmp_path / "missing", alpha=1.0))
-    assert plain.extra == {}
+    assert plain.frozen == {}
 
 
 @pytest.mark.slow
@@ -337,3 +349,30 @@ def test_distill_run_improves_and_token_student_round_trips(trained_workdir, tmp
     expected = model.apply({"params": params}, images, train=False)[0]
     np.testing.assert_allclose(from_workdir.logits(images), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(from_npz.logits(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_config_picks_the_objective_from_the_registry():
+    """`config.objective` names it; a set teacher.checkpoint alone still means distillation."""
+    assert objectives.objective_name(distill_configs.get_config("student")) == "distillation"
+    assert objectives.objective_name(distill_configs.get_config("teacher")) == "classification"
+    scratch = distill_configs.get_config("scratch")
+    assert objectives.objective_name(scratch) == "classification"
+    scratch.teacher.checkpoint = "runs/some-teacher"  # the older way of asking for a teacher
+    assert objectives.objective_name(scratch) == "distillation"
+
+    model = models.get_model(scratch.model, num_classes=10)
+    plain = objectives.build(distill_configs.get_config("teacher"), model, None)
+    assert isinstance(plain, objectives.Objective) and plain.frozen == {}
+    no_teacher = distill_configs.get_config("student")
+    no_teacher.teacher.checkpoint = ""
+    with pytest.raises(ValueError, match=r"alpha=0\.5 needs config\.teacher\.checkpoint"):
+        objectives.build(no_teacher, model, None)
+    labels_only = objectives.build(distill_configs.get_config("scratch"), model, None)
+    assert isinstance(labels_only, objectives.Objective) and labels_only.frozen == {}
+    unknown = distill_configs.get_config("teacher")
+    unknown.objective = "contrastive"
+    with pytest.raises(ValueError) as e:
+        objectives.build(unknown, model, None)
+    assert str(e.value) == (
+        "config.objective must be one of 'classification', 'distillation', got 'contrastive'"
+    )

@@ -1,7 +1,7 @@
 """Two processes on localhost (2 CPU devices each, gloo collectives) train like one with 4.
 
 The mesh is FSDP over all 4 devices, so each process holds only half of most parameters:
-final.npz is written from a gather across processes (`trainer.to_host`), checkpoints are written
+final.npz is written from a gather across processes (`sharding.to_host`), checkpoints are written
 and restored by both processes, and a SIGTERM that reaches one process must stop both at the
 same step (`StopRequest.poll` agrees across hosts).
 """

@@ -25,3 +25,61 @@ def test_quick_start_has_two_commands():
     quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.+?)\n```", quick, flags=re.S)
     assert len(blocks) == 2 and all("\n" not in b for b in blocks)
+
+
+def _imports(path: pathlib.Path, package: str) -> set[str]:
+    """vit_jax modules `path` imports at module level or inside functions (absolute imports)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {name for name in found if name == package or name.startswith(f"{package}.")}
+
+
+def _module_graph(package: str = "vit_jax") -> dict[str, set[str]]:
+    """module -> the modules it imports; importing `a.b.c` also runs `a` and `a.b`."""
+    root = ROOT / package
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for imported in _imports(path, package):
+            while imported not in modules and "." in imported:
+                imported = imported.rsplit(".", 1)[0]  # `from pkg import function`
+            pieces = imported.split(".")
+            for i in range(1, len(pieces) + 1):  # parent packages run first
+                parent = ".".join(pieces[:i])
+                if parent in modules and parent != name and not name.startswith(f"{parent}."):
+                    deps.add(parent)
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycles():
+    """No module of vit_jax reaches itself through imports (function-level imports included)."""
+    graph = _module_graph()
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join(stack[stack.index(dep) :] + [dep]))
+            elif dep not in state:
+                visit(dep, [*stack, dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

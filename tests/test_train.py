@@ -1,6 +1,7 @@
 """The trainer: learning, sharding equivalence, accumulation, resume, preemption, NaN, config."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -181,6 +182,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path):
     assert out.returncode == 1
     err = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "training loss is nan" in err[0].lower(), out.stderr[-2000:]
+    assert re.search(r"\(last good checkpoint: step \d+\)", err[0]), err[0]
     params, meta = workdir_lib.load_trained(tmp_path / "run")
     import jax
 

@@ -479,3 +479,21 @@ def test_multihost_processes_all_stop_on_a_held_lock(tmp_path):
         errors = [x for x in out.splitlines() if x.startswith("error:")]
         assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0], out[-2000:]
     assert sorted(p.name for p in wd.iterdir()) == []
+
+
+def test_keys_added_since_a_run_started_resume_at_their_defaults():
+    """A config.json written before `objective`, the lion keys, `wd_mults` and LayerScale existed
+    resumes when the new config leaves them at their defaults, and is refused otherwise."""
+    new = run_config.as_dict(tiny.tiny_config(**RUN))
+    old = json.loads(json.dumps(new))
+    for key in ("objective", "lion_b1", "lion_b2", "wd_mults"):
+        del old[key]
+    del old["model"]["transformer"]["layer_scale_init"]
+    assert run_config.check_restart("wd", old, new) == {}
+    changed = {**new, "objective": "distillation"}
+    with pytest.raises(run_config.ConfigChangeError, match='objective "classification" -> "distillation"'):
+        run_config.check_restart("wd", old, changed)
+    scaled = json.loads(json.dumps(new))
+    scaled["model"]["transformer"]["layer_scale_init"] = 1e-5
+    with pytest.raises(run_config.ConfigChangeError, match="layer_scale_init null -> 1e-05"):
+        run_config.check_restart("wd", old, scaled)

@@ -1,9 +1,9 @@
 """Knowledge distillation: a student learns from the labels and from a frozen teacher's logits.
 
-The trainer (`vit_jax.trainer`) switches to `DistillationObjective` when
-`config.teacher.checkpoint` is set. The loss on a batch, with student logits z_s, the
-distillation head's logits z_d (= z_s unless the student has a DeiT distillation token) and the
-teacher's logits z_t:
+`config.objective = 'distillation'` (or, the older way, a set `config.teacher.checkpoint`)
+makes `vit_jax.objectives.build` call `build` here, which returns a `DistillationObjective`.
+The loss on a batch, with student logits z_s, the distillation head's logits z_d (= z_s unless
+the student has a DeiT distillation token) and the teacher's logits z_t:
 
     soft:  alpha * CE(labels, z_s) + (1 - alpha) * T^2 * KL(softmax(z_t / T) || softmax(z_d / T))
     hard:  alpha * CE(labels, z_s) + (1 - alpha) * CE(onehot(argmax z_t), z_d)
@@ -15,12 +15,13 @@ scale for every temperature; as T grows it tends to matching the centred logits 
 
 The teacher is any checkpoint `vit_jax.inference.load_model` reads (trainer workdir, published or
 trainer-written `.npz`, converted PyTorch file). Its parameters enter the jitted, sharded train
-step as the objective's `extra` tree (sharded by the same rules as the student's), it runs in
+step as the objective's `frozen` tree (sharded by the same rules as the student's), it runs in
 eval mode (no dropout) under `jax.lax.stop_gradient`, optionally in bfloat16.
 
-Config keys: `teacher.checkpoint`, `teacher.model` (zoo name or model config for checkpoints
-that don't record their model; '' = from the checkpoint), `teacher.dtype` ('' = as stored, or
-e.g. 'bfloat16'), `alpha`, `temperature`, `distill_type` ('soft' | 'hard').
+Config keys: `objective` ('distillation'), `teacher.checkpoint`, `teacher.model` (zoo name or
+model config for checkpoints that don't record their model; '' = from the checkpoint),
+`teacher.dtype` ('' = as stored, or e.g. 'bfloat16'), `alpha`, `temperature`, `distill_type`
+('soft' | 'hard').
 """
 
 from __future__ import annotations
@@ -34,7 +35,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_jax import data, inference, losses, models, sharding, trainer, weights
+from vit_jax import configs, data, inference, losses, models, sharding, weights
+
+__all__ = [
+    "DISTILL_TYPES",
+    "DistillationObjective",
+    "build",
+    "check_settings",
+    "distillation_loss",
+    "hard_distillation",
+    "load_teacher",
+    "soft_distillation",
+]
 
 DISTILL_TYPES = ("soft", "hard")
 
@@ -184,60 +196,42 @@ def _fit_to(
 class DistillationObjective:
     """The train step's loss with a teacher: see the module docstring.
 
-    `extra` is `{'teacher': params}` (global arrays sharded over `mesh` like the student's
-    parameters), or empty when `alpha = 1`.
+    Holds ready values only (`build` reads the teacher and places it on the mesh): `frozen` is
+    `{'teacher': params}` (global arrays sharded like the student's parameters), or `{}` with
+    no teacher (`alpha = 1`).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh):
-        check_settings(config)
-        self.model, self.config = model, config
-        self.alpha = float(config.alpha)
-        self.temperature = float(config.temperature)
-        self.distill_type = str(config.distill_type)
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher: nn.Module | None,
+        frozen: Any,
+        *,
+        alpha: float,
+        temperature: float = 1.0,
+        distill_type: str = "soft",
+        loss: str = "softmax_xent",
+        label_smoothing: float = 0.0,
+    ):
+        self.model, self.teacher, self.frozen = model, teacher, frozen
+        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.distill_type = str(distill_type)
+        self.loss_kind, self.label_smoothing = str(loss), float(label_smoothing)
         self.separate_heads = bool(getattr(model, "distillation_token", False))
-        self.teacher: nn.Module | None = None
-        self.extra: Any = {}
-        if self.alpha == 1.0:
-            logging.info("alpha = 1: training on the labels only; the teacher is not loaded")
-            return
-        size = trainer.image_size(config)
-        self.teacher, host, teacher_names = load_teacher(
-            config.teacher, image_size=size, num_classes=int(model.num_classes)
-        )
-        names = data.get_info(config).class_names[: int(model.num_classes)]
-        placeholders = [f"class_{i}" for i in range(len(teacher_names))]
-        if teacher_names not in (list(names), placeholders):
-            logging.warning(
-                "teacher class names %s differ from the dataset's %s: check both use the same "
-                "class order",
-                teacher_names[:5],
-                names[:5],
-            )
-        self.extra = {"teacher": trainer.put_sharded(host, sharding.tree_shardings(host, mesh))}
-        n_teacher = sum(int(np.size(x)) for x in jax.tree.leaves(host))
-        logging.info(
-            "teacher %s: %s parameters; alpha %.3g, %s distillation, temperature %.3g%s",
-            config.teacher.checkpoint,
-            f"{n_teacher:,}",
-            self.alpha,
-            self.distill_type,
-            self.temperature,
-            ", into the distillation token's head" if self.separate_heads else "",
-        )
 
-    def teacher_logits(self, images: jax.Array, extra: Any) -> jax.Array:
+    def teacher_logits(self, images: jax.Array, frozen: Any) -> jax.Array:
         """The teacher's eval-mode float32 logits, without gradient."""
-        logits, _ = self.teacher.apply({"params": extra["teacher"]}, images, train=False)
+        logits, _ = self.teacher.apply({"params": frozen["teacher"]}, images, train=False)
         return jax.lax.stop_gradient(logits.astype(jnp.float32))
 
-    def loss(self, params, images, labels, rng, extra) -> jax.Array:
+    def loss(self, params, images, labels, rng, frozen) -> jax.Array:
         logits, out = self.model.apply(
             {"params": params}, images, train=True, rngs={"dropout": rng}
         )
         dist_logits = None
         if self.separate_heads:  # DeiT: the class head learns the labels, `head_dist` the teacher
             logits, dist_logits = out["logits_cls"], out["logits_dist"]
-        teacher = None if self.alpha == 1.0 else self.teacher_logits(images, extra)
+        teacher = None if self.alpha == 1.0 else self.teacher_logits(images, frozen)
         return distillation_loss(
             logits,
             labels,
@@ -246,6 +240,54 @@ class DistillationObjective:
             temperature=self.temperature,
             distill_type=self.distill_type,
             dist_logits=dist_logits,
-            loss_kind=self.config.loss,
-            label_smoothing=self.config.label_smoothing,
+            loss_kind=self.loss_kind,
+            label_smoothing=self.label_smoothing,
         )
+
+
+def build(config: ml_collections.ConfigDict, model: nn.Module, mesh) -> DistillationObjective:
+    """The objective for `config` (`objectives.build` calls it): checks the settings, reads
+    the teacher (unless `alpha = 1`), compares class names and shards it over `mesh`."""
+    check_settings(config)
+    settings = dict(
+        alpha=float(config.alpha),
+        temperature=float(config.temperature),
+        distill_type=str(config.distill_type),
+        loss=config.loss,
+        label_smoothing=config.label_smoothing,
+    )
+    if settings["alpha"] == 1.0:
+        logging.info("alpha = 1: training on the labels only; the teacher is not loaded")
+        return DistillationObjective(model, None, {}, **settings)
+    if not config.teacher.get("checkpoint"):
+        raise ValueError(
+            f"config.objective='distillation' with alpha={settings['alpha']} needs "
+            "config.teacher.checkpoint (a workdir, .npz or converted file); for training on the "
+            "labels only set alpha=1 or objective='classification'"
+        )
+    num_classes = int(model.num_classes)
+    teacher, host, teacher_names = load_teacher(
+        config.teacher, image_size=configs.image_size(config), num_classes=num_classes
+    )
+    names = data.get_info(config).class_names[:num_classes]
+    placeholders = [f"class_{i}" for i in range(len(teacher_names))]
+    if teacher_names not in (list(names), placeholders):
+        logging.warning(
+            "teacher class names %s differ from the dataset's %s: check both use the same "
+            "class order",
+            teacher_names[:5],
+            names[:5],
+        )
+    frozen = {"teacher": sharding.put_sharded(host, sharding.tree_shardings(host, mesh))}
+    objective = DistillationObjective(model, teacher, frozen, **settings)
+    n_teacher = sum(int(np.size(x)) for x in jax.tree.leaves(host))
+    logging.info(
+        "teacher %s: %s parameters; alpha %.3g, %s distillation, temperature %.3g%s",
+        config.teacher.checkpoint,
+        f"{n_teacher:,}",
+        objective.alpha,
+        objective.distill_type,
+        objective.temperature,
+        ", into the distillation token's head" if objective.separate_heads else "",
+    )
+    return objective

@@ -90,7 +90,7 @@ def evaluate_checkpoint(
         config.pp.crop = trained.crop
     mesh = sharding.make_mesh(**config.mesh.to_dict())
     param_sh = sharding.tree_shardings(trained.params, mesh)
-    params = trainer.put_sharded(trained.params, param_sh)
+    params = sharding.put_sharded(trained.params, param_sh)
     batch_sh = sharding.batch_sharding(mesh)
     eval_step = jax.jit(
         trainer.make_eval_step(trained.model),

@@ -1,19 +1,29 @@
-"""The optax optimizer and learning-rate schedule a config asks for.
+"""The optax optimizer and learning-rate schedule a config asks for, as data.
 
-Chain: clip by global norm -> SGD-momentum or Adam moments -> decoupled weight decay (kernels
-only: not biases, norms, position embeddings, the class or distillation token, the MAP probe)
--> learning-rate schedule -> per-parameter multipliers by regex (0 freezes a sub-tree, e.g.
+Chain: clip by global norm -> the named optimizer's update direction (`OPTIMIZERS`: SGD with
+momentum, Adam moments, Lion's signed momentum) -> decoupled weight decay -> learning-rate
+schedule -> per-parameter learning-rate multipliers by regex (0 freezes a sub-tree, e.g.
 everything but `head` for a linear probe).
 
-Config keys: `optimizer` ('sgd' | 'adamw'), `base_lr`, `warmup_steps`, `total_steps`,
-`decay_type` ('cosine' | 'linear' | 'constant'), `grad_norm_clip` (0/None = off), `momentum`,
-`momentum_dtype` ('float32' | 'bfloat16'), `adam_b1`, `adam_b2`, `weight_decay`,
-`lr_mults` (tuple of (regex, multiplier); the first match wins), `freeze` (tuple of regexes).
+Weight decay is `weight_decay * multiplier * param`, the multiplier of a parameter being the
+first `wd_mults` rule whose regex matches its path ('a/b/kernel'); a parameter no rule matches
+gets 0 when a `no_decay` regex matches it (by default `NO_DECAY_PATTERNS`: biases, norm scales,
+position embeddings, the class / distillation token, the MAP probe) and 1 otherwise.
+
+Config keys: `optimizer` (a name in `OPTIMIZERS`: 'sgd' | 'adamw' | 'lion'), `base_lr`,
+`warmup_steps`, `total_steps`, `decay_type` ('cosine' | 'linear' | 'constant'), `grad_norm_clip`
+(0/None = off), `momentum`, `momentum_dtype` ('float32' | 'bfloat16'), `adam_b1`, `adam_b2`,
+`lion_b1`, `lion_b2`, `weight_decay`, `wd_mults`, `lr_mults` (tuples of (regex, multiplier);
+the first match wins), `freeze` (tuple of regexes).
+
+Adding an optimizer: a function `(config) -> list of optax transformations` (the update
+direction, before weight decay and the learning rate) registered with `register(name, fn)`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,7 +33,24 @@ import optax
 
 from vit_jax.sharding import path_str
 
-NO_DECAY_NAMES = ("bias", "scale", "pos_embedding", "cls", "dist", "probe")
+__all__ = [
+    "NO_DECAY_PATTERNS",
+    "OPTIMIZERS",
+    "add_decayed_weights",
+    "decay_multipliers",
+    "learning_rate_schedule",
+    "lr_multipliers",
+    "make_optimizer",
+    "register",
+    "scale_by_multipliers",
+]
+
+# Parameters without weight decay, by the last component of their path.
+NO_DECAY_PATTERNS: tuple[str, ...] = tuple(
+    rf"(^|/){name}$" for name in ("bias", "scale", "pos_embedding", "cls", "dist", "probe")
+)
+
+Direction = Callable[[ml_collections.ConfigDict], list[optax.GradientTransformation]]
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -46,25 +73,97 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     )
 
 
-def _multipliers(params: Any, config: ml_collections.ConfigDict) -> Any:
+# ----------------------------------------------------------------------------- directions
+
+
+def _momentum_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    return jnp.dtype(config.get("momentum_dtype", "float32"))
+
+
+def _sgd(config: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
+    """Heavy-ball momentum `config.momentum` (none when 0: plain SGD)."""
+    if not config.get("momentum"):
+        return []
+    return [optax.trace(decay=float(config.momentum), accumulator_dtype=_momentum_dtype(config))]
+
+
+def _adamw(config: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
+    """Adam moments (`adam_b1`, `adam_b2`); the decoupled weight decay follows in the chain."""
+    return [
+        optax.scale_by_adam(
+            b1=float(config.get("adam_b1", 0.9)),
+            b2=float(config.get("adam_b2", 0.999)),
+            mu_dtype=_momentum_dtype(config),
+        )
+    ]
+
+
+def _lion(config: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
+    """Lion's signed interpolated momentum (`lion_b1`, `lion_b2`; Chen et al. 2023)."""
+    return [
+        optax.scale_by_lion(
+            b1=float(config.get("lion_b1", 0.9)),
+            b2=float(config.get("lion_b2", 0.99)),
+            mu_dtype=_momentum_dtype(config),
+        )
+    ]
+
+
+OPTIMIZERS: dict[str, Direction] = {"sgd": _sgd, "adamw": _adamw, "lion": _lion}
+
+
+def register(name: str, direction: Direction) -> None:
+    """Makes `config.optimizer = name` use `direction(config)` as the update direction."""
+    OPTIMIZERS[name] = direction
+
+
+# ----------------------------------------------------------------------------- per parameter
+
+
+def _first_match(rules: Sequence[tuple[re.Pattern, float]], name: str) -> float | None:
+    for pattern, value in rules:
+        if pattern.search(name):
+            return value
+    return None
+
+
+def _compile(rules: Any, key: str) -> list[tuple[re.Pattern, float]]:
+    compiled = []
+    for rule in rules or ():
+        try:
+            pattern, mult = rule
+            compiled.append((re.compile(pattern), float(mult)))
+        except (TypeError, ValueError, re.error) as e:
+            raise ValueError(
+                f"config.{key} holds (regex, multiplier) pairs; {rule!r} is not one: {e}"
+            ) from None
+    return compiled
+
+
+def lr_multipliers(params: Any, config: ml_collections.ConfigDict) -> Any:
+    """A tree of floats: 0 for `freeze` matches, else the first `lr_mults` match, else 1."""
     rules = [(re.compile(p), 0.0) for p in (config.get("freeze") or ())]
-    rules += [(re.compile(p), float(m)) for p, m in (config.get("lr_mults") or ())]
+    rules += _compile(config.get("lr_mults"), "lr_mults")
 
     def mult(path, _):
-        name = path_str(path)
-        for pattern, value in rules:
-            if pattern.search(name):
-                return value
-        return 1.0
+        value = _first_match(rules, path_str(path))
+        return 1.0 if value is None else value
 
     return jax.tree_util.tree_map_with_path(mult, params)
 
 
-def _decay_mask(params: Any) -> Any:
-    def decays(path, _):
-        return path_str(path).split("/")[-1] not in NO_DECAY_NAMES
+def decay_multipliers(
+    params: Any, config: ml_collections.ConfigDict, no_decay: Sequence[str] = NO_DECAY_PATTERNS
+) -> Any:
+    """A tree of floats: the first `wd_mults` match, else 0 for a `no_decay` match, else 1."""
+    rules = _compile(config.get("wd_mults"), "wd_mults")
+    rules += [(re.compile(p), 0.0) for p in no_decay]
 
-    return jax.tree_util.tree_map_with_path(decays, params)
+    def mult(path, _):
+        value = _first_match(rules, path_str(path))
+        return 1.0 if value is None else value
+
+    return jax.tree_util.tree_map_with_path(mult, params)
 
 
 def scale_by_multipliers(multipliers: Any) -> optax.GradientTransformation:
@@ -77,33 +176,46 @@ def scale_by_multipliers(multipliers: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
-    """The optimizer for `params` (a tree of arrays or shapes: only paths are read)."""
+def add_decayed_weights(weight_decay: float, multipliers: Any) -> optax.GradientTransformation:
+    """`update + (weight_decay * m) * param` for each parameter's multiplier m; m = 0: untouched.
+
+    Built as `optax.masked` (mask: m != 0), so its state, and with 0/1 multipliers its result,
+    are exactly those of `optax.add_decayed_weights(weight_decay, mask)`.
+    """
+    mask = jax.tree.map(lambda m: m != 0.0, multipliers)
+    scales = jax.tree.map(lambda m: weight_decay * m if m else optax.MaskedNode(), multipliers)
+
+    def update(updates, state, params):
+        if params is None:
+            raise ValueError("weight decay needs the parameters: tx.update(grads, state, params)")
+        return jax.tree.map(lambda g, p, s: g + s * p, updates, params, scales), state
+
+    return optax.masked(optax.GradientTransformation(lambda _: optax.EmptyState(), update), mask)
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    *,
+    no_decay: Sequence[str] = NO_DECAY_PATTERNS,
+) -> optax.GradientTransformation:
+    """The optimizer for `params` (a tree of arrays or shapes: only paths are read).
+
+    `no_decay`: regexes of parameter paths without weight decay unless `wd_mults` says otherwise
+    (a model family's norms, biases and embeddings).
+    """
+    name = config.get("optimizer", "sgd")
+    if name not in OPTIMIZERS:
+        valid = ", ".join(repr(k) for k in sorted(OPTIMIZERS))
+        raise ValueError(f"config.optimizer must be one of {valid}, got {name!r}")
     parts = []
     if config.get("grad_norm_clip"):
         parts.append(optax.clip_by_global_norm(float(config.grad_norm_clip)))
-    name = config.get("optimizer", "sgd")
-    if name == "sgd":
-        if config.get("momentum"):
-            parts.append(
-                optax.trace(
-                    decay=float(config.momentum),
-                    accumulator_dtype=jnp.dtype(config.get("momentum_dtype", "float32")),
-                )
-            )
-    elif name == "adamw":
-        parts.append(
-            optax.scale_by_adam(
-                b1=float(config.get("adam_b1", 0.9)),
-                b2=float(config.get("adam_b2", 0.999)),
-                mu_dtype=jnp.dtype(config.get("momentum_dtype", "float32")),
-            )
-        )
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
+    parts += OPTIMIZERS[name](config)
     if config.get("weight_decay"):
-        parts.append(optax.add_decayed_weights(float(config.weight_decay), _decay_mask(params)))
+        multipliers = decay_multipliers(params, config, no_decay)
+        parts.append(add_decayed_weights(float(config.weight_decay), multipliers))
     parts.append(optax.scale_by_learning_rate(learning_rate_schedule(config)))
     if config.get("freeze") or config.get("lr_mults"):
-        parts.append(scale_by_multipliers(_multipliers(params, config)))
+        parts.append(scale_by_multipliers(lr_multipliers(params, config)))
     return optax.chain(*parts)

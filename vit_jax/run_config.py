@@ -15,6 +15,9 @@ line listing each changed key as `old -> new`. Keys that may change:
 - devices: `mesh.*`, `accum_steps` (the same global batch, spread differently), `prefetch`;
 - where the data is read from: `tfds_data_dir`, `tfds_manual_dir`.
 
+A key the stored config lacks (added to vit_jax after the run started) counts as unchanged when
+its new value is today's default for it (`vit_jax.configs`, or the model family's default).
+
 Each start appends one line to `config_history.jsonl` (step, time, the changes, the full
 config); `config.json` holds the latest start's config.
 """
@@ -30,6 +33,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from vit_jax import configs, models
 from vit_jax import workdir as workdir_lib
 from vit_jax.weights.tree import flatten
 
@@ -96,11 +100,23 @@ def changes(stored: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tupl
     }
 
 
+def with_current_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """`stored` with the keys added since it was written filled in at today's defaults."""
+    full = as_dict(configs.get_config())
+    full.update(stored)
+    if isinstance(stored.get("model"), Mapping):
+        try:
+            full["model"] = as_dict(models.get_config(dict(stored["model"])))
+        except (ValueError, TypeError, KeyError):  # not a model we can complete: compare as is
+            full["model"] = dict(stored["model"])
+    return full
+
+
 def check_restart(
     workdir: epath.Path, stored: Mapping[str, Any], new: Mapping[str, Any]
 ) -> dict[str, tuple[Any, Any]]:
     """The allowed changes of a restart; raises `ConfigChangeError` listing the refused ones."""
-    changed = changes(stored, new)
+    changed = changes(with_current_defaults(stored), new)
     refused = []
     for key, (old, value) in changed.items():
         rule = _rule(key)

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -130,3 +131,32 @@ def describe(shardings: Mapping[str, Any]) -> dict[str, str]:
     """`{path: spec}` for logging/tests."""
     flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
     return {path_str(p): str(s.spec) for p, s in flat}
+
+
+# ----------------------------------------------------------------------------- host <-> device
+
+
+def put_sharded(tree: Any, shardings: Any) -> Any:
+    """Host numpy arrays (identical on every process) -> global arrays with these shardings.
+
+    Each process places only the shards its devices hold, so no process needs the others' data.
+    """
+
+    def put(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays -> numpy on every process (gathering what other processes hold)."""
+
+    def get(x):
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)

@@ -185,9 +185,9 @@ def _bad_override(argv: list[str]) -> str | None:
     if not config_arg:
         return None
     path, _, arg = config_arg.partition(":")
-    spec = importlib.util.spec_from_file_location("_vit_jax_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module_spec = importlib.util.spec_from_file_location("_vit_jax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
     config = module.get_config(arg) if arg else module.get_config()
     for a in argv:
         if not a.startswith("--config."):

@@ -1,16 +1,19 @@
 """Training and evaluation: sharded state, one jitted step, eval, metrics, Orbax checkpoints.
 
 Data flow: config -> the workdir's lock and the restart check (`run_lock`, `run_config`; before
-anything is written) -> mesh -> data iterator (global batches sharded over ('data', 'fsdp')) ->
-model -> `jax.eval_shape` of init -> shardings from `vit_jax.sharding` rules ->
-`jax.jit(init, out_shardings=...)` -> pretrained weights or the newest checkpoint that restores,
-into those shardings -> loop: step (one `jax.jit`, donated state) -> progress / eval /
-checkpoint (a failed save stops the run) -> final checkpoint and `final.npz`.
+anything is written) -> mesh -> dataset info -> model -> `jax.eval_shape` of init -> shardings
+from `vit_jax.sharding` rules -> `jax.jit(init, out_shardings=...)` -> the newest checkpoint that
+restores, else pretrained weights, into those shardings -> loop (`_Loop`): data iterator (global
+batches sharded over ('data', 'fsdp')), the objective (`objectives.build`, known here only by
+its protocol), step (one `jax.jit`, donated state) -> progress / eval / checkpoint (a failed save
+stops the run) -> final checkpoint and `final.npz`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import signal
 import time
@@ -28,8 +31,10 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vit_jax import data, losses, models, optim, run_config, run_lock, sharding
+from vit_jax import data, models, objectives, optim, run_config, run_lock, sharding
 from vit_jax import workdir as workdir_lib
+from vit_jax.configs import image_size
+from vit_jax.sharding import put_sharded, to_host
 
 Params = Any
 
@@ -74,84 +79,34 @@ def create_state(
     return params, opt_state, param_sh, opt_sh
 
 
-def put_sharded(tree: Params, shardings: Any) -> Params:
-    """Host numpy arrays (identical on every process) -> global arrays with these shardings."""
-
-    def put(x, s):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-
-    return jax.tree.map(put, tree, shardings)
-
-
-def to_host(tree: Params) -> Params:
-    """Global arrays -> numpy on every process (gathering what other processes hold)."""
-
-    def get(x):
-        if x.is_fully_addressable:
-            return np.asarray(x)
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(get, tree)
-
-
 # ----------------------------------------------------------------------------- steps
-
-
-class ClassificationObjective:
-    """Cross-entropy of the model's logits against the batch labels (one-hot or mixed).
-
-    An objective is what the train step minimises: `loss(params, images, labels, rng, extra)`.
-    `extra` is a tree of global arrays the loss reads but does not train (e.g. a distillation
-    teacher's parameters); they enter the step as arguments, not as compiled-in constants.
-    """
-
-    def __init__(self, model: nn.Module, config: ml_collections.ConfigDict):
-        self.model, self.config = model, config
-        self.extra: Any = {}
-
-    def loss(self, params, images, labels, rng, extra) -> jax.Array:
-        del extra
-        logits, _ = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-        return losses.classification_loss(
-            logits, labels, kind=self.config.loss, label_smoothing=self.config.label_smoothing
-        )
-
-
-def make_objective(config: ml_collections.ConfigDict, model: nn.Module, mesh) -> Any:
-    """Plain classification, or knowledge distillation when `config.teacher.checkpoint` is set."""
-    teacher = config.get("teacher")
-    if teacher is not None and teacher.get("checkpoint"):
-        from vit_jax import distill
-
-        return distill.DistillationObjective(config, model, mesh)
-    return ClassificationObjective(model, config)
 
 
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
-    objective: Any = None,
+    objective: objectives.Objective | None = None,
 ) -> Callable:
-    """`(params, opt_state, step, batch, extra) -> (params, opt_state, metrics)`, not jitted.
+    """`(params, opt_state, step, batch, frozen) -> (params, opt_state, metrics)`, not jitted.
 
-    Random numbers come from `fold_in(seed, step)`, so they don't depend on the device count or
-    on a restart. A non-finite loss leaves params and optimizer state unchanged (the host stops).
+    `objective` defaults to classification of `model`'s logits; `frozen` is the objective's
+    frozen inputs (`objective.frozen`). Random numbers come from `fold_in(seed, step)`, so they
+    don't depend on the device count or on a restart. A non-finite loss leaves params and
+    optimizer state unchanged (the host stops).
     """
-    del model  # the objective holds it
+    if objective is None:
+        objective = objectives.build_classification(config, model)
     accum = int(config.accum_steps)
     schedule = optim.learning_rate_schedule(config)
     base_rng = jax.random.key(config.seed)
     grad_fn = jax.value_and_grad(objective.loss)
 
-    def step_fn(params, opt_state, step, batch, extra):
+    def step_fn(params, opt_state, step, batch, frozen):
         rng = jax.random.fold_in(base_rng, step)
         images, labels = batch["image"], batch["label"]
         if accum == 1:
-            loss, grads = grad_fn(params, images, labels, rng, extra)
+            loss, grads = grad_fn(params, images, labels, rng, frozen)
         else:
             # Micro-batch i takes examples i, i+accum, ...: every micro-batch spans all devices.
             split = lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1)
@@ -160,7 +115,7 @@ def make_train_step(
             def body(carry, xs):
                 loss_sum, grad_sum = carry
                 im, lb, i = xs
-                loss, grads = grad_fn(params, im, lb, jax.random.fold_in(rng, i), extra)
+                loss, grads = grad_fn(params, im, lb, jax.random.fold_in(rng, i), frozen)
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -178,24 +133,27 @@ def make_train_step(
 
 
 class TrainStep:
-    """The jitted, sharded, state-donating train step: `step(params, opt_state, i, batch)`."""
+    """The jitted, sharded, state-donating train step: `step(params, opt_state, i, batch)`.
+
+    `objective` (default: classification) is built outside, with its frozen inputs on the mesh.
+    """
 
     def __init__(self, model, tx, config, mesh, param_sh, opt_sh, objective=None):
-        self.objective = objective or ClassificationObjective(model, config)
-        extra_sh = jax.tree.map(lambda x: x.sharding, self.objective.extra)
+        self.objective = objective or objectives.build_classification(config, model)
+        frozen_sh = jax.tree.map(lambda x: x.sharding, self.objective.frozen)
         rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
         self.jitted = jax.jit(
             make_train_step(model, tx, config, self.objective),
-            in_shardings=(param_sh, opt_sh, rep, batch_sh, extra_sh),
+            in_shardings=(param_sh, opt_sh, rep, batch_sh, frozen_sh),
             out_shardings=(param_sh, opt_sh, rep),
             donate_argnums=(0, 1),
         )
 
     def __call__(self, params, opt_state, step, batch):
-        return self.jitted(params, opt_state, np.int32(step), batch, self.objective.extra)
+        return self.jitted(params, opt_state, np.int32(step), batch, self.objective.frozen)
 
     def lower(self, params, opt_state, step, batch):
-        return self.jitted.lower(params, opt_state, np.int32(step), batch, self.objective.extra)
+        return self.jitted.lower(params, opt_state, np.int32(step), batch, self.objective.frozen)
 
 
 def make_eval_step(model: nn.Module) -> Callable:
@@ -295,10 +253,6 @@ def resolve_num_classes(config: ml_collections.ConfigDict, info: data.DatasetInf
     return int(config.num_classes) if config.num_classes > 0 else info.num_classes
 
 
-def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    return (int(config.pp.crop), int(config.pp.crop))
-
-
 def load_pretrained_params(config: ml_collections.ConfigDict, init_params: Params) -> Params:
     """Host params from `pretrained_path` (or `pretrained_dir` + model name), fit to the model."""
     from vit_jax import checkpoint  # heavy optional paths (PyTorch formats) load lazily
@@ -395,12 +349,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         lock.release()
 
 
+@dataclasses.dataclass
+class _State:
+    """The model and its sharded training state, as the run holds them between steps."""
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    params: Params
+    opt_state: Any
+    param_sh: Any
+    opt_sh: Any
+    num_classes: int
+    image_size: tuple[int, int]
+
+
 def _train(
     config: ml_collections.ConfigDict, wd: epath.Path, changed: dict[str, Any]
 ) -> dict[str, float]:
+    """config -> mesh -> data -> model -> state -> restore -> loop -> end (see the module doc)."""
     mesh = sharding.make_mesh(**config.mesh.to_dict())
     logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     info = data.get_info(config)
+    state = _init_state(config, mesh, info)
+    is_main = jax.process_index() == 0
+    if is_main:
+        for name in workdir_lib.remove_temporaries(wd):
+            logging.info("removed %s, left by an unfinished save", name)
+    with contextlib.ExitStack() as cleanup:
+        writer = _open_checkpoints(config, wd, cleanup)
+        start_step = _restore(config, writer, state)
+        meta = functools.partial(_meta, config, info, state)
+        total = int(config.total_steps)
+        if start_step >= total:
+            final = wd / workdir_lib.FINAL_NPZ
+            if start_step == total and config.write_final_npz and not final.exists():
+                _write_final_npz(wd, state.params, meta(start_step))
+            logging.warning("already at step %d of %d: nothing to do", start_step, total)
+            return {"step": start_step, "nothing_to_do": True}
+        if is_main:
+            _record_start(config, wd, changed, start_step)
+        loop = _Loop(config, wd, mesh, state, writer, meta, start_step, cleanup)
+        return loop.run()
+
+
+def _init_state(config: ml_collections.ConfigDict, mesh, info: data.DatasetInfo) -> _State:
+    """The model the config names and its optimizer state, initialised already sharded."""
     num_classes = resolve_num_classes(config, info)
     model = models.get_model(config.model, num_classes=num_classes)
     size = image_size(config)
@@ -410,199 +403,253 @@ def _train(
     logging.info(
         "model %s: %s parameters, %d classes", config.model_name, f"{n_params:,}", num_classes
     )
-    total = int(config.total_steps)
-    is_main = jax.process_index() == 0
+    return _State(model, tx, params, opt_state, param_sh, opt_sh, num_classes, size)
 
-    if is_main:
-        for name in workdir_lib.remove_temporaries(wd):
-            logging.info("removed %s, left by an unfinished save", name)
-    with contextlib.ExitStack() as cleanup:
-        mngr = workdir_lib.checkpoint_manager(
-            wd, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing
-        )
-        writer = workdir_lib.CheckpointWriter(mngr, async_save=bool(config.async_checkpointing))
 
-        def close_writer(exc_type, exc, tb) -> bool:
-            try:
-                writer.close()
-            except workdir_lib.CheckpointSaveError:
-                if exc_type is None:
-                    raise  # otherwise the error already propagating is the one to report
-            return False
+def _open_checkpoints(
+    config: ml_collections.ConfigDict, wd: epath.Path, cleanup: contextlib.ExitStack
+) -> workdir_lib.CheckpointWriter:
+    """The run's checkpoint writer, closed (pending saves finished) when `cleanup` exits."""
+    mngr = workdir_lib.checkpoint_manager(
+        wd, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing
+    )
+    writer = workdir_lib.CheckpointWriter(mngr, async_save=bool(config.async_checkpointing))
 
-        cleanup.push(close_writer)
-        abstract = lambda t, s: jax.tree.map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s
-        )
-        restored = workdir_lib.restore_newest(
-            mngr, abstract(params, param_sh), abstract(opt_state, opt_sh)
-        )
-        start_step = 0
-        if restored is not None:
-            params, opt_state, restored_meta, latest = restored
-            start_step = int(restored_meta["data_step"])
-            logging.info("resumed from %s at step %d", mngr.directory / str(latest), start_step)
-        elif config.pretrained_path or config.pretrained_dir:
-            host = load_pretrained_params(config, to_host(params))
-            params = put_sharded(host, param_sh)
+    def close_writer(exc_type, exc, tb) -> bool:
+        try:
+            writer.close()
+        except workdir_lib.CheckpointSaveError:
+            if exc_type is None:
+                raise  # otherwise the error already propagating is the one to report
+        return False
 
-        def meta(step: int) -> dict[str, Any]:
-            return {
-                "step": step,
-                "data_step": step,
-                "seed": int(config.seed),
-                "model_name": config.model_name,
-                "model": config.model.to_dict(),
-                "num_classes": num_classes,
-                "class_names": list(info.class_names)[:num_classes],
-                "dataset": str(config.dataset),
-                "image_size": list(size),
-            }
+    cleanup.push(close_writer)
+    return writer
 
-        if start_step >= total:
-            final = wd / workdir_lib.FINAL_NPZ
-            if start_step == total and config.write_final_npz and not final.exists():
-                _write_final_npz(wd, params, meta(start_step))
-            logging.warning("already at step %d of %d: nothing to do", start_step, total)
-            return {"step": start_step, "nothing_to_do": True}
 
-        if is_main:
-            for key, (old, new) in changed.items():
-                logging.warning("restart with a changed %s: %s -> %s", key, old, new)
-            run_config.record_start(wd, config, start_step, changed)
-            dropped = workdir_lib.truncate_metrics(wd, start_step)
-            if dropped:
-                logging.info(
-                    "dropped %d metrics rows after step %d (replayed now)", dropped, start_step
-                )
+def _restore(
+    config: ml_collections.ConfigDict, writer: workdir_lib.CheckpointWriter, state: _State
+) -> int:
+    """Loads the newest checkpoint that restores (else pretrained weights) into `state`; the
+    data step to start from (0 for a fresh run)."""
+    abstract = lambda t, s: jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s
+    )
+    restored = workdir_lib.restore_newest(
+        writer.mngr,
+        abstract(state.params, state.param_sh),
+        abstract(state.opt_state, state.opt_sh),
+    )
+    if restored is not None:
+        state.params, state.opt_state, restored_meta, latest = restored
+        start_step = int(restored_meta["data_step"])
+        logging.info("resumed from %s at step %d", writer.directory / str(latest), start_step)
+        return start_step
+    if config.pretrained_path or config.pretrained_dir:
+        host = load_pretrained_params(config, to_host(state.params))
+        state.params = put_sharded(host, state.param_sh)
+    return 0
 
-        batch_sh = sharding.batch_sharding(mesh)
-        train_iter = data.train_iterator(config, batch_sh, start_step=start_step)
+
+def _meta(
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, state: _State, step: int
+) -> dict[str, Any]:
+    """What a checkpoint and final.npz record about the run at `step`."""
+    return {
+        "step": step,
+        "data_step": step,
+        "seed": int(config.seed),
+        "model_name": config.model_name,
+        "model": config.model.to_dict(),
+        "num_classes": state.num_classes,
+        "class_names": list(info.class_names)[: state.num_classes],
+        "dataset": str(config.dataset),
+        "image_size": list(state.image_size),
+    }
+
+
+def _record_start(
+    config: ml_collections.ConfigDict, wd: epath.Path, changed: dict[str, Any], start_step: int
+) -> None:
+    """Process 0: the allowed config changes logged, the start recorded, metrics cut back."""
+    for key, (old, new) in changed.items():
+        logging.warning("restart with a changed %s: %s -> %s", key, old, new)
+    run_config.record_start(wd, config, start_step, changed)
+    dropped = workdir_lib.truncate_metrics(wd, start_step)
+    if dropped:
+        logging.info("dropped %d metrics rows after step %d (replayed now)", dropped, start_step)
+
+
+class _Loop:
+    """The training loop and its side jobs: progress, eval, checkpoints, stop requests."""
+
+    def __init__(self, config, wd, mesh, state: _State, writer, meta, start_step: int, cleanup):
+        self.config, self.state, self.writer, self.meta = config, state, writer, meta
+        self.wd, self.total = wd, int(config.total_steps)
+        self.start_step = self.saved_step = start_step
+        self.batch_sh = sharding.batch_sharding(mesh)
+        self.train_iter = data.train_iterator(config, self.batch_sh, start_step=start_step)
         rep = sharding.replicated(mesh)
-        objective = make_objective(config, model, mesh)
-        train_step = TrainStep(model, tx, config, mesh, param_sh, opt_sh, objective)
-        eval_step = jax.jit(
-            make_eval_step(model), in_shardings=(param_sh, batch_sh), out_shardings=rep
+        objective = objectives.build(config, state.model, mesh)
+        self.train_step = TrainStep(
+            state.model, state.tx, config, mesh, state.param_sh, state.opt_sh, objective
+        )
+        self.eval_step = jax.jit(
+            make_eval_step(state.model),
+            in_shardings=(state.param_sh, self.batch_sh),
+            out_shardings=rep,
+        )
+        self.log = MetricsLog(wd)
+        cleanup.callback(self.log.close)
+        self.stop = StopRequest()
+        cleanup.callback(self.stop.restore_handlers)
+        self.per_device = config.batch / jax.device_count()
+
+    def save(self, step: int) -> None:
+        self.writer.save(step, self.state.params, self.state.opt_state, self.meta(step))
+        self.saved_step = step
+        where = self.writer.directory / str(step)
+        if self.writer.async_save:
+            logging.info("step %d: saving checkpoint %s in the background", step, where)
+        else:
+            logging.info("step %d: saved checkpoint %s", step, where)
+
+    def last_good(self) -> str:
+        """The newest checkpoint on disk, after any pending save finished (or failed)."""
+        try:
+            self.writer.wait()
+        except workdir_lib.CheckpointSaveError:
+            pass
+        steps = workdir_lib.step_dirs(self.writer.directory)
+        return f"step {steps[0].name}" if steps else "none written yet"
+
+    def run_eval(self, step: int) -> dict[str, float]:
+        batches = data.eval_iterator(self.config, self.batch_sh)
+        results = evaluate(self.eval_step, self.state.params, batches)
+        self.log.write(step, {k: v for k, v in results.items() if k != "test_examples"})
+        logging.info(
+            "step %d: test accuracy %.4f, top-5 %.4f, loss %.4f (%d examples)",
+            step,
+            results["test_accuracy"],
+            results["test_top5_accuracy"],
+            results["test_loss"],
+            results["test_examples"],
+        )
+        return results
+
+    def report(self, step: int, host: dict[str, float], steps_per_sec: float) -> None:
+        host["img_per_sec_per_device"] = steps_per_sec * self.per_device
+        self.log.write(step, host)
+        eta = (self.total - step) / max(steps_per_sec, 1e-9)
+        img_per_sec = steps_per_sec * self.config.batch
+        postfix = f"loss {host['train_loss']:.4f}, lr {host['learning_rate']:.2e}"
+        postfix = f"{postfix}, {img_per_sec:.0f} img/s"
+        logging.info(
+            "step %d/%d: loss %.4f, lr %.2e, %.2f steps/s, %.0f img/s, ETA %s",
+            step,
+            self.total,
+            host["train_loss"],
+            host["learning_rate"],
+            steps_per_sec,
+            img_per_sec,
+            _hms(eta),
+            # A console may draw a bar instead (it shows steps/s and ETA itself).
+            extra={
+                "progress": (step, self.total),
+                "postfix": f"{postfix}, {img_per_sec:.0f} img/s",
+            },
         )
 
-        log = MetricsLog(wd)
-        cleanup.callback(log.close)
-        stop = StopRequest()
-        cleanup.callback(stop.restore_handlers)
-        per_device = config.batch / jax.device_count()
-        saved_step = start_step
-
-        def save(step: int) -> None:
-            nonlocal saved_step
-            writer.save(step, params, opt_state, meta(step))
-            saved_step = step
-            where = epath.Path(mngr.directory) / str(step)
-            if writer.async_save:
-                logging.info("step %d: saving checkpoint %s in the background", step, where)
-            else:
-                logging.info("step %d: saved checkpoint %s", step, where)
-
-        def last_good() -> str:
-            try:
-                writer.wait()
-            except workdir_lib.CheckpointSaveError:
-                pass
-            steps = workdir_lib.step_dirs(epath.Path(mngr.directory))
-            return f"step {steps[0].name}" if steps else "none written yet"
-
-        def run_eval(step: int) -> dict[str, float]:
-            results = evaluate(eval_step, params, data.eval_iterator(config, batch_sh))
-            log.write(step, {k: v for k, v in results.items() if k != "test_examples"})
-            logging.info(
-                "step %d: test accuracy %.4f, top-5 %.4f, loss %.4f (%d examples)",
-                step,
-                results["test_accuracy"],
-                results["test_top5_accuracy"],
-                results["test_loss"],
-                results["test_examples"],
-            )
-            return results
-
-        def report(step: int, host: dict[str, float], steps_per_sec: float) -> None:
-            host["img_per_sec_per_device"] = steps_per_sec * per_device
-            log.write(step, host)
-            eta = (total - step) / max(steps_per_sec, 1e-9)
-            img_per_sec = steps_per_sec * config.batch
-            postfix = f"loss {host['train_loss']:.4f}, lr {host['learning_rate']:.2e}"
-            logging.info(
-                "step %d/%d: loss %.4f, lr %.2e, %.2f steps/s, %.0f img/s, ETA %s",
-                step,
-                total,
-                host["train_loss"],
-                host["learning_rate"],
-                steps_per_sec,
-                img_per_sec,
-                _hms(eta),
-                # A console may draw a bar instead (it shows steps/s and ETA itself).
-                extra={"progress": (step, total), "postfix": f"{postfix}, {img_per_sec:.0f} img/s"},
-            )
-
+    def run(self) -> dict[str, float]:
+        """Steps from `start_step` to `total_steps` (or a stop request); the final metrics."""
+        n = jax.device_count()
         logging.info(
             "training steps %d-%d, batch %d over %d device%s",
-            start_step + 1,
-            total,
-            config.batch,
-            jax.device_count(),
-            "" if jax.device_count() == 1 else "s",
-            extra={"progress": (start_step, total)},
+            self.start_step + 1,
+            self.total,
+            self.config.batch,
+            n,
+            "" if n == 1 else "s",
+            extra={"progress": (self.start_step, self.total)},
         )
-        window = _Window(start_step, last_good)
-        results: dict[str, float] = {}
-        step = start_step
         loop_start = time.perf_counter()
+        try:
+            step, results = self._steps(_Window(self.start_step))
+        except _NonFiniteLoss as e:
+            raise NonFiniteLossError(
+                f"training loss is {e.loss} at step {e.step}; stopping (last good checkpoint: "
+                f"{self.last_good()}). Restart with a lower base_lr or more warmup_steps; "
+                "switching grad_norm_clip on needs a new workdir."
+            ) from None
+        self.writer.wait()
+        train_seconds = time.perf_counter() - loop_start
+        if step == self.total and self.config.write_final_npz:
+            _write_final_npz(self.wd, self.state.params, self.meta(step))
+        steps_run = step - self.start_step
+        return {
+            "step": step,
+            **results,
+            "steps_run": steps_run,
+            "train_seconds": train_seconds,
+            "img_per_sec": steps_run * self.config.batch / max(train_seconds, 1e-9),
+        }
+
+    def _steps(self, window: _Window) -> tuple[int, dict[str, float]]:
+        """The loop proper: (the last step run, the last eval's results)."""
+        config, state, total = self.config, self.state, self.total
+        results: dict[str, float] = {}
+        step = self.start_step
         while step < total:
-            batch = next(train_iter)
-            params, opt_state, metrics = train_step(params, opt_state, step, batch)
+            batch = next(self.train_iter)
+            state.params, state.opt_state, metrics = self.train_step(
+                state.params, state.opt_state, step, batch
+            )
             step += 1
             window.push(step, metrics)  # reads the previous step's metrics: no stall
             done = step == total
             if step % config.progress_every == 0 or done:
-                report(step, *window.flush())
+                self.report(step, *window.flush())
             if step % config.eval_every == 0 or done:
-                results = run_eval(step)
+                results = self.run_eval(step)
             if step % config.checkpoint_every == 0 or done:
-                save(step)
-            local_failure = writer.poll()
-            stop_requested, save_failed = stop.poll(local_failure is not None)
+                self.save(step)
+            local_failure = self.writer.poll()
+            stop_requested, save_failed = self.stop.poll(local_failure is not None)
             if save_failed:
                 raise local_failure or workdir_lib.CheckpointSaveError(
                     f"a checkpoint save failed on another process (step {step}); see its log"
                 )
             if not done and stop_requested:
-                host, steps_per_sec = window.flush()
-                if host:  # the progress row of the steps since the last report
-                    report(step, host, steps_per_sec)
-                if saved_step != step:
-                    save(step)
-                writer.wait()
-                logging.warning("stopped at step %d on request; checkpoint saved", step)
+                self._stop_now(step, window)
                 break
-        writer.wait()
-        train_seconds = time.perf_counter() - loop_start
-        if step == total and config.write_final_npz:
-            _write_final_npz(wd, params, meta(step))
-        return {
-            "step": step,
-            **results,
-            "steps_run": step - start_step,
-            "train_seconds": train_seconds,
-            "img_per_sec": (step - start_step) * config.batch / max(train_seconds, 1e-9),
-        }
+        return step, results
+
+    def _stop_now(self, step: int, window: _Window) -> None:
+        """A stop request: the pending progress row, a checkpoint of this step, then return."""
+        host, steps_per_sec = window.flush()
+        if host:  # the progress row of the steps since the last report
+            self.report(step, host, steps_per_sec)
+        if self.saved_step != step:
+            self.save(step)
+        self.writer.wait()
+        logging.warning("stopped at step %d on request; checkpoint saved", step)
+
+
+class _NonFiniteLoss(Exception):
+    """A NaN/Inf training loss at `step` (the loop turns it into `NonFiniteLossError`)."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(step, loss)
+        self.step, self.loss = step, loss
 
 
 class _Window:
     """Train metrics of the steps since the last report, fetched one step late (no stall).
 
-    A NaN/Inf loss raises `NonFiniteLossError`; the step itself left the state unchanged.
+    A NaN/Inf loss raises `_NonFiniteLoss`; the step itself left the state unchanged.
     """
 
-    def __init__(self, step: int, last_good: Callable[[], str]):
-        self.last_good = last_good
+    def __init__(self, step: int):
         self.pending: tuple[int, dict] | None = None
         self.rows: list[dict[str, float]] = []
         self.start_time, self.start_step = time.perf_counter(), step
@@ -615,12 +662,7 @@ class _Window:
     def _read(self, step: int, metrics: dict) -> None:
         row = {k: float(v) for k, v in metrics.items()}
         if not np.isfinite(row["train_loss"]):
-            kept = self.last_good()
-            raise NonFiniteLossError(
-                f"training loss is {row['train_loss']} at step {step}; stopping (last good "
-                f"checkpoint: {kept}). Restart with a lower base_lr or more warmup_steps; "
-                "switching grad_norm_clip on needs a new workdir."
-            )
+            raise _NonFiniteLoss(step, row["train_loss"])
         self.rows.append(row)
 
     def flush(self) -> tuple[dict[str, float], float]:
