@@ -39,6 +39,15 @@ class Converted(NamedTuple):
         }
 
 
+LAYER_SCALE_KEY = "Transformer/encoderblock_0/LayerScale_1/scale"
+
+
+def uses_layer_scale(config: ml_collections.ConfigDict) -> bool:
+    """Whether the model config turns LayerScale on (`transformer.layer_scale_init`)."""
+    t = config.get("transformer") or {}
+    return t.get("layer_scale_init") is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class VitFacts:
     """Dimensions of one of our ViTs, read from its config and parameters."""
@@ -68,11 +77,13 @@ def vit_facts(
     classifiers: tuple[str, ...],
     features_representation: bool,
     distillation: bool,
+    layer_scale: bool,
 ) -> VitFacts:
     """Checks that `target` can express the model and returns its dimensions.
 
     `features_representation`: whether `target` has a representation layer (`pre_logits`) for
-    models without a head. `image_size` defaults to the square grid the position embeddings hold.
+    models without a head; `layer_scale`: whether it has LayerScale (`LayerScale_1`, `_3`).
+    `image_size` defaults to the square grid the position embeddings hold.
     """
     config = models.get_config(model_config)
     problems = []
@@ -91,6 +102,8 @@ def vit_facts(
             problems.append("a distillation token")
     flat = {k: np.asarray(v) for k, v in flatten(models.unstack_layers(params)).items()}
     num_classes = int(flat["head/kernel"].shape[-1]) if "head/kernel" in flat else None
+    if not layer_scale and (uses_layer_scale(config) or LAYER_SCALE_KEY in flat):
+        problems.append(f"LayerScale ({LAYER_SCALE_KEY})")
     if config.get("representation_size") and (num_classes or not features_representation):
         problems.append(
             "a representation layer (pre_logits)"
