@@ -452,3 +452,45 @@ def test_save_npz_never_overwrites_unless_asked(tmp_path):
     checkpoint.save_npz(twice, path, overwrite=True)
     np.testing.assert_array_equal(checkpoint.load(path)["head"]["kernel"], 2.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npz"]
+
+
+# ----------------------------------------------------------------------------- one door
+
+
+def test_open_and_save_go_through_every_format_and_back_bit_exactly(tmp_path):
+    """npz -> timm -> HF -> npz through `weights.save` / `weights.open`: same params, same facts;
+    `format_of` names each on the way (exact GELU and eps 1e-12, which the HF format records)."""
+    spec = dict(TINY, gelu_approximate=False, layernorm_epsilon=1e-12)
+    _, params = _model(spec, num_classes=3)
+    meta = {
+        "model": models.get_config(spec).to_dict(),
+        "class_names": ["a", "b", "c"],
+        "image_size": [8, 8],
+    }
+    path, current = tmp_path / "w.npz", params
+    weights.save(params, meta, path)
+    for dst, fmt in (("w.safetensors", "timm"), ("hf_dir", "hf"), ("back.npz", "npz")):
+        loaded, loaded_meta = weights.open(path)
+        assert loaded_meta["class_names"] == ["a", "b", "c"], path
+        assert loaded_meta["image_size"] == [8, 8], path
+        _assert_same_tree(loaded, params)
+        written, kind = weights.save(loaded, loaded_meta, tmp_path / dst)
+        assert kind == fmt and weights.format_of(written) == fmt
+        path = written
+    current, back_meta = weights.open(path)
+    _assert_same_tree(current, params)
+    assert back_meta["model"]["layernorm_epsilon"] == 1e-12
+    assert back_meta["model"]["gelu_approximate"] is False
+
+
+def test_format_of_and_open_refuse_what_they_cannot_read(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert weights.format_of(tmp_path / "run") == "run"
+    assert weights.format_of(tmp_path / "x.bin") == "timm"
+    assert weights.format_of("gs://bucket/ViT-B_16.npz") == "npz"
+    with pytest.raises(CheckpointError, match="no trainer checkpoint found"):
+        weights.open(tmp_path / "run")
+    with pytest.raises(weights.CheckpointNotFoundError, match="no such checkpoint file"):
+        weights.open(tmp_path / "missing.npz")
+    with pytest.raises(CheckpointError, match="write timm state dicts as .safetensors"):
+        weights.save({}, {}, tmp_path / "x.pth")

@@ -143,6 +143,18 @@ def build_step(
     return compiled, lambda i: compiled(params, images), time.perf_counter() - t0
 
 
+def _median_step_time(one_step: Callable[[int], Any], warmup: int, steps: int) -> float:
+    """Median wall time of `steps` calls after `warmup` untimed ones (each run to completion)."""
+    for i in range(warmup):
+        jax.block_until_ready(one_step(i))
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(one_step(warmup + i))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def run(
     model_name: str,
     *,
@@ -166,14 +178,7 @@ def run(
         num_classes=num_classes,
         model_overrides=model_overrides,
     )
-    for i in range(warmup):
-        jax.block_until_ready(one_step(i))
-    times = []
-    for i in range(steps):
-        t = time.perf_counter()
-        jax.block_until_ready(one_step(warmup + i))
-        times.append(time.perf_counter() - t)
-    step_time = statistics.median(times)
+    step_time = _median_step_time(one_step, warmup, steps)
     flops = _flops(compiled)
     if (model_overrides or {}).get("scan") or (model_overrides or {}).get("remat"):
         # XLA's cost analysis counts a scanned loop body once (and remat recomputes): model FLOPs

@@ -150,26 +150,35 @@ def _list_split(
     paths = [p for _, p, _ in entries]
     labels = [lbl for _, _, lbl in entries]
     if skip_bad_images:
-        bad = _find_unreadable_files(paths)
-        if bad:
-            logging.warning(
-                "skip_bad_images: skipping %d unreadable image files of %d in %s, first: %s",
-                len(bad),
-                len(paths),
-                split_path,
-                [paths[i] for i in bad[:MAX_PATHS_IN_WARNING]],
+        paths, labels = _without_unreadable(split_path, classes, paths, labels)
+    return paths, labels
+
+
+def _without_unreadable(
+    split_path: str, classes: tuple[str, ...], paths: list[str], labels: list[int]
+) -> tuple[list[str], list[int]]:
+    """`skip_bad_images`: drops files that do not decode (warned); an emptied class is an error."""
+    bad = _find_unreadable_files(paths)
+    if not bad:
+        return paths, labels
+    logging.warning(
+        "skip_bad_images: skipping %d unreadable image files of %d in %s, first: %s",
+        len(bad),
+        len(paths),
+        split_path,
+        [paths[i] for i in bad[:MAX_PATHS_IN_WARNING]],
+    )
+    bad_set = set(bad)
+    keep = [i for i in range(len(paths)) if i not in bad_set]
+    paths = [paths[i] for i in keep]
+    labels = [labels[i] for i in keep]
+    left = np.bincount(labels, minlength=len(classes))
+    for label, cls in enumerate(classes):
+        if os.path.isdir(os.path.join(split_path, cls)) and left[label] == 0:
+            raise DataError(
+                f"class folder {os.path.join(split_path, cls)} has no readable images "
+                "left after skip_bad_images"
             )
-            bad_set = set(bad)
-            keep = [i for i in range(len(paths)) if i not in bad_set]
-            paths = [paths[i] for i in keep]
-            labels = [labels[i] for i in keep]
-            left = np.bincount(labels, minlength=len(classes))
-            for label, cls in enumerate(classes):
-                if os.path.isdir(os.path.join(split_path, cls)) and left[label] == 0:
-                    raise DataError(
-                        f"class folder {os.path.join(split_path, cls)} has no readable images "
-                        "left after skip_bad_images"
-                    )
     return paths, labels
 
 

@@ -154,6 +154,21 @@ def _fit_posemb(value, target, metadata, model_config, image_size, prefix, what)
     return resample_posemb(value, new_grid, num_prefix_tokens=prefix, old_grid=old_grid)
 
 
+def _report(what, model_config, image_size, missing, mismatched, unexpected) -> str:
+    name = (model_config or {}).get("name") or "the model"
+    at = ""
+    if image_size is not None:
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        at = f" at {h}x{w}"
+    order = str.lower  # cls, embedding, head, pre_logits, Transformer/...: top level first
+    return mismatch_report(
+        f"{what} does not fit {name}{at}",
+        missing=sorted(missing, key=order),
+        mismatched=sorted(mismatched, key=order),
+        unexpected=sorted(unexpected, key=order),
+    )
+
+
 def fit(
     params: Mapping[str, Any],
     metadata: Mapping[str, Any],
@@ -208,19 +223,8 @@ def fit(
     if drop_pre_logits and any(k.startswith("pre_logits/") for k in stored):
         logging.info("%s: dropping the stored pre_logits (the model has none)", what)
     if missing or unexpected or mismatched:
-        name = (model_config or {}).get("name") or "the model"
-        at = ""
-        if image_size is not None:
-            h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-            at = f" at {h}x{w}"
-        order = str.lower  # cls, embedding, head, pre_logits, Transformer/...: top level first
         raise CheckpointError(
-            mismatch_report(
-                f"{what} does not fit {name}{at}",
-                missing=sorted(missing, key=order),
-                mismatched=sorted(mismatched, key=order),
-                unexpected=sorted(unexpected, key=order),
-            )
+            _report(what, model_config, image_size, missing, mismatched, unexpected)
         )
     tree = unflatten(result)
     return models.stack_layers(tree) if models.is_stacked(target) else tree
