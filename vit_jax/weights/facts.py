@@ -67,6 +67,14 @@ class VitFacts:
     def grid(self) -> tuple[int, int]:
         return self.image_size[0] // self.patch[0], self.image_size[1] // self.patch[1]
 
+    @property
+    def dims(self) -> dict[str, int]:
+        """The dimensions a key table (`vit_jax.weights.table`) is instantiated with."""
+        d, (ph, pw) = self.hidden, self.patch
+        tokens = self.grid[0] * self.grid[1] + self.num_prefix_tokens
+        n = self.num_classes or 0
+        return dict(D=d, H=self.heads, hd=d // self.heads, M=self.mlp, ph=ph, pw=pw, T=tokens, N=n)
+
 
 def vit_facts(
     params: Mapping[str, Any],
@@ -119,7 +127,26 @@ def vit_facts(
     posemb = flat.get("Transformer/posembed_input/pos_embedding")
     if posemb is None:
         raise ConversionError("params have no Transformer/posembed_input/pos_embedding")
-    tokens = posemb.shape[1] - prefix
+    image_size = _image_size(image_size, posemb.shape[1] - prefix, patch)
+    t = config.transformer
+    return VitFacts(
+        config=config,
+        flat=flat,
+        hidden=hidden,
+        heads=int(t.num_heads),
+        layers=int(t.num_layers),
+        mlp=int(t.mlp_dim),
+        patch=patch,
+        image_size=image_size,
+        num_prefix_tokens=prefix,
+        num_classes=num_classes,
+    )
+
+
+def _image_size(
+    image_size: int | tuple[int, int] | None, tokens: int, patch: tuple[int, int]
+) -> tuple[int, int]:
+    """`image_size` as (h, w), checked against the grid tokens; None: the square grid."""
     if image_size is None:
         side = int(round(np.sqrt(tokens)))
         if side * side != tokens:
@@ -137,19 +164,7 @@ def vit_facts(
             f"image size {image_size} with patch {patch} does not match the position embeddings' "
             f"{tokens} grid tokens"
         )
-    t = config.transformer
-    return VitFacts(
-        config=config,
-        flat=flat,
-        hidden=hidden,
-        heads=int(t.num_heads),
-        layers=int(t.num_layers),
-        mlp=int(t.mlp_dim),
-        patch=patch,
-        image_size=image_size,
-        num_prefix_tokens=prefix,
-        num_classes=num_classes,
-    )
+    return image_size
 
 
 def class_names_for(num_classes: int | None, class_names: Any) -> list[str] | None:

@@ -33,7 +33,7 @@ from vit_jax import models
 from vit_jax.weights import npz
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import CheckpointNotFoundError, ConversionError
-from vit_jax.weights.facts import Converted, class_names_for, vit_facts
+from vit_jax.weights.facts import Converted, VitFacts, class_names_for, vit_facts
 from vit_jax.weights.table import (
     CONV,
     DENSE,
@@ -316,19 +316,28 @@ def to_hf(
         layer_scale=False,
     )
     names = class_names_for(f.num_classes, class_names)
-    d, (ph, pw) = f.hidden, f.patch
     representation = f.config.get("representation_size")
-    dims = dict(D=d, H=f.heads, hd=d // f.heads, M=f.mlp, ph=ph, pw=pw, N=f.num_classes or 0)
-    dims.update(T=f.grid[0] * f.grid[1] + 1, R=representation or 0)
     features = {"qkv_bias", *(["head"] if f.num_classes else [])}
     features.update(["representation"] if representation else [])
-    keys = TABLE.at(layers=f.layers, dims=dims, features=features)
+    keys = TABLE.at(layers=f.layers, dims={**f.dims, "R": representation or 0}, features=features)
     state = keys.to_theirs(f.flat, source=source, what=f"a {f.config.name or 'ViT'} of this config")
     if f.num_classes:  # ViTForImageClassification: the backbone under `vit.`
         state = {k if k.startswith("classifier.") else f"vit.{k}": v for k, v in state.items()}
+    config = _hf_config(f, names)
+    out = epath.Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{path}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    pt.write_safetensors({k: v.astype(np.float32) for k, v in state.items()}, out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps(config, indent=2))
+    logging.info("wrote transformers %s to %s", config["architectures"][0], out)
+    return out
 
+
+def _hf_config(f: VitFacts, names: list[str] | None) -> dict[str, Any]:
+    """The transformers `config.json` of the model `f` describes."""
     labels = names or [f"LABEL_{i}" for i in range(f.num_classes or 0)]
-    t = f.config.transformer
+    t, (ph, pw), d = f.config.transformer, f.patch, f.hidden
     config = {
         "architectures": ["ViTForImageClassification" if f.num_classes else "ViTModel"],
         "model_type": "vit",
@@ -346,7 +355,7 @@ def to_hf(
         "num_channels": 3,
         "qkv_bias": True,
         "encoder_stride": ph,
-        "pooler_output_size": int(representation or d),
+        "pooler_output_size": int(f.config.get("representation_size") or d),
         "pooler_act": "tanh",
         "id2label": {str(i): n for i, n in enumerate(labels)},
         "label2id": {n: i for i, n in enumerate(labels)},
@@ -354,11 +363,4 @@ def to_hf(
     }
     if len(set(labels)) != len(labels):
         del config["label2id"]  # duplicate names cannot be inverted
-    out = epath.Path(path)
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"{path}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    pt.write_safetensors({k: v.astype(np.float32) for k, v in state.items()}, out / WEIGHTS)
-    (out / CONFIG).write_text(json.dumps(config, indent=2))
-    logging.info("wrote transformers %s to %s", config["architectures"][0], out)
-    return out
+    return config

@@ -34,6 +34,7 @@ from vit_jax.weights.errors import ConversionError
 from vit_jax.weights.facts import (
     LAYER_SCALE_KEY,
     Converted,
+    VitFacts,
     class_names_for,
     uses_layer_scale,
     vit_facts,
@@ -337,9 +338,6 @@ def to_timm(
         layer_scale=True,
     )
     names = class_names_for(f.num_classes, class_names)
-    d, (ph, pw) = f.hidden, f.patch
-    dims = dict(D=d, H=f.heads, hd=d // f.heads, M=f.mlp, ph=ph, pw=pw, N=f.num_classes or 0)
-    dims["T"] = f.grid[0] * f.grid[1] + f.num_prefix_tokens
     distilled = bool(f.config.distillation_token)
     layer_scale = uses_layer_scale(f.config) or LAYER_SCALE_KEY in f.flat
     on = {
@@ -349,9 +347,30 @@ def to_timm(
         "head_dist": bool(f.num_classes) and distilled,
         "layer_scale": layer_scale,
     }
-    keys = TABLE.at(layers=f.layers, dims=dims, features=[k for k, v in on.items() if v])
+    keys = TABLE.at(layers=f.layers, dims=f.dims, features=[k for k, v in on.items() if v])
     state = keys.to_theirs(f.flat, source=source, what=f"a {f.config.name or 'ViT'} of this config")
+    kwargs = _timm_kwargs(f, layer_scale=layer_scale)
+    if float(f.config.layernorm_epsilon) != 1e-6:
+        logging.warning(
+            "%s: the model uses LayerNorm epsilon %g; timm's VisionTransformer uses 1e-6 unless "
+            "given norm_layer=partial(nn.LayerNorm, eps=%g)",
+            path,
+            f.config.layernorm_epsilon,
+            f.config.layernorm_epsilon,
+        )
+    out = pt.write_safetensors({k: v.astype(np.float32) for k, v in state.items()}, path)
+    timm_class = "VisionTransformerDistilled" if distilled else "VisionTransformer"
+    meta = Converted({}, f.config, names, f.image_size).metadata(
+        timm={"class": timm_class, "kwargs": kwargs}
+    )
+    npz.metadata_path(out).write_text(json.dumps(meta, indent=2))
+    logging.info("wrote timm %s state dict to %s", timm_class, out)
+    return out
 
+
+def _timm_kwargs(f: VitFacts, *, layer_scale: bool) -> dict[str, Any]:
+    """timm's constructor arguments for the model `f` describes."""
+    (ph, pw), d = f.patch, f.hidden
     kwargs = {
         "img_size": list(f.image_size),
         "patch_size": ph if ph == pw else [ph, pw],
@@ -369,21 +388,4 @@ def to_timm(
         kwargs["act_layer"] = "gelu_tanh"
     if layer_scale:
         kwargs["init_values"] = float(f.config.transformer.get("layer_scale_init") or 1e-5)
-    if float(f.config.layernorm_epsilon) != 1e-6:
-        logging.warning(
-            "%s: the model uses LayerNorm epsilon %g; timm's VisionTransformer uses 1e-6 unless "
-            "given norm_layer=partial(nn.LayerNorm, eps=%g)",
-            path,
-            f.config.layernorm_epsilon,
-            f.config.layernorm_epsilon,
-        )
-    out = pt.write_safetensors({k: v.astype(np.float32) for k, v in state.items()}, path)
-    timm_class = (
-        "VisionTransformerDistilled" if f.config.distillation_token else "VisionTransformer"
-    )
-    meta = Converted({}, f.config, names, f.image_size).metadata(
-        timm={"class": timm_class, "kwargs": kwargs}
-    )
-    npz.metadata_path(out).write_text(json.dumps(meta, indent=2))
-    logging.info("wrote timm %s state dict to %s", timm_class, out)
-    return out
+    return kwargs
