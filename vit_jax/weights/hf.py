@@ -7,12 +7,9 @@ the transformers-5 in-memory names (`vit.layers.{i}.attention.q_proj`, `...mlp.f
 `ViTModel` files without the `vit.` prefix; writing uses the hub names, which transformers 4
 and 5 both load.
 
-Mapping: `embeddings.{cls_token, position_embeddings, patch_embeddings.projection}` ->
-`cls`, `Transformer/posembed_input/pos_embedding`, `embedding`; per layer `layernorm_before`,
-`attention.attention.{query,key,value}`, `attention.output.dense`, `layernorm_after`,
-`intermediate.dense`, `output.dense` -> `LayerNorm_0`, `MultiHeadDotProductAttention_1/
-{query,key,value,out}`, `LayerNorm_2`, `MlpBlock_3/Dense_{0,1}`; `layernorm` ->
-`encoder_norm`; `pooler.dense` (+ tanh) -> `pre_logits`; `classifier` -> `head`.
+The key mapping is `TABLE` below (one row per parameter, run both ways by
+`vit_jax.weights.table`); `pooler.dense` (+ tanh) is our `pre_logits`. `ViTModel` has no
+LayerScale: such models are refused.
 HF ViT classifies from the class token (classifier 'token'); `hidden_act` 'gelu' is exact GELU,
 'gelu_pytorch_tanh' / 'gelu_new' the tanh approximation of the published JAX models.
 """

@@ -1,7 +1,8 @@
 """timm `VisionTransformer` state dicts (`.safetensors`, or weights-only `.bin`) <-> our ViT.
 
-Keys: `cls_token`, `dist_token` (DeiT), `pos_embed`, `patch_embed.proj.{weight,bias}`,
-`blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}`, `norm`, `head`,
+Keys (`TABLE`, run by `vit_jax.weights.table`): `cls_token`, `dist_token` (DeiT), `pos_embed`,
+`patch_embed.proj.{weight,bias}`, `blocks.{i}.{norm1, attn.qkv, attn.proj, ls1, norm2, mlp.fc1,
+mlp.fc2, ls2}` (`ls1`/`ls2`: LayerScale, our `LayerScale_1`/`_3`), `norm`, `head`,
 `head_dist`. The fused `attn.qkv` weight (3 * D, D) holds query, key and value rows in that
 order. Models without a class token pool by averaging the final-normed tokens
 (`global_pool='avg', fc_norm=False`, our classifier 'gap'); `pos_embed` without the class-token
@@ -10,8 +11,8 @@ slots (`no_embed_class=True`) reads as a zero slot, which computes the same.
 A state dict does not say how many heads the model has, nor its image size, GELU kind or class
 names. Reading takes them from, in order: the arguments, our JSON sidecar (`x.safetensors` ->
 `x.json`, written by `to_timm`), a zoo model name, and a timm hub `config.json` beside the file
-(`architecture`, `pretrained_cfg.input_size`, `label_names`). timm uses exact GELU and LayerNorm
-epsilon 1e-6.
+(`architecture`, `pretrained_cfg.input_size`, `label_names`, `model_args.init_values`). timm
+uses exact GELU and LayerNorm epsilon 1e-6.
 """
 
 from __future__ import annotations
