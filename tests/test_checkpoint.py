@@ -51,7 +51,7 @@ def _model(spec, num_classes=5, size=8, seed=0, **overrides):
 
 def _apply(model, params, size=8):
     run = jax.jit(functools.partial(model.apply, train=False))
-    return np.asarray(run({"params": params}, _images(size)))
+    return np.asarray(run({"params": params}, _images(size))[0])
 
 
 def _assert_same_tree(actual, expected):

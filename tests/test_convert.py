@@ -48,7 +48,9 @@ def _ours(spec=TINY, num_classes=5, hw=HW, seed=0, **overrides):
 
 
 def _apply(model, params, x):
-    return np.asarray(jax.jit(functools.partial(model.apply, train=False))({"params": params}, x))
+    return np.asarray(
+        jax.jit(functools.partial(model.apply, train=False))({"params": params}, x)[0]
+    )
 
 
 def _nchw(x):

@@ -137,16 +137,11 @@ def test_distillation_token_model_shapes_and_eval_averaging():
 
     images = jax.random.uniform(jax.random.key(0), (3, 16, 16, 3), minval=-1, maxval=1)
     params = _random_params(shapes)
-    logits = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, images)
-    (cls_logits, dist_logits), out = jax.jit(
-        lambda p, x: model.apply(
-            {"params": p}, x, train=False, return_intermediates=True, separate_heads=True
-        )
-    )(params, images)
+    logits, out = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, images)
+    cls_logits, dist_logits = out["logits_cls"], out["logits_dist"]
     assert logits.shape == cls_logits.shape == dist_logits.shape == (3, classes)
     assert not np.allclose(cls_logits, dist_logits)  # two different heads
     np.testing.assert_allclose(logits, (cls_logits + dist_logits) / 2, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(out["logits_dist"], dist_logits, rtol=1e-5, atol=1e-6)
     # The class head reads token 0, the distillation head token 1 of the encoded sequence.
     encoded = out["encoded"]
     head = params["head"]
@@ -157,21 +152,21 @@ def test_distillation_token_model_shapes_and_eval_averaging():
     np.testing.assert_allclose(
         dist_logits, encoded[:, 1] @ head["kernel"] + head["bias"], rtol=1e-4, atol=1e-5
     )
-    train_out = jax.eval_shape(
-        lambda p, x: model.apply(
-            {"params": p}, x, train=True, separate_heads=True, rngs={"dropout": jax.random.key(1)}
-        ),
+    train_logits, train_out = jax.eval_shape(
+        lambda p, x: model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)}),
         params,
         images,
     )
-    assert len(train_out) == 2 and train_out[1].shape == (3, classes)
+    assert train_logits.shape == train_out["logits_dist"].shape == (3, classes)
 
     with pytest.raises(ValueError, match="distillation_token needs classifier='token'"):
         models.init_shapes(
             models.get_model(TINY_VIT, num_classes=2, distillation_token=True, classifier="gap"), 16
         )
-    with pytest.raises(ValueError, match="separate_heads"):
-        base.apply({"params": base_shapes}, images, train=False, separate_heads=True)
+    _, base_out = jax.eval_shape(
+        lambda p, x: base.apply({"params": p}, x, train=False), base_shapes, images
+    )
+    assert "logits_dist" not in base_out and "logits_cls" not in base_out
 
 
 def test_config_variants():
@@ -255,7 +250,7 @@ def test_teacher_gets_no_gradient_and_is_unchanged_by_steps(trained_workdir):
         grads = jax.grad(objective.loss, argnums=(0, 4))(
             params, images, labels, jax.random.key(0), extra
         )
-        expected = reference.model.apply({"params": reference_params}, images, train=False)
+        expected = reference.model.apply({"params": reference_params}, images, train=False)[0]
         return objective.teacher_logits(images, extra), expected, grads
 
     teacher_logits, expected, (grads, teacher_grads) = probe(
@@ -339,6 +334,6 @@ def test_distill_run_improves_and_token_student_round_trips(trained_workdir, tmp
     assert from_npz.model.distillation_token and from_workdir.model.distillation_token
     assert "dist" in checkpoint.load(tmp_path / workdir_lib.FINAL_NPZ)
     model = models.get_model(meta["model"], num_classes=10)
-    expected = model.apply({"params": params}, images, train=False)
+    expected = model.apply({"params": params}, images, train=False)[0]
     np.testing.assert_allclose(from_workdir.logits(images), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(from_npz.logits(images), expected, rtol=1e-5, atol=1e-5)

@@ -40,7 +40,7 @@ class _Identity:
 
     def apply(self, variables, images, train):
         assert not train
-        return images
+        return images, {}
 
 
 def test_top1_top5_loss_and_the_padding_mask_by_hand():

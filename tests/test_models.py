@@ -51,8 +51,12 @@ def _init(model, x):
 
 
 def _apply(model, params, x, **kwargs):
-    """Jitted apply: op-by-op dispatch is what makes eager tests slow on CPU."""
+    """Jitted apply -> (logits, out): op-by-op dispatch is what makes eager tests slow on CPU."""
     return jax.jit(lambda p, x: model.apply({"params": p}, x, **kwargs))(params, x)
+
+
+def _logits(model, params, x, **kwargs):
+    return _apply(model, params, x, **kwargs)[0]
 
 
 def _randomize(params, seed=1):
@@ -135,7 +139,7 @@ def test_pooling_and_posemb_shapes(classifier, posemb):
     x = _images()
     model = models.get_model(TINY, num_classes=5, classifier=classifier, posemb=posemb)
     params = _init(model, x)
-    logits = _apply(model, params, x, train=False)
+    logits = _logits(model, params, x, train=False)
     tokens = 16 + (classifier in ("token", "token_unpooled"))
     expected = {"unpooled": (2, 16, 5), "token_unpooled": (2, 17, 5)}.get(classifier, (2, 5))
     assert logits.shape == expected
@@ -153,10 +157,10 @@ def test_head_is_zero_init_with_bias_and_representation():
     params = _init(model, x)
     assert params["pre_logits"]["kernel"].shape == (32, 16)
     assert not np.any(params["head"]["kernel"])
-    np.testing.assert_array_equal(model.apply({"params": params}, x, train=False), -2.0)
+    np.testing.assert_array_equal(_logits(model, params, x, train=False), -2.0)
     features = models.get_model(TINY, num_classes=None)
     assert "head" not in _init(features, x)
-    assert features.apply({"params": _init(features, x)}, x, train=False).shape == (2, 32)
+    assert _logits(features, _init(features, x), x, train=False).shape == (2, 32)
 
 
 def test_sincos2d_table():
@@ -193,8 +197,8 @@ def test_scanned_and_unrolled_agree(spec):
     stacked = models.stack_layers(params)
     assert models.is_stacked(stacked) and not models.is_stacked(params)
     assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, _init(scanned, x))
-    a = _apply(unrolled, params, x, train=False)
-    b = _apply(scanned, stacked, x, train=False)
+    a = _logits(unrolled, params, x, train=False)
+    b = _logits(scanned, stacked, x, train=False)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     back = models.unstack_layers(stacked)
     assert jax.tree.all(jax.tree.map(lambda p, q: bool(jnp.array_equal(p, q)), params, back))
@@ -206,8 +210,8 @@ def test_bfloat16_compute_close_to_float32():
     model16 = models.get_model(TINY, num_classes=5, dtype="bfloat16")
     params = _randomize(_init(model32, x))
     assert jax.tree.leaves(_init(model16, x))[0].dtype == jnp.float32  # params stay fp32
-    a = _apply(model32, params, x, train=False)
-    b = _apply(model16, params, x, train=False)
+    a = _logits(model32, params, x, train=False)
+    b = _logits(model16, params, x, train=False)
     assert b.dtype == jnp.float32
     scale = float(jnp.abs(a).max())
     assert float(jnp.abs(a - b).max()) < 0.05 * scale
@@ -249,7 +253,10 @@ def test_intermediates_shapes():
     assert out["attention_weights"].shape == (3, 2, 4, 17, 17)
     assert out["encoded"].shape == (2, 17, 32)
     assert out["pre_logits"].shape == (2, 8)
-    np.testing.assert_array_equal(out["logits"], logits)
+    assert logits.shape == (2, 5)
+    lean_logits, lean = _apply(model, params, x, train=False)
+    assert set(lean) == {"stem", "encoded", "pre_logits"}  # the costly per-block ones on request
+    np.testing.assert_array_equal(lean_logits, logits)
     np.testing.assert_allclose(out["attention_weights"].sum(-1), 1.0, atol=1e-5)
 
 
@@ -270,12 +277,12 @@ def test_train_mode_regularisers_use_dropout_rng():
         run = jax.jit(
             lambda p, x, seed, model=model: model.apply(
                 {"params": p}, x, train=True, rngs={"dropout": jax.random.key(seed)}
-            )
+            )[0]
         )
         assert not np.allclose(run(params, x, 0), run(params, x, 1))
         np.testing.assert_array_equal(run(params, x, 0), run(params, x, 0))
-        ev = _apply(model, params, x, train=False)
-        np.testing.assert_array_equal(ev, _apply(model, params, x, train=False))
+        ev = _logits(model, params, x, train=False)
+        np.testing.assert_array_equal(ev, _logits(model, params, x, train=False))
 
 
 def test_drop_path_keeps_expectation():
@@ -290,11 +297,16 @@ def test_hybrid_and_mixer_forward():
     x = _images(size=64)
     small = dict(hidden_size=32, transformer=dict(num_layers=1, mlp_dim=32, num_heads=2))
     hybrid = models.get_model("R+ViT-Ti_16", num_classes=3, **small)
-    assert _apply(hybrid, _init(hybrid, x), x, train=False).shape == (2, 3)
+    assert _logits(hybrid, _init(hybrid, x), x, train=False).shape == (2, 3)
     r26 = models.get_model("R26+ViT-S_32", num_classes=3, resnet=dict(width_factor=0.5), **small)
-    assert _apply(r26, _init(r26, x), x, train=False).shape == (2, 3)
+    assert _logits(r26, _init(r26, x), x, train=False).shape == (2, 3)
     mixer = models.get_model("Mixer-B_16", num_classes=3, num_blocks=1, hidden_dim=32)
-    assert _apply(mixer, _init(mixer, x), x, train=False).shape == (2, 3)
+    assert _logits(mixer, _init(mixer, x), x, train=False).shape == (2, 3)
+    for model, tokens, width in ((hybrid, 1 + 4, 32), (mixer, 16, 32)):  # every family: a pair
+        logits, out = _apply(model, _init(model, x), x, train=False, return_intermediates=True)
+        assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+        assert out["encoded"].shape == (2, tokens, width)
+        assert out["pre_logits"].shape[-1] == width and "stem" in out
 
 
 def test_errors_are_one_clear_message():
@@ -331,3 +343,47 @@ def test_zoo_cli_lists_counts():
     assert set(rows) == set(models.list_models())
     for name, expected in PUBLISHED_COUNTS.items():
         assert rows[name] == expected
+
+
+def _with_layer_scale(init, **extra):
+    return dict(TINY, transformer=dict(TINY["transformer"], layer_scale_init=init), **extra)
+
+
+def test_layer_scale_parameters_count_and_init():
+    base = models.count_params(models.get_model(TINY, num_classes=5), image_size=16)
+    model = models.get_model(_with_layer_scale(0.1), num_classes=5)
+    assert models.count_params(model, image_size=16) == base + 2 * 32 * 3  # 2 x (D,) per block
+    assert models.get_config("ViT-B_16").transformer.layer_scale_init is None
+    params = _init(model, _images())
+    for i in range(3):
+        for name in ("LayerScale_1", "LayerScale_3"):
+            scale = params["Transformer"][f"encoderblock_{i}"][name]["scale"]
+            np.testing.assert_array_equal(scale, np.full((32,), 0.1, np.float32))
+    scanned = models.get_model(_with_layer_scale(1e-5), num_classes=5, scan=True)
+    stacked = _init(scanned, _images())["Transformer"]["encoderblock"]["LayerScale_3"]["scale"]
+    np.testing.assert_array_equal(stacked, np.full((3, 32), 1e-5, np.float32))
+
+
+def test_layer_scale_scales_each_branch_per_channel():
+    """y = x + s1 * attn(LN(x)) (then + s3 * mlp(LN(.))): identity at 0, the plain block at 1."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+    kw = dict(mlp_dim=64, num_heads=4)
+    plain = vit_lib.Encoder1DBlock(**kw)
+    scaled = vit_lib.Encoder1DBlock(**kw, layer_scale_init=1.0)
+    params = _randomize(scaled.init(jax.random.key(1), x, 0.0, True)["params"])
+    run = lambda s1, s3: scaled.apply(
+        {"params": dict(params, LayerScale_1={"scale": s1}, LayerScale_3={"scale": s3})},
+        x,
+        0.0,
+        True,
+    )[0]
+    ones, zeros = jnp.ones(32), jnp.zeros(32)
+    np.testing.assert_array_equal(run(zeros, zeros), x)
+    without = {k: v for k, v in params.items() if not k.startswith("LayerScale")}
+    np.testing.assert_allclose(
+        run(ones, ones), plain.apply({"params": without}, x, 0.0, True)[0], atol=1e-6
+    )
+    s1 = jax.random.uniform(jax.random.key(2), (32,), minval=-2, maxval=2)
+    branch = run(ones, zeros) - x
+    assert float(jnp.abs(branch).max()) > 0.1
+    np.testing.assert_allclose(run(s1, zeros) - x, s1 * branch, atol=1e-5)

@@ -114,13 +114,13 @@ def test_every_product_of_a_bf16_train_step_accumulates_in_float32(name, overrid
         model = models.get_model(TINY, num_classes=5, dtype="bfloat16", **overrides)
     x = jnp.ones((2, 16, 16, 3))
     params = model.init(jax.random.key(0), x, train=False)["params"]
-    forward = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, train=False))(params)
+    forward = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, train=False)[0])(params)
     fwd = _dots(forward.jaxpr)
     assert fwd
     for eqn in fwd:
         assert [v.aval.dtype for v in eqn.invars] == [BF16, BF16], eqn
         assert eqn.params["preferred_element_type"] == F32, eqn
-    loss = lambda p: jnp.sum(model.apply({"params": p}, x, train=False) ** 2)
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x, train=False)[0] ** 2)
     for eqn in _dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr):
         a, b = (v.aval.dtype for v in eqn.invars)
         assert a == b, eqn  # no mixed f32 x bf16 product
@@ -133,8 +133,8 @@ def test_bf16_logits_close_to_float32():
     model16 = models.get_model(TINY, num_classes=5, dtype="bfloat16")
     params = model32.init(jax.random.key(0), x, train=False)["params"]
     params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(1), p.shape), params)
-    a = jax.jit(lambda p: model32.apply({"params": p}, x, train=False))(params)
-    b = jax.jit(lambda p: model16.apply({"params": p}, x, train=False))(params)
+    a = jax.jit(lambda p: model32.apply({"params": p}, x, train=False)[0])(params)
+    b = jax.jit(lambda p: model16.apply({"params": p}, x, train=False)[0])(params)
     assert b.dtype == F32
     # bfloat16 keeps 8 bits of mantissa: a few parts in a thousand per product, ~1% at the end.
     err = float(jnp.abs(a - b).max() / jnp.abs(a).max())

@@ -135,7 +135,7 @@ def build_step(
 
         return compiled, one_step, time.perf_counter() - t0
 
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
     lowered = fn.lower(params, images)
     if not compile:
         return lowered, None, time.perf_counter() - t0

@@ -227,18 +227,16 @@ class DistillationObjective:
 
     def teacher_logits(self, images: jax.Array, extra: Any) -> jax.Array:
         """The teacher's eval-mode float32 logits, without gradient."""
-        logits = self.teacher.apply({"params": extra["teacher"]}, images, train=False)
+        logits, _ = self.teacher.apply({"params": extra["teacher"]}, images, train=False)
         return jax.lax.stop_gradient(logits.astype(jnp.float32))
 
     def loss(self, params, images, labels, rng, extra) -> jax.Array:
-        out = self.model.apply(
-            {"params": params},
-            images,
-            train=True,
-            rngs={"dropout": rng},
-            **({"separate_heads": True} if self.separate_heads else {}),
+        logits, out = self.model.apply(
+            {"params": params}, images, train=True, rngs={"dropout": rng}
         )
-        logits, dist_logits = out if self.separate_heads else (out, None)
+        dist_logits = None
+        if self.separate_heads:  # DeiT: the class head learns the labels, `head_dist` the teacher
+            logits, dist_logits = out["logits_cls"], out["logits_dist"]
         teacher = None if self.alpha == 1.0 else self.teacher_logits(images, extra)
         return distillation_loss(
             logits,

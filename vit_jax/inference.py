@@ -25,6 +25,8 @@ from vit_jax import models, weights
 from vit_jax import workdir as workdir_lib
 from vit_jax.data import preprocess
 
+_WITH_INTERMEDIATES = dict(train=False, return_intermediates=True)
+
 
 @dataclasses.dataclass
 class TrainedModel:
@@ -44,15 +46,14 @@ class TrainedModel:
 
     @functools.cached_property
     def _logits_fn(self):
-        return jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False))
+        return jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False)[0])
 
     @functools.cached_property
     def _intermediates_fn(self):
-        return jax.jit(
-            lambda p, x: self.model.apply({"params": p}, x, train=False, return_intermediates=True)[
-                1
-            ]
-        )
+        def intermediates(params, images):
+            return self.model.apply({"params": params}, images, **_WITH_INTERMEDIATES)[1]
+
+        return jax.jit(intermediates)
 
 
 def imagenet_labels(num_classes: int) -> list[str] | None:

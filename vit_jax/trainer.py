@@ -114,7 +114,7 @@ class ClassificationObjective:
 
     def loss(self, params, images, labels, rng, extra) -> jax.Array:
         del extra
-        logits = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+        logits, _ = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
         return losses.classification_loss(
             logits, labels, kind=self.config.loss, label_smoothing=self.config.label_smoothing
         )
@@ -202,7 +202,7 @@ def make_eval_step(model: nn.Module) -> Callable:
     """`(params, batch) -> sums` of loss, top-1, top-5 and count over unmasked examples."""
 
     def eval_fn(params, batch):
-        logits = model.apply({"params": params}, batch["image"], train=False)
+        logits, _ = model.apply({"params": params}, batch["image"], train=False)
         label, mask = batch["label"], batch["mask"].astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, label)
         k = min(5, logits.shape[-1])

@@ -67,8 +67,11 @@ class MlpMixer(nn.Module):
         return tuple(self.patch_size)
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool, return_intermediates: bool = False):
-        del train  # Mixer has no dropout
+    def __call__(
+        self, images: jax.Array, *, train: bool, return_intermediates: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`(logits, out)` as `VisionTransformer`: `out` holds `stem`, `encoded`, `pre_logits`."""
+        del train, return_intermediates  # no dropout; no per-block intermediates recorded
         ph, pw = self.patch_size
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be NHWC with 3 channels, got shape {images.shape}")
@@ -132,6 +135,4 @@ class MlpMixer(nn.Module):
                 bias_init=nn.initializers.constant(self.head_bias_init),
                 name="head",
             )(x)
-        x = x.astype(jnp.float32)
-        out["logits"] = x
-        return (x, out) if return_intermediates else x
+        return x.astype(jnp.float32), out

@@ -14,17 +14,25 @@ import jax.numpy as jnp
 
 from vit_jax.models import precision
 
+WS_EPSILON = 1e-5
+
+
+def weight_standardize(kernel: jax.Array, epsilon: float = WS_EPSILON) -> jax.Array:
+    """(kernel - mean) / (std + epsilon) over the (H, W, In) axes, per output channel.
+
+    The published formula (reference vit_jax and BiT): epsilon is added to the standard
+    deviation, not to the variance; the published hybrid checkpoints were trained with it.
+    """
+    kernel = kernel - jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+    return kernel / (jnp.std(kernel, axis=(0, 1, 2), keepdims=True) + epsilon)
+
 
 class StdConv(nn.Conv):
-    """Convolution with weight standardisation (zero mean, unit variance per output channel)."""
+    """Convolution with weight standardisation (`weight_standardize`) of its kernel."""
 
     def param(self, name: str, *args, **kwargs):
         value = super().param(name, *args, **kwargs)
-        if name == "kernel":
-            mean = jnp.mean(value, axis=(0, 1, 2), keepdims=True)
-            var = jnp.var(value, axis=(0, 1, 2), keepdims=True)
-            value = (value - mean) / jnp.sqrt(var + 1e-5)
-        return value
+        return weight_standardize(value) if name == "kernel" else value
 
 
 class ResidualUnit(nn.Module):

@@ -196,8 +196,26 @@ def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale (`scale`, shape (D,)) initialised to `init_value` (CaiT)."""
+
+    init_value: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.initializers.constant(self.init_value)
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        return x * scale.astype(x.dtype)
+
+
 class Encoder1DBlock(nn.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    With `layer_scale_init` set, each branch is scaled per channel before the residual add
+    (`LayerScale_1` after attention, `LayerScale_3` after the MLP; timm / DeiT-III / DINOv2), and
+    stochastic depth drops the scaled branch.
+    """
 
     mlp_dim: int
     num_heads: int
@@ -207,6 +225,7 @@ class Encoder1DBlock(nn.Module):
     layernorm_epsilon: float = 1e-6
     attention_implementation: str | None = None
     stochastic_depth: bool = False
+    layer_scale_init: float | None = None
     return_intermediates: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -220,7 +239,9 @@ class Encoder1DBlock(nn.Module):
             param_dtype=self.param_dtype,
         )
 
-        def residual(branch):
+        def residual(branch, name):
+            if self.layer_scale_init is not None:
+                branch = LayerScale(self.layer_scale_init, self.param_dtype, name=name)(branch)
             if deterministic or not self.stochastic_depth:
                 return branch
             return drop_path(branch, drop_rate, self.make_rng("dropout"))
@@ -235,7 +256,7 @@ class Encoder1DBlock(nn.Module):
             name="MultiHeadDotProductAttention_1",
         )(y, y, deterministic=deterministic, return_weights=self.return_intermediates)
         y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
-        x = x + residual(y)
+        x = x + residual(y, "LayerScale_1")
         y = norm(name="LayerNorm_2")(x)
         y = MlpBlock(
             mlp_dim=self.mlp_dim,
@@ -245,7 +266,7 @@ class Encoder1DBlock(nn.Module):
             param_dtype=self.param_dtype,
             name="MlpBlock_3",
         )(y, deterministic=deterministic)
-        x = x + residual(y)
+        x = x + residual(y, "LayerScale_3")
         aux = {"tokens": x, "attention_weights": weights} if self.return_intermediates else None
         return x, aux
 
@@ -276,6 +297,7 @@ class Encoder(nn.Module):
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     stochastic_depth_rate: float = 0.0
+    layer_scale_init: float | None = None
     posemb: str = "learn"
     grid: tuple[int, int] = (0, 0)
     num_prefix_tokens: int = 1
@@ -312,6 +334,7 @@ class Encoder(nn.Module):
             layernorm_epsilon=self.layernorm_epsilon,
             attention_implementation=self.attention_implementation,
             stochastic_depth=self.stochastic_depth_rate > 0,
+            layer_scale_init=self.layer_scale_init,
             return_intermediates=self.return_intermediates,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -401,16 +424,16 @@ CLASSIFIERS = ("token", "gap", "map", "unpooled", "token_unpooled")
 class VisionTransformer(nn.Module):
     """ViT (and R+ViT hybrids when `resnet` is set).
 
-    `__call__(images, *, train, return_intermediates=False)`: images NHWC in [-1, 1]. Returns the
-    logits, or `(logits, out)` where `out` holds `stem` (patch embeddings), `tokens` (every block's
-    output, stacked (layers, B, N, D)), `attention_weights` ((layers, B, heads, N, N)), `encoded`,
-    `pre_logits`, `logits`.
+    `__call__(images, *, train, return_intermediates=False)`: images NHWC in [-1, 1]. Returns
+    `(logits, out)`, float32 logits (the representation when `num_classes` is None/0) and a dict
+    `out` with `stem` (patch embeddings (B, gh*gw, D)), `encoded` (the final LayerNorm's output)
+    and `pre_logits`. `return_intermediates=True` adds the costly per-block `tokens` (every
+    block's output, stacked (layers, B, N, D)) and `attention_weights` ((layers, B, heads, N, N)).
 
     `distillation_token=True` (DeiT, classifier 'token' only) adds a second learned token `dist`
     after `cls` (with its own position-embedding slot) and its own head `head_dist`. The logits
-    are then the mean of the two heads' logits; `separate_heads=True` returns the pair
-    `(class-head logits, distillation-head logits)` instead, as distillation training needs, and
-    `out` also holds `logits_cls` and `logits_dist`.
+    are then the mean of the two heads' logits, and `out` also holds each head's logits,
+    `logits_cls` and `logits_dist` (what distillation training reads).
     """
 
     num_classes: int | None
@@ -422,6 +445,7 @@ class VisionTransformer(nn.Module):
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     stochastic_depth_rate: float = 0.0
+    layer_scale_init: float | None = None
     resnet_num_layers: tuple[int, ...] | None = None
     resnet_width_factor: float = 1.0
     classifier: str = "token"
@@ -453,17 +477,12 @@ class VisionTransformer(nn.Module):
         *,
         train: bool,
         return_intermediates: bool = False,
-        separate_heads: bool = False,
-    ):
+    ) -> tuple[Array, dict[str, Array]]:
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
         if self.distillation_token and self.classifier != "token":
             raise ValueError(
                 f"distillation_token needs classifier='token', got {self.classifier!r}"
-            )
-        if separate_heads and not (self.distillation_token and self.num_classes):
-            raise ValueError(
-                "separate_heads=True needs a model with distillation_token=True and a head"
             )
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be NHWC with 3 channels, got shape {images.shape}")
@@ -513,6 +532,7 @@ class VisionTransformer(nn.Module):
             dropout_rate=self.dropout_rate,
             attention_dropout_rate=self.attention_dropout_rate,
             stochastic_depth_rate=self.stochastic_depth_rate,
+            layer_scale_init=self.layer_scale_init,
             posemb=self.posemb,
             grid=(gh, gw),
             num_prefix_tokens=prefix,
@@ -557,8 +577,7 @@ class VisionTransformer(nn.Module):
         out["pre_logits"] = x  # (B, 2, D) with a distillation token: cls, dist
         if not self.num_classes:  # a feature extractor: the (mean of the tokens') representation
             x = jnp.mean(x, axis=1) if self.distillation_token else x
-            out["logits"] = x = x.astype(jnp.float32)
-            return (x, out) if return_intermediates else x
+            return x.astype(jnp.float32), out
         head = functools.partial(
             nn.Dense,
             self.num_classes,
@@ -572,11 +591,5 @@ class VisionTransformer(nn.Module):
             logits_cls = head(name="head")(x[:, 0]).astype(jnp.float32)
             logits_dist = head(name="head_dist")(x[:, 1]).astype(jnp.float32)
             out["logits_cls"], out["logits_dist"] = logits_cls, logits_dist
-            x = (logits_cls + logits_dist) / 2
-            out["logits"] = x
-            if separate_heads:
-                x = (logits_cls, logits_dist)
-        else:
-            x = head(name="head")(x).astype(jnp.float32)
-            out["logits"] = x
-        return (x, out) if return_intermediates else x
+            return (logits_cls + logits_dist) / 2, out
+        return head(name="head")(x).astype(jnp.float32), out

@@ -47,6 +47,7 @@ _VIT = dict(
         dropout_rate=0.0,
         attention_dropout_rate=0.0,
         stochastic_depth_rate=0.0,
+        layer_scale_init=None,  # a float: per-channel residual scales (LayerScale) at this value
     ),
     resnet=None,  # or {num_layers: (3, 4, 9), width_factor: 1}
     classifier="token",  # token | gap | map | unpooled | token_unpooled
@@ -220,6 +221,7 @@ def _check_required(config: ml_collections.ConfigDict, where: str) -> None:
             "resnet",
             "representation_size",
             "attention_implementation",
+            "layer_scale_init",
         ):
             raise ValueError(f"model config field {where}{key!r} must be set")
 
@@ -238,7 +240,8 @@ def get_model(
     """A Flax module for a zoo name, AugReg short name or config (see `get_config`).
 
     `num_classes=None` (or 0) builds a feature extractor without a head. Call it as
-    `model.apply({'params': params}, images, train=False)` with NHWC images in [-1, 1].
+    `logits, out = model.apply({'params': params}, images, train=False)` with NHWC images in
+    [-1, 1].
     """
     c = get_config(name_or_config, **overrides)
     common = dict(
@@ -270,6 +273,7 @@ def get_model(
         dropout_rate=float(t.dropout_rate),
         attention_dropout_rate=float(t.attention_dropout_rate),
         stochastic_depth_rate=float(t.stochastic_depth_rate),
+        layer_scale_init=None if t.layer_scale_init is None else float(t.layer_scale_init),
         resnet_num_layers=None if c.resnet is None else tuple(c.resnet.num_layers),
         resnet_width_factor=1.0 if c.resnet is None else float(c.resnet.width_factor),
         classifier=c.classifier,
