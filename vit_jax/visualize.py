@@ -87,6 +87,28 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> Image.Image:
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
+def _maps(trained, image: np.ndarray, stem: pathlib.Path, *, size: int, heads: bool) -> dict:
+    """{file name: picture}: the rollout overlay, and with `heads` the last layer's head maps."""
+    from vit_jax import inference
+
+    prefix = inference.num_prefix_tokens(trained.model)
+    stride = trained.model.stride()
+    grid = (trained.crop // stride[0], trained.crop // stride[1])
+    weights = trained.intermediates(image[None])["attention_weights"]
+    heat = _to_grid(attention_rollout(weights, num_prefix_tokens=prefix)[0], grid)
+    picture = Image.fromarray(((image + 1) * 127.5).astype(np.uint8))
+    big = np.asarray(picture.resize((size, size), Image.BILINEAR), np.float32) / 127.5 - 1
+    images = {f"{stem}_rollout.png": _overlay(big, heat)}
+    if heads:
+        last = np.asarray(weights)[-1, 0, :, 0, prefix:]  # (heads, patches)
+        panels = [_overlay(big, _to_grid(h, grid)) for h in last]
+        sheet = Image.new("RGB", (size * len(panels), size))
+        for i, panel in enumerate(panels):
+            sheet.paste(panel, (i * size, 0))
+        images[f"{stem}_heads.png"] = sheet
+    return images
+
+
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(
         prog="python -m vit_jax.visualize",
@@ -125,9 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return cli.fail(f"--out {out_dir}: cannot be created ({e.strerror or e})")
     stems = output_stems(args.images, out_dir)
-    prefix = inference.num_prefix_tokens(trained.model)
-    stride = trained.model.stride()
-    grid = (trained.crop // stride[0], trained.crop // stride[1])
     size = args.scale or max(224, trained.crop)
     failed = 0
     for path in args.images:
@@ -137,28 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             cli.fail(e)
             failed += 1
             continue
-        out = trained.intermediates(image[None])
-        weights = out["attention_weights"]
-        heat = _to_grid(attention_rollout(weights, num_prefix_tokens=prefix)[0], grid)
-        big = (
-            np.asarray(
-                Image.fromarray(((image + 1) * 127.5).astype(np.uint8)).resize(
-                    (size, size), Image.BILINEAR
-                ),
-                np.float32,
-            )
-            / 127.5
-            - 1
-        )
         stem = stems[path]
-        images = {f"{stem}_rollout.png": _overlay(big, heat)}
-        if args.heads:
-            last = np.asarray(weights)[-1, 0, :, 0, prefix:]  # (heads, patches)
-            panels = [_overlay(big, _to_grid(h, grid)) for h in last]
-            sheet = Image.new("RGB", (size * len(panels), size))
-            for i, panel in enumerate(panels):
-                sheet.paste(panel, (i * size, 0))
-            images[f"{stem}_heads.png"] = sheet
+        images = _maps(trained, image, stem, size=size, heads=args.heads)
         try:
             stem.parent.mkdir(parents=True, exist_ok=True)
             for name, picture in images.items():
