@@ -105,6 +105,19 @@ def test_hf_to_ours_gives_the_same_logits(tmp_path):
     assert np.abs(expected).max() > 0.1  # a real comparison, not of zeros
 
 
+def test_hf_without_qkv_bias_reads_zero_biases(tmp_path):
+    hf, path = _hf_model(tmp_path, qkv_bias=False)
+    assert "vit.encoder.layer.0.attention.attention.query.bias" not in hf.state_dict()
+    x = _images()
+    with torch.no_grad():
+        expected = hf(pixel_values=_nchw(x)).logits.numpy()
+    c = hf_format.from_hf(path)
+    attn = c.params["Transformer"]["encoderblock_1"]["MultiHeadDotProductAttention_1"]
+    np.testing.assert_array_equal(attn["value"]["bias"], np.zeros((2, 8), np.float32))
+    ours = _apply(models.get_model(c.model_config, num_classes=3), c.params, x)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("gelu_approximate", [True, False])
 def test_ours_to_hf_gives_the_same_logits(tmp_path, gelu_approximate):
     model, config, params = _ours(gelu_approximate=gelu_approximate)
@@ -210,11 +223,13 @@ def _timm_reference(state, x, *, heads, gelu_tanh=False, eps=1e-6, no_embed_clas
         )
         attn = ((q * hd**-0.5) @ k.transpose(-2, -1)).softmax(-1)
         y = (attn @ v).transpose(1, 2).reshape(b, n, d)
-        x = x + F.linear(y, p("attn.proj.weight"), p("attn.proj.bias"))
+        y = F.linear(y, p("attn.proj.weight"), p("attn.proj.bias"))
+        x = x + (y * p("ls1.gamma") if f"blocks.{i}.ls1.gamma" in s else y)  # LayerScale
         y = F.layer_norm(x, (d,), p("norm2.weight"), p("norm2.bias"), eps)
         y = F.linear(y, p("mlp.fc1.weight"), p("mlp.fc1.bias"))
         y = F.gelu(y, approximate="tanh" if gelu_tanh else "none")
-        x = x + F.linear(y, p("mlp.fc2.weight"), p("mlp.fc2.bias"))
+        y = F.linear(y, p("mlp.fc2.weight"), p("mlp.fc2.bias"))
+        x = x + (y * p("ls2.gamma") if f"blocks.{i}.ls2.gamma" in s else y)
         i += 1
     x = F.layer_norm(x, (d,), s["norm.weight"], s["norm.bias"], eps)
     if "dist_token" in s:
@@ -273,10 +288,151 @@ def test_timm_features_timm_cannot_express_are_refused(tmp_path):
     _, config, params = _ours(hw=(8, 8))
     path = timm_format.to_timm(params, config, tmp_path / "m.safetensors")
     state = pytorch.read_safetensors(path)
-    state["blocks.0.ls1.gamma"] = np.ones(16, np.float32)
+    state["blocks.0.attn.q_norm.weight"] = np.ones(8, np.float32)
     save_file(state, str(path))
-    with pytest.raises(ConversionError, match="LayerScale"):
+    with pytest.raises(ConversionError, match="the model has query/key norms"):
         timm_format.from_timm(path)
+
+
+def _with_layer_scale(state, layers=2, d=16, seed=1):
+    rng = np.random.RandomState(seed)
+    for i in range(layers):
+        for name in ("ls1", "ls2"):
+            state[f"blocks.{i}.{name}.gamma"] = rng.uniform(0.01, 2, d).astype(np.float32)
+    return state
+
+
+def test_timm_layer_scale_converts_to_ours_and_back_bit_exact(tmp_path):
+    _, config, params = _ours(hw=(8, 8), gelu_approximate=False)
+    path = timm_format.to_timm(params, config, tmp_path / "m.safetensors")
+    state = _with_layer_scale(pytorch.read_safetensors(path))
+    os.remove(tmp_path / "m.json")
+    save_file(state, str(path))
+    ours = timm_format.from_timm(path, num_heads=2)
+    block = ours.params["Transformer"]["encoderblock_1"]
+    np.testing.assert_array_equal(block["LayerScale_3"]["scale"], state["blocks.1.ls2.gamma"])
+    assert ours.model_config.transformer.layer_scale_init == 1e-5  # timm's usual init_values
+    back = timm_format.to_timm(ours.params, ours.model_config, tmp_path / "back.safetensors")
+    written = pytorch.read_safetensors(back)
+    assert sorted(written) == sorted(state)
+    for key, value in state.items():
+        np.testing.assert_array_equal(written[key], value, err_msg=key)
+    meta = json.loads((tmp_path / "back.json").read_text())
+    assert meta["timm"]["kwargs"]["init_values"] == 1e-5
+    assert timm_format.from_timm(back).model_config.transformer.layer_scale_init == 1e-5
+
+
+def test_layer_scale_model_matches_timm_reference_forward(tmp_path):
+    spec = dict(TINY, transformer=dict(TINY["transformer"], layer_scale_init=0.1))
+    model, config, params = _ours(spec, gelu_approximate=False)  # every scale random
+    x = _images()
+    expected = _apply(model, params, x)
+    path = timm_format.to_timm(params, config, tmp_path / "m.safetensors", image_size=HW)
+    state = pytorch.read_safetensors(path)
+    np.testing.assert_array_equal(
+        state["blocks.0.ls1.gamma"],
+        params["Transformer"]["encoderblock_0"]["LayerScale_1"]["scale"],
+    )
+    reference = _timm_reference(state, x, heads=2)
+    np.testing.assert_allclose(reference, expected, atol=1e-4, rtol=0)
+    without = {k: v for k, v in state.items() if ".ls" not in k}  # the scales matter
+    assert np.abs(_timm_reference(without, x, heads=2) - expected).max() > 1e-2
+    back = timm_format.from_timm(path)
+    _assert_same_tree(back.params, params)
+    assert back.model_config.transformer.layer_scale_init == 0.1  # from the sidecar
+
+
+def test_hf_refuses_layer_scale_naming_the_key(tmp_path):
+    _, config, params = _ours(hw=(8, 8))
+    blocks = params["Transformer"]
+    for i in range(2):
+        for name in ("LayerScale_1", "LayerScale_3"):
+            blocks[f"encoderblock_{i}"][name] = {"scale": np.ones(16, np.float32)}
+    with pytest.raises(ConversionError) as e:
+        hf_format.to_hf(params, config, tmp_path / "hf")
+    assert str(e.value) == (
+        "transformers ViT cannot express tiny: "
+        "LayerScale (Transformer/encoderblock_0/LayerScale_1/scale)"
+    )
+    assert not (tmp_path / "hf").exists()
+
+
+# ----------------------------------------------------------------------------- the engine
+
+DIMS = dict(D=12, H=3, hd=4, M=20, ph=2, pw=3, T=7, N=5, R=6)
+FORMATS = {
+    "hf": (hf_format.TABLE, {"head", "representation", "qkv_bias"}),
+    "timm": (
+        timm_format.TABLE,
+        {"class_token", "distillation", "head", "head_dist", "layer_scale"},
+    ),
+}
+
+
+def _random(shapes, seed=0):
+    rng = np.random.RandomState(seed)
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+
+
+def _keymap(fmt, layers=2):
+    table, features = FORMATS[fmt]
+    return table.at(layers=layers, dims=DIMS, features=features)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_table_round_trips_both_ways_bit_exact(fmt):
+    keys = _keymap(fmt)
+    ours = _random({k: e.ours_shape for e in keys.entries for k in e.ours})
+    theirs = keys.to_theirs(ours, source="ours", what="the table")
+    assert sorted(theirs) == sorted(keys.theirs_keys())
+    _assert_same_tree(keys.to_ours(theirs, source="theirs", what="the table"), ours)
+    theirs = _random({e.theirs: e.theirs_shape for e in keys.entries}, seed=1)
+    back = keys.to_theirs(keys.to_ours(theirs, source="theirs", what="t"), source="ours", what="t")
+    _assert_same_tree(back, theirs)
+    # the layouts, checked independently of the transforms
+    d, h, hd = DIMS["D"], DIMS["H"], DIMS["hd"]
+    np.testing.assert_array_equal(
+        ours["embedding/kernel"], theirs_of(keys, ours, "embedding/kernel").transpose(2, 3, 1, 0)
+    )
+    attn = "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/"
+    for j, name in enumerate(("query", "key", "value")):
+        rows = theirs_of(keys, ours, f"{attn}{name}/kernel")
+        if fmt == "timm":  # fused: rows j*D .. (j+1)*D of attn.qkv
+            rows = rows[j * d : (j + 1) * d]
+        np.testing.assert_array_equal(ours[f"{attn}{name}/kernel"], rows.T.reshape(d, h, hd))
+    out = theirs_of(keys, ours, f"{attn}out/kernel")
+    np.testing.assert_array_equal(ours[f"{attn}out/kernel"], out.T.reshape(h, hd, d))
+
+
+def theirs_of(keys, ours, key):
+    """Their array holding our `key` (written from `ours`)."""
+    entry = next(e for e in keys.entries if key in e.ours)
+    return keys.to_theirs(ours, source="ours", what="t")[entry.theirs]
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_table_names_a_key_missing_on_either_side(fmt):
+    keys = _keymap(fmt)
+    ours = _random({k: e.ours_shape for e in keys.entries for k in e.ours})
+    theirs = keys.to_theirs(ours, source="ours", what="the table")
+    fc2 = "blocks.1.mlp.fc2.weight" if fmt == "timm" else "encoder.layer.1.output.dense.weight"
+    del theirs[fc2]
+    theirs["extra.weight"] = np.zeros((2, 3), np.float32)
+    with pytest.raises(ConversionError) as e:
+        keys.to_ours(theirs, source="x.safetensors", what="a tiny ViT")
+    assert str(e.value) == (
+        f"x.safetensors: does not hold a tiny ViT: missing (1) [{fc2} (12, 20)]; "
+        "unexpected (1) [extra.weight (2, 3)]"
+    )
+    query = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
+    del ours[query]
+    ours["embedding/bias"] = np.zeros(13, np.float32)
+    with pytest.raises(ConversionError) as e:
+        keys.to_theirs(ours, source="p.npz", what="a tiny ViT")
+    assert str(e.value) == (
+        "p.npz: does not hold a tiny ViT: missing (1) ["
+        f"{query} (12, 3, 4)]; mismatched (1) [embedding/bias: found (13,), expected (12,)]"
+    )
 
 
 # ----------------------------------------------------------------------------- CLI and errors

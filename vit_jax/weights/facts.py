@@ -39,6 +39,15 @@ class Converted(NamedTuple):
         }
 
 
+LAYER_SCALE_KEY = "Transformer/encoderblock_0/LayerScale_1/scale"
+
+
+def uses_layer_scale(config: ml_collections.ConfigDict) -> bool:
+    """Whether the model config turns LayerScale on (`transformer.layer_scale_init`)."""
+    t = config.get("transformer") or {}
+    return t.get("layer_scale_init") is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class VitFacts:
     """Dimensions of one of our ViTs, read from its config and parameters."""
@@ -58,6 +67,14 @@ class VitFacts:
     def grid(self) -> tuple[int, int]:
         return self.image_size[0] // self.patch[0], self.image_size[1] // self.patch[1]
 
+    @property
+    def dims(self) -> dict[str, int]:
+        """The dimensions a key table (`vit_jax.weights.table`) is instantiated with."""
+        d, (ph, pw) = self.hidden, self.patch
+        tokens = self.grid[0] * self.grid[1] + self.num_prefix_tokens
+        n = self.num_classes or 0
+        return dict(D=d, H=self.heads, hd=d // self.heads, M=self.mlp, ph=ph, pw=pw, T=tokens, N=n)
+
 
 def vit_facts(
     params: Mapping[str, Any],
@@ -68,11 +85,13 @@ def vit_facts(
     classifiers: tuple[str, ...],
     features_representation: bool,
     distillation: bool,
+    layer_scale: bool,
 ) -> VitFacts:
     """Checks that `target` can express the model and returns its dimensions.
 
     `features_representation`: whether `target` has a representation layer (`pre_logits`) for
-    models without a head. `image_size` defaults to the square grid the position embeddings hold.
+    models without a head; `layer_scale`: whether it has LayerScale (`LayerScale_1`, `_3`).
+    `image_size` defaults to the square grid the position embeddings hold.
     """
     config = models.get_config(model_config)
     problems = []
@@ -91,6 +110,8 @@ def vit_facts(
             problems.append("a distillation token")
     flat = {k: np.asarray(v) for k, v in flatten(models.unstack_layers(params)).items()}
     num_classes = int(flat["head/kernel"].shape[-1]) if "head/kernel" in flat else None
+    if not layer_scale and (uses_layer_scale(config) or LAYER_SCALE_KEY in flat):
+        problems.append(f"LayerScale ({LAYER_SCALE_KEY})")
     if config.get("representation_size") and (num_classes or not features_representation):
         problems.append(
             "a representation layer (pre_logits)"
@@ -106,7 +127,26 @@ def vit_facts(
     posemb = flat.get("Transformer/posembed_input/pos_embedding")
     if posemb is None:
         raise ConversionError("params have no Transformer/posembed_input/pos_embedding")
-    tokens = posemb.shape[1] - prefix
+    image_size = _image_size(image_size, posemb.shape[1] - prefix, patch)
+    t = config.transformer
+    return VitFacts(
+        config=config,
+        flat=flat,
+        hidden=hidden,
+        heads=int(t.num_heads),
+        layers=int(t.num_layers),
+        mlp=int(t.mlp_dim),
+        patch=patch,
+        image_size=image_size,
+        num_prefix_tokens=prefix,
+        num_classes=num_classes,
+    )
+
+
+def _image_size(
+    image_size: int | tuple[int, int] | None, tokens: int, patch: tuple[int, int]
+) -> tuple[int, int]:
+    """`image_size` as (h, w), checked against the grid tokens; None: the square grid."""
     if image_size is None:
         side = int(round(np.sqrt(tokens)))
         if side * side != tokens:
@@ -124,19 +164,7 @@ def vit_facts(
             f"image size {image_size} with patch {patch} does not match the position embeddings' "
             f"{tokens} grid tokens"
         )
-    t = config.transformer
-    return VitFacts(
-        config=config,
-        flat=flat,
-        hidden=hidden,
-        heads=int(t.num_heads),
-        layers=int(t.num_layers),
-        mlp=int(t.mlp_dim),
-        patch=patch,
-        image_size=image_size,
-        num_prefix_tokens=prefix,
-        num_classes=num_classes,
-    )
+    return image_size
 
 
 def class_names_for(num_classes: int | None, class_names: Any) -> list[str] | None:

@@ -7,12 +7,9 @@ the transformers-5 in-memory names (`vit.layers.{i}.attention.q_proj`, `...mlp.f
 `ViTModel` files without the `vit.` prefix; writing uses the hub names, which transformers 4
 and 5 both load.
 
-Mapping: `embeddings.{cls_token, position_embeddings, patch_embeddings.projection}` ->
-`cls`, `Transformer/posembed_input/pos_embedding`, `embedding`; per layer `layernorm_before`,
-`attention.attention.{query,key,value}`, `attention.output.dense`, `layernorm_after`,
-`intermediate.dense`, `output.dense` -> `LayerNorm_0`, `MultiHeadDotProductAttention_1/
-{query,key,value,out}`, `LayerNorm_2`, `MlpBlock_3/Dense_{0,1}`; `layernorm` ->
-`encoder_norm`; `pooler.dense` (+ tanh) -> `pre_logits`; `classifier` -> `head`.
+The key mapping is `TABLE` below (one row per parameter, run both ways by
+`vit_jax.weights.table`); `pooler.dense` (+ tanh) is our `pre_logits`. `ViTModel` has no
+LayerScale: such models are refused.
 HF ViT classifies from the class token (classifier 'token'); `hidden_act` 'gelu' is exact GELU,
 'gelu_pytorch_tanh' / 'gelu_new' the tanh approximation of the published JAX models.
 """
@@ -30,9 +27,20 @@ from absl import logging
 from etils import epath
 
 from vit_jax import models
+from vit_jax.weights import npz
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import CheckpointNotFoundError, ConversionError
-from vit_jax.weights.facts import Converted, class_names_for, vit_facts
+from vit_jax.weights.facts import Converted, VitFacts, class_names_for, vit_facts
+from vit_jax.weights.table import (
+    CONV,
+    DENSE,
+    HEADS_BIAS,
+    HEADS_IN,
+    HEADS_OUT,
+    IDENTITY,
+    Row,
+    Table,
+)
 from vit_jax.weights.tree import unflatten
 
 CONFIG = "config.json"
@@ -138,9 +146,58 @@ def shard_files(folder: epath.Path, index: epath.Path) -> list[epath.Path]:
     return shards
 
 
-def from_hf(path: str | os.PathLike) -> Converted:
-    """Our parameters, model config, class names and image size from a transformers ViT dir."""
-    config, state = read_dir(path)
+_L = "Transformer/encoderblock_{i}/"
+_A = f"{_L}MultiHeadDotProductAttention_1/"
+_E = "encoder.layer.{i}."
+
+
+def _qkv(name: str, theirs: str) -> tuple[Row, Row]:
+    return (
+        Row(f"{_A}{name}/kernel", f"{_E}attention.attention.{theirs}.weight", HEADS_IN, "D H hd"),
+        Row(
+            f"{_A}{name}/bias",
+            f"{_E}attention.attention.{theirs}.bias",
+            HEADS_BIAS,
+            "H hd",
+            when="qkv_bias",
+        ),
+    )
+
+
+# Hub names without `vit.`; `to_hf` adds it when the model has a classifier.
+TABLE = Table(
+    rows=(
+        Row("cls", "embeddings.cls_token", IDENTITY, "1 1 D"),
+        Row(npz.POSEMB_KEY, "embeddings.position_embeddings", IDENTITY, "1 T D"),
+        Row("embedding/kernel", "embeddings.patch_embeddings.projection.weight", CONV, "ph pw 3 D"),
+        Row("embedding/bias", "embeddings.patch_embeddings.projection.bias", IDENTITY, "D"),
+        Row("Transformer/encoder_norm/scale", "layernorm.weight", IDENTITY, "D"),
+        Row("Transformer/encoder_norm/bias", "layernorm.bias", IDENTITY, "D"),
+        Row("pre_logits/kernel", "pooler.dense.weight", DENSE, "D R", when="representation"),
+        Row("pre_logits/bias", "pooler.dense.bias", IDENTITY, "R", when="representation"),
+        Row("head/kernel", "classifier.weight", DENSE, "D N", when="head"),
+        Row("head/bias", "classifier.bias", IDENTITY, "N", when="head"),
+    ),
+    block=(
+        Row(f"{_L}LayerNorm_0/scale", f"{_E}layernorm_before.weight", IDENTITY, "D"),
+        Row(f"{_L}LayerNorm_0/bias", f"{_E}layernorm_before.bias", IDENTITY, "D"),
+        Row(f"{_L}LayerNorm_2/scale", f"{_E}layernorm_after.weight", IDENTITY, "D"),
+        Row(f"{_L}LayerNorm_2/bias", f"{_E}layernorm_after.bias", IDENTITY, "D"),
+        *_qkv("query", "query"),
+        *_qkv("key", "key"),
+        *_qkv("value", "value"),
+        Row(f"{_A}out/kernel", f"{_E}attention.output.dense.weight", HEADS_OUT, "H hd D"),
+        Row(f"{_A}out/bias", f"{_E}attention.output.dense.bias", IDENTITY, "D"),
+        Row(f"{_L}MlpBlock_3/Dense_0/kernel", f"{_E}intermediate.dense.weight", DENSE, "D M"),
+        Row(f"{_L}MlpBlock_3/Dense_0/bias", f"{_E}intermediate.dense.bias", IDENTITY, "M"),
+        Row(f"{_L}MlpBlock_3/Dense_1/kernel", f"{_E}output.dense.weight", DENSE, "M D"),
+        Row(f"{_L}MlpBlock_3/Dense_1/bias", f"{_E}output.dense.bias", IDENTITY, "D"),
+    ),
+)
+
+
+def _read_config(path: Any, config: Mapping[str, Any], state: Mapping[str, Any]) -> dict:
+    """The table's dims and features plus our model-config fields, from `config.json`."""
     if config.get("model_type") != "vit":
         raise ConversionError(
             f"{path}: model_type {config.get('model_type')!r}; only 'vit' (ViTModel, "
@@ -152,96 +209,66 @@ def from_hf(path: str | os.PathLike) -> Converted:
     if int(config.get("num_channels", 3)) != 3:
         raise ConversionError(f"{path}: num_channels {config['num_channels']}, expected 3")
     d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-    layers, mlp = int(config["num_hidden_layers"]), int(config["intermediate_size"])
     if d % heads or int(config.get("head_dim") or d // heads) * heads != d:
         raise ConversionError(f"{path}: heads x head_dim != hidden_size ({config})")
     ph, pw = pt.pair(config.get("patch_size", 16), "patch_size")
     h, w = pt.pair(config.get("image_size", 224), "image_size")
-    tokens = (h // ph) * (w // pw) + 1
-    qkv_bias = bool(config.get("qkv_bias", True))
-
-    r = pt.Reader(str(path), state)
-    flat: dict[str, np.ndarray] = {
-        "embedding/kernel": pt.conv_from_torch(
-            r.take("embeddings.patch_embeddings.projection.weight", (d, 3, ph, pw))
-        ),
-        "embedding/bias": r.take("embeddings.patch_embeddings.projection.bias", (d,)),
-        "cls": r.take("embeddings.cls_token", (1, 1, d)),
-        "Transformer/posembed_input/pos_embedding": r.take(
-            "embeddings.position_embeddings", (1, tokens, d)
-        ),
-    }
-    r.skip(["embeddings.mask_token"], "the masked-image-modeling mask token")
-    for i in range(layers):
-        src, dst = f"encoder.layer.{i}.", f"Transformer/encoderblock_{i}/"
-        for ours, theirs in (
-            ("LayerNorm_0", "layernorm_before"),
-            ("LayerNorm_2", "layernorm_after"),
-        ):
-            flat[f"{dst}{ours}/scale"] = r.take(f"{src}{theirs}.weight", (d,))
-            flat[f"{dst}{ours}/bias"] = r.take(f"{src}{theirs}.bias", (d,))
-        attn = f"{dst}MultiHeadDotProductAttention_1/"
-        for name in ("query", "key", "value"):
-            weight = r.take(f"{src}attention.attention.{name}.weight", (d, d))
-            bias = r.take(f"{src}attention.attention.{name}.bias", (d,)) if qkv_bias else None
-            flat[f"{attn}{name}/kernel"] = pt.qkv_from_torch(weight, heads)
-            flat[f"{attn}{name}/bias"] = (
-                np.zeros((heads, d // heads), np.float32)
-                if bias is None
-                else bias.reshape(heads, -1)
-            )
-        flat[f"{attn}out/kernel"] = pt.out_from_torch(
-            r.take(f"{src}attention.output.dense.weight", (d, d)), heads
-        )
-        flat[f"{attn}out/bias"] = r.take(f"{src}attention.output.dense.bias", (d,))
-        for j, theirs in enumerate(("intermediate.dense", "output.dense")):
-            shape = (mlp, d) if j == 0 else (d, mlp)
-            flat[f"{dst}MlpBlock_3/Dense_{j}/kernel"] = pt.dense_from_torch(
-                r.take(f"{src}{theirs}.weight", shape)
-            )
-            flat[f"{dst}MlpBlock_3/Dense_{j}/bias"] = r.take(f"{src}{theirs}.bias", shape[:1])
-    flat["Transformer/encoder_norm/scale"] = r.take("layernorm.weight", (d,))
-    flat["Transformer/encoder_norm/bias"] = r.take("layernorm.bias", (d,))
-    representation = None
-    if "pooler.dense.weight" in r:
+    dims = dict(D=d, H=heads, hd=d // heads, M=int(config["intermediate_size"]), ph=ph, pw=pw)
+    dims["T"] = (h // ph) * (w // pw) + 1
+    features, ignore = set(), {"the masked-image-modeling mask token": ["embeddings.mask_token"]}
+    if "pooler.dense.weight" in state:
         if config.get("pooler_act", "tanh") != "tanh":
             raise ConversionError(f"{path}: pooler_act {config['pooler_act']!r}, expected 'tanh'")
-        representation = int(state["pooler.dense.weight"].shape[0])
-        flat["pre_logits/kernel"] = pt.dense_from_torch(
-            r.take("pooler.dense.weight", (representation, d))
-        )
-        flat["pre_logits/bias"] = r.take("pooler.dense.bias", (representation,))
-    num_classes = None
-    if "classifier.weight" in r:
-        num_classes = int(state["classifier.weight"].shape[0])
-        flat["head/kernel"] = pt.dense_from_torch(r.take("classifier.weight", (num_classes, d)))
-        flat["head/bias"] = r.take("classifier.bias", (num_classes,))
-        if representation:  # ViTForImageClassification never applies the pooler
-            r.skip(["pooler.dense.weight", "pooler.dense.bias"], "unused by the classifier")
-            representation = None
-            del flat["pre_logits/kernel"], flat["pre_logits/bias"]
-    r.finish("a transformers ViT of this config.json")
+        features.add("representation")
+        dims["R"] = int(state["pooler.dense.weight"].shape[0])
+    if "classifier.weight" in state:
+        features.add("head")
+        dims["N"] = int(state["classifier.weight"].shape[0])
+        if "representation" in features:  # ViTForImageClassification never applies the pooler
+            features.discard("representation")
+            ignore["unused by the classifier"] = ["pooler.dense.weight", "pooler.dense.bias"]
+    qkv_bias = bool(config.get("qkv_bias", True))
+    features.update(["qkv_bias"] if qkv_bias else [])
+    return dict(
+        dims=dims,
+        features=features,
+        zeros=() if qkv_bias else ("qkv_bias",),
+        ignore=ignore,
+        layers=int(config["num_hidden_layers"]),
+        image_size=(h, w),
+        gelu_approximate=_GELU[act],
+    )
 
+
+def from_hf(path: str | os.PathLike) -> Converted:
+    """Our parameters, model config, class names and image size from a transformers ViT dir."""
+    config, state = read_dir(path)
+    f = _read_config(path, config, state)
+    keys = TABLE.at(layers=f["layers"], dims=f["dims"], features=f["features"], zeros=f["zeros"])
+    flat = keys.to_ours(
+        state, source=str(path), what="a transformers ViT of this config.json", ignore=f["ignore"]
+    )
+    dims = f["dims"]
     model_config = models.get_config(
         dict(
             name=str(config.get("_name_or_path") or epath.Path(path).name),
-            patches=dict(size=(ph, pw)),
-            hidden_size=d,
+            patches=dict(size=(dims["ph"], dims["pw"])),
+            hidden_size=dims["D"],
             transformer=dict(
-                mlp_dim=mlp,
-                num_heads=heads,
-                num_layers=layers,
+                mlp_dim=dims["M"],
+                num_heads=dims["H"],
+                num_layers=f["layers"],
                 dropout_rate=float(config.get("hidden_dropout_prob", 0.0)),
                 attention_dropout_rate=float(config.get("attention_probs_dropout_prob", 0.0)),
             ),
             classifier="token",
-            representation_size=representation,
-            gelu_approximate=_GELU[act],
+            representation_size=dims["R"] if "representation" in f["features"] else None,
+            gelu_approximate=f["gelu_approximate"],
             layernorm_epsilon=float(config.get("layer_norm_eps", 1e-12)),
         )
     )
     params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
-    return Converted(params, model_config, _class_names(config, num_classes), (h, w))
+    return Converted(params, model_config, _class_names(config, dims.get("N")), f["image_size"])
 
 
 def _class_names(config: Mapping[str, Any], num_classes: int | None) -> list[str] | None:
@@ -283,64 +310,31 @@ def to_hf(
         classifiers=("token",),
         features_representation=True,
         distillation=False,
+        layer_scale=False,
     )
     names = class_names_for(f.num_classes, class_names)
-    d, (ph, pw) = f.hidden, f.patch
-    tokens = f.grid[0] * f.grid[1] + 1
-    r = pt.Reader(source, f.flat)  # names the file in errors
-    prefix = "vit." if f.num_classes else ""
-    state = {
-        f"{prefix}embeddings.cls_token": r.take("cls", (1, 1, d)),
-        f"{prefix}embeddings.position_embeddings": r.take(
-            "Transformer/posembed_input/pos_embedding", (1, tokens, d)
-        ),
-        f"{prefix}embeddings.patch_embeddings.projection.weight": pt.conv_to_torch(
-            r.take("embedding/kernel", (ph, pw, 3, d))
-        ),
-        f"{prefix}embeddings.patch_embeddings.projection.bias": r.take("embedding/bias", (d,)),
-    }
-    hd = d // f.heads
-    for i in range(f.layers):
-        src, dst = f"Transformer/encoderblock_{i}/", f"{prefix}encoder.layer.{i}."
-        for ours, theirs in (
-            ("LayerNorm_0", "layernorm_before"),
-            ("LayerNorm_2", "layernorm_after"),
-        ):
-            state[f"{dst}{theirs}.weight"] = r.take(f"{src}{ours}/scale", (d,))
-            state[f"{dst}{theirs}.bias"] = r.take(f"{src}{ours}/bias", (d,))
-        attn = f"{src}MultiHeadDotProductAttention_1/"
-        for name in ("query", "key", "value"):
-            state[f"{dst}attention.attention.{name}.weight"] = pt.qkv_to_torch(
-                r.take(f"{attn}{name}/kernel", (d, f.heads, hd))
-            )
-            state[f"{dst}attention.attention.{name}.bias"] = r.take(
-                f"{attn}{name}/bias", (f.heads, hd)
-            ).reshape(-1)
-        state[f"{dst}attention.output.dense.weight"] = pt.out_to_torch(
-            r.take(f"{attn}out/kernel", (f.heads, hd, d))
-        )
-        state[f"{dst}attention.output.dense.bias"] = r.take(f"{attn}out/bias", (d,))
-        for j, theirs in enumerate(("intermediate.dense", "output.dense")):
-            shape = (d, f.mlp) if j == 0 else (f.mlp, d)
-            state[f"{dst}{theirs}.weight"] = pt.dense_to_torch(
-                r.take(f"{src}MlpBlock_3/Dense_{j}/kernel", shape)
-            )
-            state[f"{dst}{theirs}.bias"] = r.take(f"{src}MlpBlock_3/Dense_{j}/bias", shape[1:])
-    state[f"{prefix}layernorm.weight"] = r.take("Transformer/encoder_norm/scale", (d,))
-    state[f"{prefix}layernorm.bias"] = r.take("Transformer/encoder_norm/bias", (d,))
     representation = f.config.get("representation_size")
-    if representation:
-        state["pooler.dense.weight"] = pt.dense_to_torch(
-            r.take("pre_logits/kernel", (d, representation))
-        )
-        state["pooler.dense.bias"] = r.take("pre_logits/bias", (representation,))
-    if f.num_classes:
-        state["classifier.weight"] = pt.dense_to_torch(r.take("head/kernel", (d, f.num_classes)))
-        state["classifier.bias"] = r.take("head/bias", (f.num_classes,))
-    r.finish(f"a {f.config.name or 'ViT'} of this config")
+    features = {"qkv_bias", *(["head"] if f.num_classes else [])}
+    features.update(["representation"] if representation else [])
+    keys = TABLE.at(layers=f.layers, dims={**f.dims, "R": representation or 0}, features=features)
+    state = keys.to_theirs(f.flat, source=source, what=f"a {f.config.name or 'ViT'} of this config")
+    if f.num_classes:  # ViTForImageClassification: the backbone under `vit.`
+        state = {k if k.startswith("classifier.") else f"vit.{k}": v for k, v in state.items()}
+    config = _hf_config(f, names)
+    out = epath.Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{path}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    pt.write_safetensors({k: v.astype(np.float32) for k, v in state.items()}, out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps(config, indent=2))
+    logging.info("wrote transformers %s to %s", config["architectures"][0], out)
+    return out
 
+
+def _hf_config(f: VitFacts, names: list[str] | None) -> dict[str, Any]:
+    """The transformers `config.json` of the model `f` describes."""
     labels = names or [f"LABEL_{i}" for i in range(f.num_classes or 0)]
-    t = f.config.transformer
+    t, (ph, pw), d = f.config.transformer, f.patch, f.hidden
     config = {
         "architectures": ["ViTForImageClassification" if f.num_classes else "ViTModel"],
         "model_type": "vit",
@@ -358,7 +352,7 @@ def to_hf(
         "num_channels": 3,
         "qkv_bias": True,
         "encoder_stride": ph,
-        "pooler_output_size": int(representation or d),
+        "pooler_output_size": int(f.config.get("representation_size") or d),
         "pooler_act": "tanh",
         "id2label": {str(i): n for i, n in enumerate(labels)},
         "label2id": {n: i for i, n in enumerate(labels)},
@@ -366,11 +360,4 @@ def to_hf(
     }
     if len(set(labels)) != len(labels):
         del config["label2id"]  # duplicate names cannot be inverted
-    out = epath.Path(path)
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"{path}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    pt.write_safetensors({k: v.astype(np.float32) for k, v in state.items()}, out / WEIGHTS)
-    (out / CONFIG).write_text(json.dumps(config, indent=2))
-    logging.info("wrote transformers %s to %s", config["architectures"][0], out)
-    return out
+    return config

@@ -1,7 +1,8 @@
 """timm `VisionTransformer` state dicts (`.safetensors`, or weights-only `.bin`) <-> our ViT.
 
-Keys: `cls_token`, `dist_token` (DeiT), `pos_embed`, `patch_embed.proj.{weight,bias}`,
-`blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}`, `norm`, `head`,
+Keys (`TABLE`, run by `vit_jax.weights.table`): `cls_token`, `dist_token` (DeiT), `pos_embed`,
+`patch_embed.proj.{weight,bias}`, `blocks.{i}.{norm1, attn.qkv, attn.proj, ls1, norm2, mlp.fc1,
+mlp.fc2, ls2}` (`ls1`/`ls2`: LayerScale, our `LayerScale_1`/`_3`), `norm`, `head`,
 `head_dist`. The fused `attn.qkv` weight (3 * D, D) holds query, key and value rows in that
 order. Models without a class token pool by averaging the final-normed tokens
 (`global_pool='avg', fc_norm=False`, our classifier 'gap'); `pos_embed` without the class-token
@@ -10,8 +11,8 @@ slots (`no_embed_class=True`) reads as a zero slot, which computes the same.
 A state dict does not say how many heads the model has, nor its image size, GELU kind or class
 names. Reading takes them from, in order: the arguments, our JSON sidecar (`x.safetensors` ->
 `x.json`, written by `to_timm`), a zoo model name, and a timm hub `config.json` beside the file
-(`architecture`, `pretrained_cfg.input_size`, `label_names`). timm uses exact GELU and LayerNorm
-epsilon 1e-6.
+(`architecture`, `pretrained_cfg.input_size`, `label_names`, `model_args.init_values`). timm
+uses exact GELU and LayerNorm epsilon 1e-6.
 """
 
 from __future__ import annotations
@@ -31,18 +32,43 @@ from vit_jax import models
 from vit_jax.weights import npz
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import ConversionError
-from vit_jax.weights.facts import Converted, class_names_for, vit_facts
+from vit_jax.weights.facts import (
+    LAYER_SCALE_KEY,
+    Converted,
+    VitFacts,
+    class_names_for,
+    uses_layer_scale,
+    vit_facts,
+)
+from vit_jax.weights.table import (
+    CONV,
+    DENSE,
+    HEADS_BIAS,
+    HEADS_IN,
+    HEADS_OUT,
+    IDENTITY,
+    Row,
+    Table,
+)
 from vit_jax.weights.tree import unflatten
 
 # timm architecture size words -> heads (head_dim 64, ViT-H 80).
 _HEADS_BY_SIZE = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16}
+_QKV = ("query", "key", "value")
+# table features -> the key whose presence in a state dict turns them on
+_FEATURE_KEYS = {
+    "class_token": "cls_token",
+    "distillation": "dist_token",
+    "head": "head.weight",
+    "head_dist": "head_dist.weight",
+}
+_LAYER_SCALE = re.compile(r"^blocks\.\d+\.ls[12]\.gamma$")
 _UNSUPPORTED = {
     "norm_pre.": "a pre-norm (CLIP-style norm_pre)",
     "reg_token": "register tokens",
     "attn_pool.": "attention pooling (attn_pool)",
     "patch_embed.backbone.": "a CNN backbone (hybrid)",
     "patch_embed.norm.": "a patch-embedding norm",
-    ".ls1.": "LayerScale",
     ".q_norm.": "query/key norms",
     ".attn.norm.": "attention scale-norm",
     ".mlp.norm.": "MLP scale-norm",
@@ -71,6 +97,49 @@ def _timm_hub_config(path: epath.Path) -> dict[str, Any]:
     return config if isinstance(config, dict) and "architecture" in config else {}
 
 
+_L = "Transformer/encoderblock_{i}/"
+_A = f"{_L}MultiHeadDotProductAttention_1/"
+_B = "blocks.{i}."
+
+TABLE = Table(
+    rows=(
+        Row("embedding/kernel", "patch_embed.proj.weight", CONV, "ph pw 3 D"),
+        Row("embedding/bias", "patch_embed.proj.bias", IDENTITY, "D", optional=True),
+        Row("cls", "cls_token", IDENTITY, "1 1 D", when="class_token"),
+        Row("dist", "dist_token", IDENTITY, "1 1 D", when="distillation"),
+        Row(npz.POSEMB_KEY, "pos_embed", IDENTITY, "1 T D"),
+        Row("Transformer/encoder_norm/scale", "norm.weight", IDENTITY, "D"),
+        Row("Transformer/encoder_norm/bias", "norm.bias", IDENTITY, "D"),
+        Row("head/kernel", "head.weight", DENSE, "D N", when="head"),
+        Row("head/bias", "head.bias", IDENTITY, "N", when="head"),
+        Row("head_dist/kernel", "head_dist.weight", DENSE, "D N", when="head_dist"),
+        Row("head_dist/bias", "head_dist.bias", IDENTITY, "N", when="head_dist"),
+    ),
+    block=(
+        Row(f"{_L}LayerNorm_0/scale", f"{_B}norm1.weight", IDENTITY, "D"),
+        Row(f"{_L}LayerNorm_0/bias", f"{_B}norm1.bias", IDENTITY, "D"),
+        Row(tuple(f"{_A}{n}/kernel" for n in _QKV), f"{_B}attn.qkv.weight", HEADS_IN, "D H hd"),
+        Row(
+            tuple(f"{_A}{n}/bias" for n in _QKV),
+            f"{_B}attn.qkv.bias",
+            HEADS_BIAS,
+            "H hd",
+            optional=True,
+        ),
+        Row(f"{_A}out/kernel", f"{_B}attn.proj.weight", HEADS_OUT, "H hd D"),
+        Row(f"{_A}out/bias", f"{_B}attn.proj.bias", IDENTITY, "D"),
+        Row(f"{_L}LayerScale_1/scale", f"{_B}ls1.gamma", IDENTITY, "D", when="layer_scale"),
+        Row(f"{_L}LayerNorm_2/scale", f"{_B}norm2.weight", IDENTITY, "D"),
+        Row(f"{_L}LayerNorm_2/bias", f"{_B}norm2.bias", IDENTITY, "D"),
+        Row(f"{_L}MlpBlock_3/Dense_0/kernel", f"{_B}mlp.fc1.weight", DENSE, "D M"),
+        Row(f"{_L}MlpBlock_3/Dense_0/bias", f"{_B}mlp.fc1.bias", IDENTITY, "M"),
+        Row(f"{_L}MlpBlock_3/Dense_1/kernel", f"{_B}mlp.fc2.weight", DENSE, "M D"),
+        Row(f"{_L}MlpBlock_3/Dense_1/bias", f"{_B}mlp.fc2.bias", IDENTITY, "D"),
+        Row(f"{_L}LayerScale_3/scale", f"{_B}ls2.gamma", IDENTITY, "D", when="layer_scale"),
+    ),
+)
+
+
 def from_timm(
     path: str | os.PathLike,
     *,
@@ -85,118 +154,28 @@ def from_timm(
         if any(marker in f".{k}" for k in state):
             raise ConversionError(f"{path}: the model has {feature}, which our ViT does not")
     meta = npz.read_metadata(path)
-    stored = meta.get("model") or {}
     hub = _timm_hub_config(path)
-    zoo = models.get_config(model) if model else None
+    f = _read_facts(path, state, meta, hub, model=model, num_heads=num_heads, size=image_size)
+    keys = TABLE.at(layers=f["layers"], dims=f["dims"], features=f["features"])
+    flat = keys.to_ours(f["state"], source=str(path), what="a timm VisionTransformer")
 
-    if "patch_embed.proj.weight" not in state:
-        raise ConversionError(
-            f"{path}: no patch_embed.proj.weight; not a timm VisionTransformer state dict "
-            f"(keys: {', '.join(sorted(state)[:5])} ...)"
-        )
-    d, channels, ph, pw = state["patch_embed.proj.weight"].shape
-    if channels != 3:
-        raise ConversionError(f"{path}: patch_embed takes {channels} channels, expected 3")
-    layers = 1 + max(
-        (int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.", k))), default=-1
-    )
-    if not layers:
-        raise ConversionError(f"{path}: no blocks.{{i}} entries; not a timm VisionTransformer")
-    mlp = state["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in state else 0
-    heads = _num_heads(path, num_heads, stored, zoo, hub, d)
-    if zoo is not None and (zoo.hidden_size, zoo.transformer.num_layers) != (d, layers):
-        raise ConversionError(
-            f"{path}: holds a ViT of width {d} and {layers} layers, not {model} "
-            f"({zoo.hidden_size}, {zoo.transformer.num_layers})"
-        )
-    prefix_names = [k for k in ("cls_token", "dist_token") if k in state]
-    prefix = len(prefix_names)
-    classifier = _classifier(path, stored, hub, has_class_token=bool(prefix))
-    if "dist_token" in state and "cls_token" not in state:
-        raise ConversionError(f"{path}: dist_token without cls_token")
-    posemb = state.get("pos_embed")
-    if posemb is None or posemb.ndim != 3:
-        raise ConversionError(f"{path}: no pos_embed of shape (1, tokens, {d})")
-    hub_size = ((hub.get("pretrained_cfg") or {}).get("input_size") or [None])[1:]
-    size = image_size or meta.get("image_size") or hub_size
-    if size:
-        h, w = pt.pair(size if isinstance(size, int) else list(size), "image size")
-    else:  # square, with or without (no_embed_class) slots for the prefix tokens
-        total = posemb.shape[1]
-        grids = [n for n in (total - prefix, total) if n > 0]
-        side = next((math.isqrt(n) for n in grids if math.isqrt(n) ** 2 == n), None)
-        if side is None:
-            raise ConversionError(
-                f"{path}: pos_embed holds {total} tokens, not a square grid; pass the image size"
-            )
-        h, w = side * ph, side * pw
-    grid_tokens = (h // ph) * (w // pw)
-    if prefix and posemb.shape[1] == grid_tokens:  # no_embed_class: no slot for the prefix
-        posemb = np.concatenate([np.zeros((1, prefix, d), posemb.dtype), posemb], axis=1)
-        state = {**state, "pos_embed": posemb}
-
-    r = pt.Reader(str(path), state)
-    flat: dict[str, np.ndarray] = {
-        "embedding/kernel": pt.conv_from_torch(r.take("patch_embed.proj.weight", (d, 3, ph, pw))),
-        "Transformer/posembed_input/pos_embedding": r.take(
-            "pos_embed", (1, grid_tokens + prefix, d)
-        ),
-    }
-    bias = r.optional("patch_embed.proj.bias", (d,))
-    flat["embedding/bias"] = np.zeros(d, np.float32) if bias is None else bias
-    if prefix_names:
-        flat["cls"] = r.take("cls_token", (1, 1, d))
-    if "dist_token" in state:
-        flat["dist"] = r.take("dist_token", (1, 1, d))
-    hd = d // heads
-    for i in range(layers):
-        src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
-        for ours, theirs in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
-            flat[f"{dst}{ours}/scale"] = r.take(f"{src}{theirs}.weight", (d,))
-            flat[f"{dst}{ours}/bias"] = r.take(f"{src}{theirs}.bias", (d,))
-        attn = f"{dst}MultiHeadDotProductAttention_1/"
-        qkv = r.take(f"{src}attn.qkv.weight", (3 * d, d))
-        qkv_bias = r.optional(f"{src}attn.qkv.bias", (3 * d,))
-        if qkv_bias is None:
-            qkv_bias = np.zeros(3 * d, np.float32)
-        for j, name in enumerate(("query", "key", "value")):
-            flat[f"{attn}{name}/kernel"] = pt.qkv_from_torch(qkv[j * d : (j + 1) * d], heads)
-            flat[f"{attn}{name}/bias"] = qkv_bias[j * d : (j + 1) * d].reshape(heads, hd)
-        flat[f"{attn}out/kernel"] = pt.out_from_torch(
-            r.take(f"{src}attn.proj.weight", (d, d)), heads
-        )
-        flat[f"{attn}out/bias"] = r.take(f"{src}attn.proj.bias", (d,))
-        for j, theirs in enumerate(("fc1", "fc2")):
-            shape = (mlp, d) if j == 0 else (d, mlp)
-            flat[f"{dst}MlpBlock_3/Dense_{j}/kernel"] = pt.dense_from_torch(
-                r.take(f"{src}mlp.{theirs}.weight", shape)
-            )
-            flat[f"{dst}MlpBlock_3/Dense_{j}/bias"] = r.take(f"{src}mlp.{theirs}.bias", shape[:1])
-    flat["Transformer/encoder_norm/scale"] = r.take("norm.weight", (d,))
-    flat["Transformer/encoder_norm/bias"] = r.take("norm.bias", (d,))
-    num_classes = None
-    for ours, theirs in (("head", "head"), ("head_dist", "head_dist")):
-        if f"{theirs}.weight" in r:
-            n = int(state[f"{theirs}.weight"].shape[0])
-            num_classes = num_classes or n
-            flat[f"{ours}/kernel"] = pt.dense_from_torch(
-                r.take(f"{theirs}.weight", (num_classes, d))
-            )
-            flat[f"{ours}/bias"] = r.take(f"{theirs}.bias", (num_classes,))
-    r.finish("a timm VisionTransformer")
-
+    dims, stored = f["dims"], meta.get("model") or {}
+    transformer = dict(mlp_dim=dims["M"], num_heads=dims["H"], num_layers=f["layers"])
+    if "layer_scale" in f["features"]:
+        transformer["layer_scale_init"] = _layer_scale_init(stored, meta, hub)
     model_config = models.get_config(
         dict(
             name=str(stored.get("name") or model or hub.get("architecture") or path.stem),
-            patches=dict(size=(int(ph), int(pw))),
-            hidden_size=int(d),
-            transformer=dict(mlp_dim=int(mlp), num_heads=heads, num_layers=layers),
-            classifier=classifier,
-            distillation_token="dist_token" in state,
+            patches=dict(size=(dims["ph"], dims["pw"])),
+            hidden_size=dims["D"],
+            transformer=transformer,
+            classifier=f["classifier"],
+            distillation_token="distillation" in f["features"],
             gelu_approximate=bool(stored.get("gelu_approximate", False)),
             layernorm_epsilon=float(stored.get("layernorm_epsilon", 1e-6)),
         )
     )
+    num_classes = dims.get("N")
     names = (
         meta.get("class_names")
         or hub.get("label_names")
@@ -208,7 +187,94 @@ def from_timm(
         )
         names = None
     params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
-    return Converted(params, model_config, list(names) if names else None, (h, w))
+    return Converted(params, model_config, list(names) if names else None, f["image_size"])
+
+
+def _read_facts(path, state, meta, hub, *, model, num_heads, size) -> dict[str, Any]:
+    """The table's dims and features, the pooling and the image size of a timm state dict.
+
+    The state comes back with `pos_embed` given zero prefix slots when it has none
+    (`no_embed_class`). Checks run in the order their errors are most useful.
+    """
+    stored = meta.get("model") or {}
+    zoo = models.get_config(model) if model else None
+    if "patch_embed.proj.weight" not in state:
+        raise ConversionError(
+            f"{path}: no patch_embed.proj.weight; not a timm VisionTransformer state dict "
+            f"(keys: {', '.join(sorted(state)[:5])} ...)"
+        )
+    d, channels, ph, pw = (int(n) for n in state["patch_embed.proj.weight"].shape)
+    if channels != 3:
+        raise ConversionError(f"{path}: patch_embed takes {channels} channels, expected 3")
+    layers = 1 + max(
+        (int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.", k))), default=-1
+    )
+    if not layers:
+        raise ConversionError(f"{path}: no blocks.{{i}} entries; not a timm VisionTransformer")
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    heads = _num_heads(path, num_heads, stored, zoo, hub, d)
+    if zoo is not None and (zoo.hidden_size, zoo.transformer.num_layers) != (d, layers):
+        raise ConversionError(
+            f"{path}: holds a ViT of width {d} and {layers} layers, not {model} "
+            f"({zoo.hidden_size}, {zoo.transformer.num_layers})"
+        )
+    prefix = sum(k in state for k in ("cls_token", "dist_token"))
+    classifier = _classifier(path, stored, hub, has_class_token=bool(prefix))
+    if "dist_token" in state and "cls_token" not in state:
+        raise ConversionError(f"{path}: dist_token without cls_token")
+    h, w = _image_size(path, state, meta, hub, size, prefix=prefix, d=d, patch=(ph, pw))
+    grid_tokens = (h // ph) * (w // pw)
+    posemb = state["pos_embed"]
+    if prefix and posemb.shape[1] == grid_tokens:  # no_embed_class: no slot for the prefix
+        posemb = np.concatenate([np.zeros((1, prefix, d), posemb.dtype), posemb], axis=1)
+        state = {**state, "pos_embed": posemb}
+    dims = dict(D=d, H=heads, hd=d // heads, M=0 if fc1 is None else int(fc1.shape[0]))
+    dims.update(ph=ph, pw=pw, T=grid_tokens + prefix)
+    features = {name for name, key in _FEATURE_KEYS.items() if key in state}
+    if any(_LAYER_SCALE.match(k) for k in state):
+        features.add("layer_scale")
+    for head in ("head_dist", "head"):  # the class count: head's, else head_dist's
+        if head in features:
+            dims["N"] = int(state[f"{head}.weight"].shape[0])
+    return dict(
+        state=state,
+        dims=dims,
+        layers=layers,
+        features=features,
+        classifier=classifier,
+        image_size=(h, w),
+    )
+
+
+def _image_size(path, state, meta, hub, size, *, prefix, d, patch) -> tuple[int, int]:
+    """From the argument, our sidecar, the hub config, else the square grid of `pos_embed`."""
+    posemb = state.get("pos_embed")
+    if posemb is None or posemb.ndim != 3:
+        raise ConversionError(f"{path}: no pos_embed of shape (1, tokens, {d})")
+    hub_size = ((hub.get("pretrained_cfg") or {}).get("input_size") or [None])[1:]
+    size = size or meta.get("image_size") or hub_size
+    if size:
+        return pt.pair(size if isinstance(size, int) else list(size), "image size")
+    # square, with or without (no_embed_class) slots for the prefix tokens
+    total = posemb.shape[1]
+    grids = [n for n in (total - prefix, total) if n > 0]
+    side = next((math.isqrt(n) for n in grids if math.isqrt(n) ** 2 == n), None)
+    if side is None:
+        raise ConversionError(
+            f"{path}: pos_embed holds {total} tokens, not a square grid; pass the image size"
+        )
+    return side * patch[0], side * patch[1]
+
+
+def _layer_scale_init(stored, meta, hub) -> float:
+    """LayerScale's initial value (it matters only for training from scratch): as recorded by
+    our sidecar or timm's `init_values`, else timm's usual 1e-5."""
+    recorded = (
+        (stored.get("transformer") or {}).get("layer_scale_init")
+        or ((meta.get("timm") or {}).get("kwargs") or {}).get("init_values")
+        or (hub.get("model_args") or {}).get("init_values")
+    )
+    return float(recorded) if recorded else 1e-5
 
 
 def _classifier(path, stored, hub, *, has_class_token: bool) -> str:
@@ -270,60 +336,42 @@ def to_timm(
         classifiers=("token", "gap"),
         features_representation=False,
         distillation=True,
+        layer_scale=True,
     )
     names = class_names_for(f.num_classes, class_names)
-    d, (ph, pw), hd = f.hidden, f.patch, f.hidden // f.heads
-    r = pt.Reader(source, f.flat)  # names the file in errors
-    state = {
-        "pos_embed": r.take(
-            "Transformer/posembed_input/pos_embedding",
-            (1, f.grid[0] * f.grid[1] + f.num_prefix_tokens, d),
-        ),
-        "patch_embed.proj.weight": pt.conv_to_torch(r.take("embedding/kernel", (ph, pw, 3, d))),
-        "patch_embed.proj.bias": r.take("embedding/bias", (d,)),
+    distilled = bool(f.config.distillation_token)
+    layer_scale = uses_layer_scale(f.config) or LAYER_SCALE_KEY in f.flat
+    on = {
+        "class_token": bool(f.num_prefix_tokens),
+        "distillation": distilled,
+        "head": bool(f.num_classes),
+        "head_dist": bool(f.num_classes) and distilled,
+        "layer_scale": layer_scale,
     }
-    if f.num_prefix_tokens:
-        state["cls_token"] = r.take("cls", (1, 1, d))
-    if f.config.distillation_token:
-        state["dist_token"] = r.take("dist", (1, 1, d))
-    for i in range(f.layers):
-        src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
-        for ours, theirs in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
-            state[f"{dst}{theirs}.weight"] = r.take(f"{src}{ours}/scale", (d,))
-            state[f"{dst}{theirs}.bias"] = r.take(f"{src}{ours}/bias", (d,))
-        attn = f"{src}MultiHeadDotProductAttention_1/"
-        state[f"{dst}attn.qkv.weight"] = np.concatenate(
-            [
-                pt.qkv_to_torch(r.take(f"{attn}{n}/kernel", (d, f.heads, hd)))
-                for n in ("query", "key", "value")
-            ]
+    keys = TABLE.at(layers=f.layers, dims=f.dims, features=[k for k, v in on.items() if v])
+    state = keys.to_theirs(f.flat, source=source, what=f"a {f.config.name or 'ViT'} of this config")
+    kwargs = _timm_kwargs(f, layer_scale=layer_scale)
+    if float(f.config.layernorm_epsilon) != 1e-6:
+        logging.warning(
+            "%s: the model uses LayerNorm epsilon %g; timm's VisionTransformer uses 1e-6 unless "
+            "given norm_layer=partial(nn.LayerNorm, eps=%g)",
+            path,
+            f.config.layernorm_epsilon,
+            f.config.layernorm_epsilon,
         )
-        state[f"{dst}attn.qkv.bias"] = np.concatenate(
-            [
-                r.take(f"{attn}{n}/bias", (f.heads, hd)).reshape(-1)
-                for n in ("query", "key", "value")
-            ]
-        )
-        state[f"{dst}attn.proj.weight"] = pt.out_to_torch(
-            r.take(f"{attn}out/kernel", (f.heads, hd, d))
-        )
-        state[f"{dst}attn.proj.bias"] = r.take(f"{attn}out/bias", (d,))
-        for j, theirs in enumerate(("fc1", "fc2")):
-            shape = (d, f.mlp) if j == 0 else (f.mlp, d)
-            state[f"{dst}mlp.{theirs}.weight"] = pt.dense_to_torch(
-                r.take(f"{src}MlpBlock_3/Dense_{j}/kernel", shape)
-            )
-            state[f"{dst}mlp.{theirs}.bias"] = r.take(f"{src}MlpBlock_3/Dense_{j}/bias", shape[1:])
-    state["norm.weight"] = r.take("Transformer/encoder_norm/scale", (d,))
-    state["norm.bias"] = r.take("Transformer/encoder_norm/bias", (d,))
-    if f.num_classes:
-        for ours in ("head", "head_dist") if f.config.distillation_token else ("head",):
-            state[f"{ours}.weight"] = pt.dense_to_torch(
-                r.take(f"{ours}/kernel", (d, f.num_classes))
-            )
-            state[f"{ours}.bias"] = r.take(f"{ours}/bias", (f.num_classes,))
-    r.finish(f"a {f.config.name or 'ViT'} of this config")
+    out = pt.write_safetensors({k: v.astype(np.float32) for k, v in state.items()}, path)
+    timm_class = "VisionTransformerDistilled" if distilled else "VisionTransformer"
+    meta = Converted({}, f.config, names, f.image_size).metadata(
+        timm={"class": timm_class, "kwargs": kwargs}
+    )
+    npz.metadata_path(out).write_text(json.dumps(meta, indent=2))
+    logging.info("wrote timm %s state dict to %s", timm_class, out)
+    return out
 
+
+def _timm_kwargs(f: VitFacts, *, layer_scale: bool) -> dict[str, Any]:
+    """timm's constructor arguments for the model `f` describes."""
+    (ph, pw), d = f.patch, f.hidden
     kwargs = {
         "img_size": list(f.image_size),
         "patch_size": ph if ph == pw else [ph, pw],
@@ -339,21 +387,6 @@ def to_timm(
     }
     if f.config.gelu_approximate:
         kwargs["act_layer"] = "gelu_tanh"
-    if float(f.config.layernorm_epsilon) != 1e-6:
-        logging.warning(
-            "%s: the model uses LayerNorm epsilon %g; timm's VisionTransformer uses 1e-6 unless "
-            "given norm_layer=partial(nn.LayerNorm, eps=%g)",
-            path,
-            f.config.layernorm_epsilon,
-            f.config.layernorm_epsilon,
-        )
-    out = pt.write_safetensors({k: v.astype(np.float32) for k, v in state.items()}, path)
-    timm_class = (
-        "VisionTransformerDistilled" if f.config.distillation_token else "VisionTransformer"
-    )
-    meta = Converted({}, f.config, names, f.image_size).metadata(
-        timm={"class": timm_class, "kwargs": kwargs}
-    )
-    npz.metadata_path(out).write_text(json.dumps(meta, indent=2))
-    logging.info("wrote timm %s state dict to %s", timm_class, out)
-    return out
+    if layer_scale:
+        kwargs["init_values"] = float(f.config.transformer.get("layer_scale_init") or 1e-5)
+    return kwargs
