@@ -491,7 +491,8 @@ def test_keys_added_since_a_run_started_resume_at_their_defaults():
     del old["model"]["transformer"]["layer_scale_init"]
     assert run_config.check_restart("wd", old, new) == {}
     changed = {**new, "objective": "distillation"}
-    with pytest.raises(run_config.ConfigChangeError, match='objective "classification" -> "distillation"'):
+    refused = 'objective "classification" -> "distillation"'
+    with pytest.raises(run_config.ConfigChangeError, match=refused):
         run_config.check_restart("wd", old, changed)
     scaled = json.loads(json.dumps(new))
     scaled["model"]["transformer"]["layer_scale_init"] = 1e-5

@@ -13,7 +13,8 @@ read without unpickling). Remote files are cached locally (`vit_jax.weights.cach
 `metadata` is a dict: `format`, `model` (a model config dict, or None when the file does not
 say), `class_names`, `image_size` ([h, w] the position embeddings were made for) and, for a
 run, `step`. Modules: `errors` and `tree` (leaves), `cache`, `npz`, `run`, `pytorch` (file
-readers/writers and layout transforms), `hf`, `timm`, `facts`, `fit`, `names`.
+readers/writers), `table` (the converter engine: key tables run both ways), `hf` and `timm` (their
+tables and config facts), `facts`, `fit`, `names`.
 """
 
 from __future__ import annotations
