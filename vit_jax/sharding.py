@@ -3,9 +3,10 @@
 The mesh has three axes, `data`, `fsdp` and `model`. The batch is split over `('data', 'fsdp')`.
 Every parameter (and every optimizer-state leaf that mirrors one) gets a `PartitionSpec` from:
 
-1. logical axis names, found by regex on its path (`.../query/kernel` -> `(embed, heads, kv)`),
-   of which `heads` and `mlp` map onto the `model` axis (Megatron-style tensor parallelism of
-   attention heads and the MLP hidden dimension);
+1. logical axis names, found by regex on its path (`.../query/kernel` -> `(embed, heads, kv)`)
+   from the model family's rules (`vit_jax.models.families`; Mixer: its token- and
+   channel-mixing MLPs), of which `heads` and `mlp` map onto the `model` axis (Megatron-style
+   tensor parallelism of attention heads and the MLP hidden dimension);
 2. FSDP: the largest remaining dimension divisible by the `fsdp` axis size is split over `fsdp`.
 
 So the mesh shape alone selects the strategy: `data=-1` is pure data parallelism (parameters
@@ -27,15 +28,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 
-# (path regex, logical axes of the trailing dimensions). A leading scan axis is left unsharded.
-LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"(query|key|value)/kernel$", ("embed", "heads", "kv")),
-    (r"(query|key|value)/bias$", ("heads", "kv")),
-    (r"MultiHeadDotProductAttention_\d+/out/kernel$", ("heads", "kv", "embed")),
-    (r"MlpBlock_\d+/Dense_0/kernel$", ("embed", "mlp")),
-    (r"MlpBlock_\d+/Dense_0/bias$", ("mlp",)),
-    (r"MlpBlock_\d+/Dense_1/kernel$", ("mlp", "embed")),
-)
+LogicalAxes = tuple[tuple[str, tuple[str | None, ...]], ...]
+
+
+def default_rules() -> LogicalAxes:
+    """Every registered model family's (path regex, logical axes) rules, in registry order.
+
+    Each family declares its own (`vit_jax.models.families.Family.logical_axes`); their patterns
+    name family-specific modules, so the union shards any family's parameters (and the optimizer
+    state that mirrors them) as that family's rules say. A leading scan axis stays unsharded.
+    """
+    from vit_jax import models
+
+    return tuple(
+        rule for name in models.known_families() for rule in models.get_family(name).logical_axes
+    )
+
+
 LOGICAL_TO_MESH = {"heads": "model", "mlp": "model"}
 TENSOR_PARALLEL = {"heads": "the attention heads", "mlp": "the MLP hidden dimension"}
 
@@ -85,14 +94,18 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
-def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def partition_spec(
+    path: str, shape: tuple[int, ...], mesh: Mesh, rules: LogicalAxes | None = None
+) -> PartitionSpec:
     """The spec for one array: tensor-parallel axes from its name, then FSDP on what is left.
 
+    `rules` are (path regex, logical axes) pairs, the first match wins; None: `default_rules()`
+    (every registered family's, e.g. `vit_jax.models.logical_axes(config)` for one family).
     Raises ValueError when `mesh.model` > 1 does not divide the heads / MLP dimension it splits.
     """
     spec: list[str | None] = [None] * len(shape)
     model_size = mesh.shape["model"]
-    for pattern, logical in LOGICAL_AXES:
+    for pattern, logical in default_rules() if rules is None else rules:
         if re.search(pattern, path) and len(shape) >= len(logical):
             offset = len(shape) - len(logical)
             for i, name in enumerate(logical):
@@ -117,12 +130,13 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSp
     return PartitionSpec(*spec)
 
 
-def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, rules: LogicalAxes | None = None) -> Any:
     """NamedShardings for every array leaf of `tree` (params, optimizer state, train state)."""
+    rules = default_rules() if rules is None else rules
 
     def leaf(path, x):
         shape = tuple(getattr(x, "shape", ()))
-        return NamedSharding(mesh, partition_spec(path_str(path), shape, mesh))
+        return NamedSharding(mesh, partition_spec(path_str(path), shape, mesh, rules))
 
     return jax.tree_util.tree_map_with_path(leaf, tree)
 

@@ -1,5 +1,6 @@
-"""Model library: ViT (with hybrids), MLP-Mixer, the published zoo and layout converters."""
+"""Model library: ViT (with hybrids), MLP-Mixer, the published zoo, the family registry, layouts."""
 
+from vit_jax.models.families import Family, get_family, known_families, register_family
 from vit_jax.models.layout import is_stacked, stack_layers, unstack_layers
 from vit_jax.models.mixer import MlpMixer
 from vit_jax.models.vit import VisionTransformer, sincos2d_posemb
@@ -12,21 +13,37 @@ from vit_jax.models.zoo import (
     get_model,
     init_shapes,
     list_models,
+    logical_axes,
+    no_decay_patterns,
+    num_prefix_tokens,
+    scan_block,
+    stride,
+    token_grid,
 )
 
 __all__ = [
     "AUGREG_NAMES",
     "DEFAULT_RESOLUTION",
     "MODEL_CONFIGS",
+    "Family",
     "MlpMixer",
     "VisionTransformer",
     "count_params",
     "get_config",
+    "get_family",
     "get_model",
     "init_shapes",
     "is_stacked",
+    "known_families",
     "list_models",
+    "logical_axes",
+    "no_decay_patterns",
+    "num_prefix_tokens",
+    "register_family",
+    "scan_block",
     "sincos2d_posemb",
     "stack_layers",
+    "stride",
+    "token_grid",
     "unstack_layers",
 ]

@@ -15,8 +15,16 @@ from typing import Any
 import jax
 import numpy as np
 
-BLOCK_NAMES = ("encoderblock", "MixerBlock")
-_NUMBERED = re.compile(r"^({})_(\d+)$".format("|".join(BLOCK_NAMES)))
+from vit_jax.models import families
+
+
+def block_names() -> tuple[str, ...]:
+    """The scanned-block names of the registered families (`encoderblock`, `MixerBlock`, ...)."""
+    return tuple(families.get_family(t).scan_block for t in families.known_families())
+
+
+def _numbered() -> re.Pattern:
+    return re.compile(r"^({})_(\d+)$".format("|".join(map(re.escape, block_names()))))
 
 
 def _stack(leaves: list[Any]) -> Any:
@@ -27,8 +35,9 @@ def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
     """Per-layer -> scanned: `X_0 ... X_{L-1}` become one `X` whose leaves have a leading L axis."""
     out: dict[str, Any] = {}
     groups: dict[str, dict[int, Any]] = {}
+    numbered = _numbered()
     for key, value in params.items():
-        m = _NUMBERED.match(key)
+        m = numbered.match(key)
         if m:
             groups.setdefault(m.group(1), {})[int(m.group(2))] = value
         elif isinstance(value, Mapping):
@@ -49,8 +58,9 @@ def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
 def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
     """Scanned -> per-layer: a stacked `X` becomes `X_0 ... X_{L-1}`."""
     out: dict[str, Any] = {}
+    names = block_names()
     for key, value in params.items():
-        if key in BLOCK_NAMES and isinstance(value, Mapping):
+        if key in names and isinstance(value, Mapping):
             depth = {leaf.shape[0] for leaf in jax.tree.leaves(value)}
             if len(depth) != 1:
                 raise ValueError(
@@ -67,8 +77,9 @@ def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def is_stacked(params: Mapping[str, Any]) -> bool:
     """True when the tree holds scanned blocks (`encoderblock` / `MixerBlock` without a number)."""
+    names = block_names()
     for key, value in params.items():
-        if key in BLOCK_NAMES:
+        if key in names:
             return True
         if isinstance(value, Mapping) and is_stacked(value):
             return True

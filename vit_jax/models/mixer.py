@@ -7,8 +7,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from vit_jax.models import precision
+from vit_jax.models import families, precision
 from vit_jax.models.vit import REMAT_POLICIES, MlpBlock
 
 
@@ -64,7 +65,7 @@ class MlpMixer(nn.Module):
 
     def stride(self) -> tuple[int, int]:
         """Input pixels per token along (height, width)."""
-        return tuple(self.patch_size)
+        return families.pair(self.patch_size, "patch_size")
 
     @nn.compact
     def __call__(
@@ -136,3 +137,60 @@ class MlpMixer(nn.Module):
                 name="head",
             )(x)
         return x.astype(jnp.float32), out
+
+
+# --- The Mixer family: config defaults, builder and layout facts (see `vit_jax.models.families`).
+
+CONFIG_DEFAULTS = dict(
+    families.COMMON_DEFAULTS,
+    model_type="Mixer",
+    patches=dict(size=None),
+    hidden_dim=None,
+    num_blocks=None,
+    tokens_mlp_dim=None,
+    channels_mlp_dim=None,
+)
+
+# Token- and channel-mixing MLPs: their hidden dimension is tensor-parallel (`mlp`), as ViT's.
+LOGICAL_AXES: families.LogicalAxes = (
+    (r"(token|channel)_mixing/Dense_0/kernel$", ("embed", "mlp")),
+    (r"(token|channel)_mixing/Dense_0/bias$", ("mlp",)),
+    (r"(token|channel)_mixing/Dense_1/kernel$", ("mlp", "embed")),
+)
+
+NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$")  # LayerNorm scales, all biases
+
+
+def build(config: ml_collections.ConfigDict, num_classes: int | None, **overrides: Any):
+    """`MlpMixer` for a complete Mixer config; `overrides` replace derived fields."""
+    kwargs = dict(
+        num_classes=num_classes,
+        patch_size=families.pair(config.patches.size, "patches.size"),
+        hidden_dim=config.hidden_dim,
+        num_blocks=config.num_blocks,
+        tokens_mlp_dim=config.tokens_mlp_dim,
+        channels_mlp_dim=config.channels_mlp_dim,
+        gelu_approximate=bool(config.gelu_approximate),
+        layernorm_epsilon=float(config.layernorm_epsilon),
+        head_bias_init=float(config.head_bias_init),
+        scan=bool(config.scan),
+        remat=bool(config.remat),
+        remat_policy=config.remat_policy,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+    )
+    return MlpMixer(**{**kwargs, **overrides})
+
+
+FAMILY = families.register_family(
+    families.Family(
+        name="Mixer",
+        defaults=CONFIG_DEFAULTS,
+        builder=build,
+        stride=lambda config: families.pair(config.patches.size, "patches.size"),
+        num_prefix_tokens=lambda config: 0,
+        scan_block="MixerBlock",
+        no_decay=NO_DECAY,
+        logical_axes=LOGICAL_AXES,
+    )
+)

@@ -15,9 +15,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from vit_jax.models import precision, resnet
+from vit_jax.models import families, precision, resnet
 
 Array = jax.Array
 F32 = jnp.float32
@@ -421,6 +422,20 @@ class MAPHead(nn.Module):
 CLASSIFIERS = ("token", "gap", "map", "unpooled", "token_unpooled")
 
 
+def patch_stride(
+    patch_size: tuple[int, int], resnet_num_layers: tuple[int, ...] | None
+) -> tuple[int, int]:
+    """Input pixels per token: the patch size, times the ResNet stem's downsampling (hybrids).
+
+    The stem's root conv and max-pool divide by 4, every stage after the first by 2 more.
+    """
+    ph, pw = patch_size
+    if resnet_num_layers is None:
+        return ph, pw
+    f = 4 * 2 ** max(len(resnet_num_layers) - 1, 0)
+    return ph * f, pw * f
+
+
 class VisionTransformer(nn.Module):
     """ViT (and R+ViT hybrids when `resnet` is set).
 
@@ -464,11 +479,7 @@ class VisionTransformer(nn.Module):
 
     def stride(self) -> tuple[int, int]:
         """Input pixels per token along (height, width)."""
-        ph, pw = self.patch_size
-        if self.resnet_num_layers is None:
-            return ph, pw
-        f = 4 * 2 ** max(len(self.resnet_num_layers) - 1, 0)
-        return ph * f, pw * f
+        return patch_stride(self.patch_size, self.resnet_num_layers)
 
     @nn.compact
     def __call__(
@@ -593,3 +604,112 @@ class VisionTransformer(nn.Module):
             out["logits_cls"], out["logits_dist"] = logits_cls, logits_dist
             return (logits_cls + logits_dist) / 2, out
         return head(name="head")(x).astype(jnp.float32), out
+
+
+# --- The ViT family: config defaults, builder and layout facts (see `vit_jax.models.families`).
+
+CONFIG_DEFAULTS = dict(
+    families.COMMON_DEFAULTS,
+    patches=dict(size=None),
+    hidden_size=None,
+    transformer=dict(
+        mlp_dim=None,
+        num_heads=None,
+        num_layers=None,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        stochastic_depth_rate=0.0,
+        layer_scale_init=None,  # a float: per-channel residual scales (LayerScale) at this value
+    ),
+    resnet=None,  # or {num_layers: (3, 4, 9), width_factor: 1}
+    classifier="token",  # token | gap | map | unpooled | token_unpooled
+    representation_size=None,
+    posemb="learn",  # learn | sincos2d | none
+    distillation_token=False,  # DeiT: a second token `dist` with its own head `head_dist`
+    attention_implementation=None,  # None | "xla" | "cudnn" (jax.nn.dot_product_attention)
+)
+
+# (path regex, logical axes of the trailing dimensions); `heads` and `mlp` are tensor-parallel.
+LOGICAL_AXES: families.LogicalAxes = (
+    (r"(query|key|value)/kernel$", ("embed", "heads", "kv")),
+    (r"(query|key|value)/bias$", ("heads", "kv")),
+    (r"MultiHeadDotProductAttention_\d+/out/kernel$", ("heads", "kv", "embed")),
+    (r"MlpBlock_\d+/Dense_0/kernel$", ("embed", "mlp")),
+    (r"MlpBlock_\d+/Dense_0/bias$", ("mlp",)),
+    (r"MlpBlock_\d+/Dense_1/kernel$", ("mlp", "embed")),
+)
+
+# Norm scales and biases (LayerNorm, GroupNorm, LayerScale), all biases, the position
+# embeddings and the learned tokens / MAP probe take no weight decay.
+NO_DECAY = (
+    r"(^|/)bias$",
+    r"(^|/)scale$",
+    r"(^|/)pos_embedding$",
+    r"(^|/)cls$",
+    r"(^|/)dist$",
+    r"(^|/)probe$",
+)
+
+
+def config_stride(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """Input pixels per token of a ViT config (hybrids: times the stem's downsampling)."""
+    layers = None if config.resnet is None else tuple(config.resnet.num_layers)
+    return patch_stride(families.pair(config.patches.size, "patches.size"), layers)
+
+
+def config_num_prefix_tokens(config: ml_collections.ConfigDict) -> int:
+    """Tokens before the patch tokens: the class token, plus DeiT's distillation token."""
+    if config.classifier not in ("token", "token_unpooled"):
+        return 0
+    return 1 + int(bool(config.distillation_token))
+
+
+def build(config: ml_collections.ConfigDict, num_classes: int | None, **overrides: Any):
+    """`VisionTransformer` for a complete ViT config; `overrides` replace derived fields."""
+    t = config.transformer
+    kwargs = dict(
+        num_classes=num_classes,
+        patch_size=families.pair(config.patches.size, "patches.size"),
+        hidden_size=config.hidden_size,
+        mlp_dim=t.mlp_dim,
+        num_heads=t.num_heads,
+        num_layers=t.num_layers,
+        dropout_rate=float(t.dropout_rate),
+        attention_dropout_rate=float(t.attention_dropout_rate),
+        stochastic_depth_rate=float(t.stochastic_depth_rate),
+        layer_scale_init=None if t.layer_scale_init is None else float(t.layer_scale_init),
+        resnet_num_layers=None if config.resnet is None else tuple(config.resnet.num_layers),
+        resnet_width_factor=1.0 if config.resnet is None else float(config.resnet.width_factor),
+        classifier=config.classifier,
+        representation_size=config.representation_size,
+        posemb=config.posemb,
+        distillation_token=bool(config.distillation_token),
+        attention_implementation=config.attention_implementation,
+        gelu_approximate=bool(config.gelu_approximate),
+        layernorm_epsilon=float(config.layernorm_epsilon),
+        head_bias_init=float(config.head_bias_init),
+        scan=bool(config.scan),
+        remat=bool(config.remat),
+        remat_policy=config.remat_policy,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+    )
+    return VisionTransformer(**{**kwargs, **overrides})
+
+
+FAMILY = families.register_family(
+    families.Family(
+        name="ViT",
+        defaults=CONFIG_DEFAULTS,
+        builder=build,
+        stride=config_stride,
+        num_prefix_tokens=config_num_prefix_tokens,
+        scan_block="encoderblock",
+        no_decay=NO_DECAY,
+        logical_axes=LOGICAL_AXES,
+        optional=frozenset(
+            {"resnet", "representation_size", "attention_implementation", "layer_scale_init"}
+        ),
+        templates={"resnet": dict(num_layers=None, width_factor=1)},
+    )
+)

@@ -17,57 +17,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vit_jax.models.mixer import MlpMixer
-from vit_jax.models.vit import VisionTransformer
+from vit_jax.models import families
+
+# The built-in families register themselves on import.
+from vit_jax.models import mixer as _mixer_family  # noqa: F401
+from vit_jax.models import vit as _vit_family  # noqa: F401
 
 ConfigLike = ml_collections.ConfigDict | Mapping[str, Any]
-
-# Fields shared by every model kind, with their defaults.
-_COMMON = dict(
-    name="",
-    model_type="ViT",
-    gelu_approximate=True,  # tanh GELU, as the published checkpoints were trained
-    layernorm_epsilon=1e-6,  # HF transformers' ViT uses 1e-12
-    head_bias_init=0.0,
-    scan=False,  # nn.scan over the blocks: one compiled block, a stacked parameter layout
-    remat=False,
-    remat_policy="nothing_saveable",
-    dtype="float32",  # compute dtype, e.g. "bfloat16"
-    param_dtype="float32",
-)
-
-_VIT = dict(
-    _COMMON,
-    patches=dict(size=None),
-    hidden_size=None,
-    transformer=dict(
-        mlp_dim=None,
-        num_heads=None,
-        num_layers=None,
-        dropout_rate=0.0,
-        attention_dropout_rate=0.0,
-        stochastic_depth_rate=0.0,
-        layer_scale_init=None,  # a float: per-channel residual scales (LayerScale) at this value
-    ),
-    resnet=None,  # or {num_layers: (3, 4, 9), width_factor: 1}
-    classifier="token",  # token | gap | map | unpooled | token_unpooled
-    representation_size=None,
-    posemb="learn",  # learn | sincos2d | none
-    distillation_token=False,  # DeiT: a second token `dist` with its own head `head_dist`
-    attention_implementation=None,  # None | "xla" | "cudnn" (jax.nn.dot_product_attention)
-)
-
-_MIXER = dict(
-    _COMMON,
-    model_type="Mixer",
-    patches=dict(size=None),
-    hidden_dim=None,
-    num_blocks=None,
-    tokens_mlp_dim=None,
-    channels_mlp_dim=None,
-)
-
-_RESNET = dict(num_layers=None, width_factor=1)
 
 
 def _vit(name, patch, hidden, mlp, heads, layers, **extra):
@@ -156,8 +112,16 @@ def list_models() -> list[str]:
     return list(MODEL_CONFIGS)
 
 
-def _merge(base: ml_collections.ConfigDict, update: Mapping[str, Any], where: str) -> None:
-    """Recursively writes `update` into `base`; unknown fields are an error naming them."""
+def _merge(
+    base: ml_collections.ConfigDict,
+    update: Mapping[str, Any],
+    where: str,
+    templates: Mapping[str, Mapping[str, Any]],
+) -> None:
+    """Recursively writes `update` into `base`; unknown fields are an error naming them.
+
+    A nested field that is None (a hybrid's `resnet`) starts from its template when set.
+    """
     for key, value in update.items():
         path = f"{where}{key}"
         if key not in base:
@@ -168,11 +132,10 @@ def _merge(base: ml_collections.ConfigDict, update: Mapping[str, Any], where: st
         current = base[key]
         if isinstance(value, Mapping) and value is not None:
             if current is None:
-                template = _RESNET if key == "resnet" else {}
-                base[key] = ml_collections.ConfigDict(dict(template))
+                base[key] = ml_collections.ConfigDict(dict(templates.get(key, {})))
                 current = base[key]
             if isinstance(current, ml_collections.ConfigDict):
-                _merge(current, value, f"{path}.")
+                _merge(current, value, f"{path}.", templates)
                 continue
         if isinstance(value, list):
             value = tuple(value)
@@ -203,35 +166,58 @@ def get_config(name_or_config: str | ConfigLike, **overrides: Any) -> ml_collect
         spec = name_or_config
     else:
         raise TypeError(f"expected a model name or config, got {type(name_or_config).__name__}")
-    model_type = spec.get("model_type", "ViT")
-    if model_type not in ("ViT", "Mixer"):
-        raise ValueError(f"model_type must be 'ViT' or 'Mixer', got {model_type!r}")
-    config = ml_collections.ConfigDict(_MIXER if model_type == "Mixer" else _VIT)
-    _merge(config, spec, "")
-    _merge(config, overrides, "")
-    _check_required(config, "")
+    family = families.get_family(overrides.get("model_type", spec.get("model_type", "ViT")))
+    config = ml_collections.ConfigDict(dict(family.defaults))
+    _merge(config, spec, "", family.templates)
+    _merge(config, overrides, "", family.templates)
+    _check_required(config, "", family.optional)
     return config
 
 
-def _check_required(config: ml_collections.ConfigDict, where: str) -> None:
+def _check_required(config: ml_collections.ConfigDict, where: str, optional: frozenset) -> None:
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
-            _check_required(value, f"{where}{key}.")
-        elif value is None and key not in (
-            "resnet",
-            "representation_size",
-            "attention_implementation",
-            "layer_scale_init",
-        ):
+            _check_required(value, f"{where}{key}.", optional)
+        elif value is None and key not in optional:
             raise ValueError(f"model config field {where}{key!r} must be set")
 
 
-def _pair(value: Any, field: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    if len(value) != 2:
-        raise ValueError(f"{field} must be an int or a pair (h, w), got {value!r}")
-    return (int(value[0]), int(value[1]))
+def get_family(config: str | ConfigLike) -> families.Family:
+    """The family (`vit_jax.models.families.Family`) of a zoo name or config."""
+    return families.get_family(get_config(config).model_type)
+
+
+def stride(config: str | ConfigLike) -> tuple[int, int]:
+    """Input pixels per token along (height, width) (hybrids: times the stem's downsampling)."""
+    c = get_config(config)
+    return families.get_family(c.model_type).stride(c)
+
+
+def num_prefix_tokens(config: str | ConfigLike) -> int:
+    """Tokens before the patch tokens: class (+ DeiT distillation) token; 0 for gap/map/Mixer."""
+    c = get_config(config)
+    return families.get_family(c.model_type).num_prefix_tokens(c)
+
+
+def token_grid(config: str | ConfigLike, image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(grid_h, grid_w) of patch tokens at `image_size`; an error naming it when not divisible."""
+    c = get_config(config)
+    return families.get_family(c.model_type).token_grid(c, image_size)
+
+
+def scan_block(config: str | ConfigLike) -> str:
+    """Name of the scanned block (`encoderblock`, `MixerBlock`); per-layer: `{name}_{i}`."""
+    return get_family(config).scan_block
+
+
+def no_decay_patterns(config: str | ConfigLike) -> list[str]:
+    """Regexes over '/'-joined parameter paths that take no weight decay (for the optimizer)."""
+    return list(get_family(config).no_decay)
+
+
+def logical_axes(config: str | ConfigLike) -> families.LogicalAxes:
+    """(path regex, logical axis names) sharding rules of the config's family."""
+    return get_family(config).logical_axes
 
 
 def get_model(
@@ -244,50 +230,12 @@ def get_model(
     [-1, 1].
     """
     c = get_config(name_or_config, **overrides)
-    common = dict(
-        num_classes=num_classes,
-        patch_size=_pair(c.patches.size, "patches.size"),
-        gelu_approximate=bool(c.gelu_approximate),
-        layernorm_epsilon=float(c.layernorm_epsilon),
-        head_bias_init=float(c.head_bias_init),
-        scan=bool(c.scan),
-        remat=bool(c.remat),
-        remat_policy=c.remat_policy,
-        dtype=jnp.dtype(c.dtype),
-        param_dtype=jnp.dtype(c.param_dtype),
-    )
-    if c.model_type == "Mixer":
-        return MlpMixer(
-            hidden_dim=c.hidden_dim,
-            num_blocks=c.num_blocks,
-            tokens_mlp_dim=c.tokens_mlp_dim,
-            channels_mlp_dim=c.channels_mlp_dim,
-            **common,
-        )
-    t = c.transformer
-    return VisionTransformer(
-        hidden_size=c.hidden_size,
-        mlp_dim=t.mlp_dim,
-        num_heads=t.num_heads,
-        num_layers=t.num_layers,
-        dropout_rate=float(t.dropout_rate),
-        attention_dropout_rate=float(t.attention_dropout_rate),
-        stochastic_depth_rate=float(t.stochastic_depth_rate),
-        layer_scale_init=None if t.layer_scale_init is None else float(t.layer_scale_init),
-        resnet_num_layers=None if c.resnet is None else tuple(c.resnet.num_layers),
-        resnet_width_factor=1.0 if c.resnet is None else float(c.resnet.width_factor),
-        classifier=c.classifier,
-        representation_size=c.representation_size,
-        posemb=c.posemb,
-        distillation_token=bool(c.distillation_token),
-        attention_implementation=c.attention_implementation,
-        **common,
-    )
+    return families.get_family(c.model_type).build(c, num_classes)
 
 
 def init_shapes(model: nn.Module, image_size: int | tuple[int, int] = DEFAULT_RESOLUTION):
     """Parameter shapes/dtypes (`jax.ShapeDtypeStruct` tree) without allocating anything."""
-    h, w = _pair(image_size, "image_size")
+    h, w = families.pair(image_size, "image_size")
     images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
     return variables["params"]
