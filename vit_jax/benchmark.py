@@ -95,7 +95,11 @@ def build_step(
     mesh = sharding.make_mesh()
     size = (resolution, resolution)
     config = train_config()
-    tx = optim.make_optimizer(config, trainer.abstract_params(model, size))
+    tx = optim.make_optimizer(
+        config,
+        trainer.abstract_params(model, size),
+        no_decay=models.no_decay_patterns(config.model),
+    )
     params, opt_state, psh, osh = trainer.create_state(model, tx, mesh, size, seed=0)
     bsh = sharding.batch_sharding(mesh)
     rng = np.random.default_rng(0)

@@ -217,7 +217,7 @@ class DistillationObjective:
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.distill_type = str(distill_type)
         self.loss_kind, self.label_smoothing = str(loss), float(label_smoothing)
-        self.separate_heads = bool(getattr(model, "distillation_token", False))
+        self.has_distillation_head = bool(getattr(model, "distillation_token", False))
 
     def teacher_logits(self, images: jax.Array, frozen: Any) -> jax.Array:
         """The teacher's eval-mode float32 logits, without gradient."""
@@ -229,7 +229,7 @@ class DistillationObjective:
             {"params": params}, images, train=True, rngs={"dropout": rng}
         )
         dist_logits = None
-        if self.separate_heads:  # DeiT: the class head learns the labels, `head_dist` the teacher
+        if self.has_distillation_head:  # DeiT: cls head learns the labels, head_dist the teacher
             logits, dist_logits = out["logits_cls"], out["logits_dist"]
         teacher = None if self.alpha == 1.0 else self.teacher_logits(images, frozen)
         return distillation_loss(
@@ -288,6 +288,6 @@ def build(config: ml_collections.ConfigDict, model: nn.Module, mesh) -> Distilla
         objective.alpha,
         objective.distill_type,
         objective.temperature,
-        ", into the distillation token's head" if objective.separate_heads else "",
+        ", into the distillation token's head" if objective.has_distillation_head else "",
     )
     return objective

@@ -77,13 +77,6 @@ def _num_classes(params: Any) -> int | None:
     return int(head["kernel"].shape[-1]) if head else None
 
 
-def num_prefix_tokens(module: nn.Module) -> int:
-    """Tokens before the patch tokens: class token, plus DeiT's distillation token."""
-    if getattr(module, "classifier", None) not in ("token", "token_unpooled"):
-        return 0
-    return 2 if getattr(module, "distillation_token", False) else 1
-
-
 def load_model(
     path: str,
     *,

@@ -397,7 +397,9 @@ def _init_state(config: ml_collections.ConfigDict, mesh, info: data.DatasetInfo)
     num_classes = resolve_num_classes(config, info)
     model = models.get_model(config.model, num_classes=num_classes)
     size = image_size(config)
-    tx = optim.make_optimizer(config, abstract_params(model, size))
+    tx = optim.make_optimizer(
+        config, abstract_params(model, size), no_decay=models.no_decay_patterns(config.model)
+    )
     params, opt_state, param_sh, opt_sh = create_state(model, tx, mesh, size, config.seed)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     logging.info(

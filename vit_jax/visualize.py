@@ -89,10 +89,10 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> Image.Image:
 
 def _maps(trained, image: np.ndarray, stem: pathlib.Path, *, size: int, heads: bool) -> dict:
     """{file name: picture}: the rollout overlay, and with `heads` the last layer's head maps."""
-    from vit_jax import inference
+    from vit_jax import models
 
-    prefix = inference.num_prefix_tokens(trained.model)
-    stride = trained.model.stride()
+    prefix = models.num_prefix_tokens(trained.model_config)
+    stride = models.stride(trained.model_config)
     grid = (trained.crop // stride[0], trained.crop // stride[1])
     weights = trained.intermediates(image[None])["attention_weights"]
     heat = _to_grid(attention_rollout(weights, num_prefix_tokens=prefix)[0], grid)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         return cli.fail(f"--out {out_dir}: is an existing file, expected a directory")
 
-    from vit_jax import inference
+    from vit_jax import inference, models
 
     try:
         trained = inference.load_model(
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         return cli.fail(e, cli.EXIT_CONFIG)
     classifier = trained.model_config.get("classifier", "token")
-    if trained.model_config.get("model_type") == "Mixer" or classifier not in ("token",):
+    if models.num_prefix_tokens(trained.model_config) == 0 or classifier != "token":
         return cli.fail(
             f"{args.checkpoint}: attention rollout needs a ViT with a class token (classifier "
             f"'token'), got {trained.model_config.get('model_type')} / {classifier!r}"

@@ -47,11 +47,8 @@ def convert(
 def describe(params: dict[str, Any], metadata: dict[str, Any]) -> str:
     """One line naming the architecture facts of converted weights."""
     cfg: Any = models.get_config(metadata["model"])
-    if cfg.model_type == "Mixer":
-        dims = f"Mixer width {cfg.hidden_dim}, {cfg.num_blocks} blocks"
-    else:
-        t = cfg.transformer
-        dims = f"width {cfg.hidden_size}, {t.num_layers} layers, {t.num_heads} heads"
+    count = sum(int(getattr(v, "size", 0)) for v in weights.flatten(params).values())
+    dims = f"{cfg.model_type}, {count:,} parameters"
     flat = weights.flatten(params)
     classes = flat["head/kernel"].shape[-1] if "head/kernel" in flat else "no head"
     size = "x".join(map(str, metadata["image_size"])) if metadata.get("image_size") else "?"

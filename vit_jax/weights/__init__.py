@@ -80,18 +80,18 @@ def _metadata(fmt: str, converted: Converted) -> dict[str, Any]:
 
 
 def _square_image_size(params: Mapping[str, Any], config: Any) -> list[int] | None:
-    """The square image size the position embeddings (or Mixer's token MLP) were made for."""
+    """The square image size the stored tokens were made for: the position table's rows after
+    the family's prefix tokens (or, without one, the rows of Mixer's token-mixing kernel)."""
     flat = flatten(models.unstack_layers(params))
-    if config.model_type == "Mixer":
+    posemb = flat.get(npz.POSEMB_KEY)
+    if posemb is not None:
+        tokens = posemb.shape[1] - models.num_prefix_tokens(config)
+    else:
         kernel = flat.get("MixerBlock_0/token_mixing/Dense_0/kernel")
         tokens = None if kernel is None else kernel.shape[0]
-    else:
-        posemb = flat.get(npz.POSEMB_KEY)
-        prefix = sum(k in flat for k in ("cls", "dist"))
-        tokens = None if posemb is None else posemb.shape[1] - prefix
     if not tokens or math.isqrt(tokens) ** 2 != tokens:
         return None
-    sh, sw = models.get_model(config, num_classes=None).stride()
+    sh, sw = models.stride(config)
     side = math.isqrt(tokens)
     return [side * sh, side * sw]
 

@@ -123,7 +123,7 @@ def vit_facts(
         )
     patch = tuple(int(p) for p in config.patches.size)
     hidden = int(config.hidden_size)
-    prefix = int(config.classifier == "token") + int(bool(config.distillation_token))
+    prefix = models.num_prefix_tokens(config)
     posemb = flat.get("Transformer/posembed_input/pos_embedding")
     if posemb is None:
         raise ConversionError("params have no Transformer/posembed_input/pos_embedding")

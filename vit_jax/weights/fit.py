@@ -76,12 +76,12 @@ def resample_posemb(
 
 
 def token_grid(model_config: Any, image_size: int | tuple[int, int]) -> tuple[int, int]:
-    """(rows, cols) of patch tokens a model config makes of images of `image_size`."""
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    sh, sw = models.get_model(model_config, num_classes=None).stride()
-    if h % sh or w % sw:
-        raise CheckpointError(f"image size {h}x{w} is not divisible by the patch stride {sh}x{sw}")
-    return h // sh, w // sw
+    """(rows, cols) of patch tokens a model config makes of `image_size` images (the family's
+    `models.token_grid`, raising `CheckpointError`)."""
+    try:
+        return models.token_grid(models.get_config(model_config), image_size)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _model_grid(tokens: int, model_config: Any, image_size: Any) -> tuple[int, int]:
@@ -133,6 +133,13 @@ def _warn_architecture(what: str, metadata: Mapping[str, Any], model_config: Any
 
 def _shape(x: Any) -> tuple[int, ...]:
     return tuple(np.shape(x))
+
+
+def _prefix_tokens(model_config: Any, targets: Mapping[str, Any]) -> int:
+    """The model's tokens before the grid (the family's count; its parameters without a config)."""
+    if model_config is None:
+        return sum(k in targets for k in ("cls", "dist"))
+    return models.num_prefix_tokens(models.get_config(model_config))
 
 
 def _as_arrays(tree: Mapping[str, Any]) -> Any:
@@ -189,7 +196,7 @@ def fit(
     _warn_architecture(what, metadata, model_config)
     stored = {k: np.asarray(v) for k, v in flatten(models.unstack_layers(params)).items()}
     targets = flatten(models.unstack_layers(_as_arrays(target)))
-    prefix = sum(k in targets for k in ("cls", "dist"))  # the model's tokens before the grid
+    prefix = _prefix_tokens(model_config, targets)
     taken = HEADS if new_head else ()
     drop_pre_logits = new_head and not any(k.startswith("pre_logits/") for k in targets)
 
