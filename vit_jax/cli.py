@@ -26,6 +26,23 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+__all__ = [
+    "CLI_MODULES",
+    "EXIT_CONFIG",
+    "EXIT_OK",
+    "EXIT_RUNTIME",
+    "VERBOSE_HELP",
+    "ArgumentParser",
+    "ConsoleHandler",
+    "fail",
+    "one_line",
+    "quiet_libraries",
+    "run",
+    "setup_console",
+    "wants_verbose",
+]
+
+
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2

@@ -25,6 +25,14 @@ from vit_jax import models, weights
 from vit_jax import workdir as workdir_lib
 from vit_jax.data import preprocess
 
+__all__ = [
+    "imagenet_labels",
+    "load_model",
+    "preprocess_file",
+    "TrainedModel",
+]
+
+
 _WITH_INTERMEDIATES = dict(train=False, return_intermediates=True)
 
 

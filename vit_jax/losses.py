@@ -6,6 +6,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+__all__ = [
+    "LOSSES",
+    "classification_loss",
+]
+
+
 LOSSES = ("softmax_xent", "sigmoid_xent")
 
 

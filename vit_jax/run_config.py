@@ -37,6 +37,18 @@ from vit_jax import configs, models
 from vit_jax import workdir as workdir_lib
 from vit_jax.weights.tree import flatten
 
+__all__ = [
+    "RESUMABLE",
+    "as_dict",
+    "changes",
+    "check_restart",
+    "ConfigChangeError",
+    "read_stored",
+    "record_start",
+    "with_current_defaults",
+]
+
+
 _ANY: Callable[[Any, Any], bool] = lambda old, new: True
 
 # key (or "prefix.*") -> when a change of it is allowed.

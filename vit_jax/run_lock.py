@@ -24,6 +24,13 @@ from collections.abc import Iterator
 from absl import logging
 from etils import epath
 
+__all__ = [
+    "LOCK_FILE",
+    "RunLock",
+    "WorkdirLockedError",
+]
+
+
 LOCK_FILE = "train.lock"
 
 

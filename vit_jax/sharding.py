@@ -25,6 +25,24 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+__all__ = [
+    "BATCH_AXES",
+    "LOGICAL_TO_MESH",
+    "MESH_AXES",
+    "TENSOR_PARALLEL",
+    "batch_sharding",
+    "default_rules",
+    "describe",
+    "make_mesh",
+    "partition_spec",
+    "path_str",
+    "put_sharded",
+    "replicated",
+    "to_host",
+    "tree_shardings",
+]
+
+
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 

@@ -36,6 +36,24 @@ from vit_jax import workdir as workdir_lib
 from vit_jax.configs import image_size
 from vit_jax.sharding import put_sharded, to_host
 
+__all__ = [
+    "abstract_params",
+    "ConfigError",
+    "create_state",
+    "evaluate",
+    "load_pretrained_params",
+    "make_eval_step",
+    "make_train_step",
+    "MetricsLog",
+    "NonFiniteLossError",
+    "OtherProcessError",
+    "resolve_num_classes",
+    "StopRequest",
+    "train_and_evaluate",
+    "TrainStep",
+]
+
+
 Params = Any
 
 

@@ -13,6 +13,15 @@ from sklearn import datasets
 
 from vit_jax.data.splits import ArraySplit, resolve_split_spec
 
+__all__ = [
+    "NAME",
+    "NUM_TEST",
+    "NUM_TRAIN",
+    "TEST_EVERY",
+    "open_split",
+]
+
+
 NAME = "digits"
 TEST_EVERY = 5  # example r of a class (r = 0, 1, ...) is in test iff r % TEST_EVERY == TEST_EVERY-1
 NUM_TRAIN = 1442

@@ -1,3 +1,10 @@
+__all__ = [
+    "BadImageError",
+    "DataError",
+    "DatasetNotPreparedError",
+    "UnknownDatasetError",
+]
+
 """Errors the input pipeline raises for problems the user has to fix (bad files, unknown names).
 
 All derive from `DataError` (a `ValueError`), so a CLI can catch one class and print its message

@@ -22,6 +22,15 @@ from vit_jax.data import preprocess
 from vit_jax.data.errors import DataError
 from vit_jax.data.splits import FileSplit, resolve_split_spec
 
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_PATHS_IN_WARNING",
+    "TEST_FALLBACKS",
+    "class_names",
+    "open_split",
+]
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 TEST_FALLBACKS = ("test", "validation")
 MAX_PATHS_IN_WARNING = 5

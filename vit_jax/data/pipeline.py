@@ -32,6 +32,19 @@ from vit_jax.data import preprocess, randaugment, sources
 from vit_jax.data.errors import BadImageError, DataError
 from vit_jax.data.splits import Split
 
+__all__ = [
+    "BatchIterator",
+    "eval_dataset",
+    "eval_iterator",
+    "Preprocessing",
+    "process_rows",
+    "Rows",
+    "train_dataset",
+    "train_index",
+    "train_iterator",
+]
+
+
 # Distinct purposes folded into config.seed so the random streams never coincide.
 _SHUFFLE, _AUGMENT, _MIXUP = 0, 1, 2
 _FOREVER = 2**62

@@ -13,6 +13,37 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+__all__ = [
+    "ENHANCE_DELTA",
+    "FILL_VALUE",
+    "FULL_MAGNITUDE",
+    "MAX_MAGNITUDE",
+    "OPS",
+    "ROTATE_DEGREES",
+    "SHEAR",
+    "SOLARIZE_ADD",
+    "TRANSLATE_FRACTION",
+    "autocontrast",
+    "blend",
+    "brightness",
+    "color",
+    "contrast",
+    "equalize",
+    "grayscale",
+    "invert",
+    "posterize",
+    "randaugment",
+    "rotate",
+    "sharpness",
+    "shear_x",
+    "shear_y",
+    "solarize",
+    "solarize_add",
+    "translate_x",
+    "translate_y",
+]
+
+
 MAX_MAGNITUDE = 30
 FULL_MAGNITUDE = 10
 FILL_VALUE = 128

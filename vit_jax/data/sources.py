@@ -15,6 +15,14 @@ from vit_jax.data import digits, folders, tfds_source
 from vit_jax.data.errors import UnknownDatasetError
 from vit_jax.data.splits import ClassSubsetSplit, Split
 
+__all__ = [
+    "clear_cache",
+    "dataset_name",
+    "DatasetInfo",
+    "get_info",
+    "open_split",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:

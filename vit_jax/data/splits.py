@@ -18,6 +18,15 @@ from absl import logging
 from vit_jax.data import preprocess
 from vit_jax.data.errors import DataError
 
+__all__ = [
+    "ArraySplit",
+    "ClassSubsetSplit",
+    "EncodedSplit",
+    "FileSplit",
+    "resolve_split_spec",
+    "Split",
+]
+
 
 class Split(abc.ABC):
     """N examples with random access; `description` names the dataset and split in messages."""

@@ -25,6 +25,17 @@ from vit_jax.data import preprocess
 from vit_jax.data.errors import DataError, DatasetNotPreparedError, UnknownDatasetError
 from vit_jax.data.splits import EncodedSplit, Split, resolve_split_spec
 
+__all__ = [
+    "MAX_IN_MEMORY_BYTES",
+    "NAME_PATTERN",
+    "builder",
+    "DataSourceSplit",
+    "has_random_access",
+    "looks_like_name",
+    "open_split",
+]
+
+
 MAX_IN_MEMORY_BYTES = 4 * 2**30
 # 'cifar10', 'cifar10:3.*.*', 'imagenet2012_subset/10pct', 'cifar10_corrupted/brightness_5:1.0.0'
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9.*]+)?$")

@@ -20,6 +20,15 @@ from vit_jax import models
 from vit_jax.weights.errors import ConversionError
 from vit_jax.weights.tree import flatten
 
+__all__ = [
+    "LAYER_SCALE_KEY",
+    "class_names_for",
+    "Converted",
+    "uses_layer_scale",
+    "vit_facts",
+    "VitFacts",
+]
+
 
 class Converted(NamedTuple):
     """Parameters with everything needed to rebuild and use the model."""

@@ -43,6 +43,17 @@ from vit_jax.weights.table import (
 )
 from vit_jax.weights.tree import unflatten
 
+__all__ = [
+    "CONFIG",
+    "TABLE",
+    "WEIGHTS",
+    "from_hf",
+    "read_dir",
+    "shard_files",
+    "to_hf",
+]
+
+
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 _GELU = {"gelu": False, "gelu_python": False, "gelu_pytorch_tanh": True, "gelu_new": True}
@@ -56,12 +67,6 @@ _V5_NAMES = (
     (re.compile(r"\.mlp\.fc1\."), ".intermediate.dense."),
     (re.compile(r"\.mlp\.fc2\."), ".output.dense."),
 )
-
-
-def is_hf_dir(path: str | os.PathLike) -> bool:
-    """True for a directory holding a transformers `config.json`."""
-    p = epath.Path(path)
-    return p.is_dir() and (p / CONFIG).exists()
 
 
 def _hub_name(key: str) -> str:

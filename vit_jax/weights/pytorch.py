@@ -21,6 +21,24 @@ from etils import epath
 
 from vit_jax.weights.errors import CheckpointNotFoundError, ConversionError, mismatch_report
 
+__all__ = [
+    "conv_from_torch",
+    "conv_to_torch",
+    "dense_from_torch",
+    "dense_to_torch",
+    "out_from_torch",
+    "out_to_torch",
+    "pair",
+    "qkv_from_torch",
+    "qkv_to_torch",
+    "read_safetensors",
+    "read_state_dict",
+    "read_torch_bin",
+    "Reader",
+    "write_safetensors",
+]
+
+
 # ----------------------------------------------------------------------------- files
 
 

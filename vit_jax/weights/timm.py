@@ -52,6 +52,14 @@ from vit_jax.weights.table import (
 )
 from vit_jax.weights.tree import unflatten
 
+__all__ = [
+    "TABLE",
+    "from_timm",
+    "read_state",
+    "to_timm",
+]
+
+
 # timm architecture size words -> heads (head_dim 64, ViT-H 80).
 _HEADS_BY_SIZE = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16}
 _QKV = ("query", "key", "value")
