@@ -51,6 +51,7 @@ __all__ = [
     "main",
     "probe_config",
     "ridge_fit",
+    "ridge_path",
     "ridge_probe",
     "run_probe",
 ]
@@ -213,12 +214,25 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.
 
     The bias is unpenalised: x and y are centred, b = mean_y - mean_x W.
     """
+    return ridge_path(x, y, [lam])[0]
+
+
+def ridge_path(
+    x: np.ndarray, y: np.ndarray, lams: Sequence[float]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`ridge_fit` for each of `lams`, sharing one eigendecomposition of the scatter matrix:
+    W = V diag(1 / (e + lam)) V^T xc^T y for xc^T xc = V diag(e) V^T."""
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
     mean_x, mean_y = x.mean(axis=0), y.mean(axis=0)
     xc = x - mean_x
-    w = np.linalg.solve(xc.T @ xc + lam * np.eye(x.shape[1]), xc.T @ (y - mean_y))
-    return w, mean_y - mean_x @ w
+    eigenvalues, vectors = np.linalg.eigh(xc.T @ xc)
+    projected = vectors.T @ (xc.T @ (y - mean_y))
+    fits = []
+    for lam in lams:
+        w = vectors @ (projected / (np.maximum(eigenvalues, 0.0) + lam)[:, None])
+        fits.append((w, mean_y - mean_x @ w))
+    return fits
 
 
 def _scale(x: np.ndarray) -> float:
@@ -244,9 +258,9 @@ def ridge_probe(
     fit_x, fit_y = train_features[~held], onehot[~held]
     best = (-1.0, 0.0)
     if held.any() and (~held).any():
-        scale = _scale(fit_x)
-        for alpha in sorted(alphas):
-            w, b = ridge_fit(fit_x, fit_y, alpha * scale)
+        alphas = sorted(alphas)
+        fits = ridge_path(fit_x, fit_y, [a * _scale(fit_x) for a in alphas])
+        for alpha, (w, b) in zip(alphas, fits, strict=True):
             acc = float(np.mean(np.argmax(train_features[held] @ w + b, -1) == train_labels[held]))
             if acc >= best[0]:
                 best = (acc, alpha)
@@ -415,12 +429,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
 
+    from absl import logging
+
     from vit_jax import inference
 
     try:
         config = probe_config(args.dataset, pp, batch=args.batch, data_dir=args.data_dir)
         resolution = int(pp["crop"]) if "crop" in pp else None
         trained = inference.load_model(args.checkpoint, model=args.model, resolution=resolution)
+        logging.info(
+            "model %s from %s: %dx%d input, eval resize %d",
+            trained.model_config.get("name") or "?", args.checkpoint, trained.crop,
+            trained.crop, int(pp.get("resize", trained.resize)),
+        )  # fmt: skip
         config.pp.crop = trained.crop
         config.pp.resize = int(pp.get("resize", trained.resize))
         results = run_probe(
