@@ -50,6 +50,7 @@ __all__ = [
     "knn_predict",
     "main",
     "probe_config",
+    "probe_inputs",
     "ridge_fit",
     "ridge_path",
     "ridge_probe",
@@ -146,8 +147,9 @@ def extract(trained, config, split: str, *, features: str = "pooled") -> Feature
 
     step = jax.jit(step, in_shardings=(param_sh, batch_sh))
     chunks, labels, correct = [], [], 0
+    batches = data.eval_iterator(config, batch_sh, split=split)  # config errors: raised here
     try:
-        for batch in data.eval_iterator(config, batch_sh, split=split):
+        for batch in batches:
             feats, label, mask, hits = step(params, batch)
             mask = np.asarray(mask)
             chunks.append(np.asarray(feats)[mask])
@@ -200,7 +202,9 @@ def knn_predict(
     def predict(queries):
         sims, idx = jax.lax.top_k(normalise(queries) @ bank.T, k)
         # exp((sim - best) / T): DINO's weights times a per-query constant (no overflow).
-        weights = jnp.exp((sims - sims[:, :1]) / temperature) if temperature > 0 else sims * 0 + 1
+        weights = (
+            jnp.exp((sims - sims[:, :1]) / temperature) if temperature > 0 else jnp.ones_like(sims)
+        )
         votes = jax.nn.one_hot(bank_labels[idx], num_classes) * weights[..., None]
         return jnp.argmax(votes.sum(axis=1), axis=-1)
 
