@@ -242,3 +242,107 @@ def test_tiny_run_with_lion_learns(tmp_path):
     assert results["step"] == 200 and len(train) == 10
     assert train[-1] < 0.5 * train[0], train
     assert results["test_accuracy"] > 0.7, results  # chance: 0.1; seen: 0.89
+
+
+def _tiny_vit(scan: bool, depth: int = 3, **fields):
+    """Parameter shapes of a tiny ViT (class token, `depth` blocks), per-layer or scanned."""
+    from vit_jax import models
+
+    config = models.get_config(
+        dict(
+            name="tiny", patches=dict(size=(4, 4)), hidden_size=8, classifier="token",
+            transformer=dict(mlp_dim=16, num_heads=2, num_layers=depth), scan=scan, **fields,
+        )
+    )  # fmt: skip
+    return config, models.init_shapes(models.get_model(config, num_classes=5), (8, 8))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_layer_decay_multipliers_of_a_tiny_vit(scan):
+    """Head side 1, block i of L=3 d^(3-i), embeddings d^4; scanned: one (3, 1, ...) array."""
+    d = 0.5
+    model, shapes = _tiny_vit(scan)
+    mults = optim.layer_decay_multipliers(shapes, d, block_names=("encoderblock",))
+    flat = {sharding.path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(mults)}
+    embeddings = {
+        "embedding/kernel", "embedding/bias", "cls", "Transformer/posembed_input/pos_embedding",
+    }  # fmt: skip
+    head_side = {"head/kernel", "head/bias"}
+    head_side |= {"Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias"}
+    assert embeddings | head_side <= set(flat)
+    for key, m in flat.items():
+        if key in embeddings:
+            assert m == d**4 and isinstance(m, float), key
+        elif key in head_side:
+            assert m == 1.0 and isinstance(m, float), key
+        elif scan:
+            assert key.startswith("Transformer/encoderblock/"), key
+            assert isinstance(m, np.ndarray) and m.dtype == np.float32, key
+            assert m.shape[0] == 3 and set(m.shape[1:]) <= {1}, (key, m.shape)
+            np.testing.assert_array_equal(m.reshape(3), np.float32([d**3, d**2, d]), key)
+        else:
+            i = int(key.split("/")[1].removeprefix("encoderblock_"))
+            assert m == d ** (3 - i) and isinstance(m, float), key
+    # The defaults find the block name from the registry; 1.0 leaves every multiplier at 1.
+    assert jax.tree.map(lambda m: np.asarray(m).tolist(), mults) == jax.tree.map(
+        lambda m: np.asarray(m).tolist(), optim.layer_decay_multipliers(shapes, d)
+    )
+    ones = optim.layer_decay_multipliers(shapes, 1.0)
+    assert all(np.all(np.asarray(m) == 1.0) for m in jax.tree.leaves(ones))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_layer_decay_scales_sgd_updates_and_combines_with_lr_mults(scan):
+    """Plain SGD, unit gradients: a block-0 update is d^L times the head's, the cls token's
+    d^(L+1) times its lr_mults factor; scanned blocks per layer along the leading axis."""
+    from vit_jax import models
+
+    d, depth = 0.8, 3
+    model, shapes = _tiny_vit(scan, depth)
+    params = models.get_model(model, num_classes=5).init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False
+    )["params"]
+    config = _config(model=model, layer_decay=d, lr_mults=(("^cls$", 3.0),))
+    tx = optim.make_optimizer(config, shapes)
+    ones = jax.tree.map(jnp.ones_like, params)
+    updates = _flat(tx.update(ones, tx.init(params), params)[0])
+    lr = 0.1
+    np.testing.assert_allclose(updates["head/kernel"], -lr, rtol=1e-6)
+    np.testing.assert_allclose(updates["cls"], -lr * 3.0 * d ** (depth + 1), rtol=1e-6)
+    key = "MlpBlock_3/Dense_0/kernel"
+    if scan:
+        block = updates[f"Transformer/encoderblock/{key}"]
+        for i in range(depth):
+            np.testing.assert_allclose(block[i], -lr * d ** (depth - i), rtol=1e-6)
+    else:
+        np.testing.assert_allclose(
+            updates[f"Transformer/encoderblock_0/{key}"], -lr * d**depth, rtol=1e-6
+        )
+        np.testing.assert_allclose(updates[f"Transformer/encoderblock_2/{key}"], -lr * d, rtol=1e-6)
+    ratio = updates[f"Transformer/encoderblock{'' if scan else '_0'}/{key}"]
+    ratio = (ratio[0] if scan else ratio) / updates["head/kernel"][0, 0]
+    np.testing.assert_allclose(ratio, d**depth, rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5, float("nan")])
+def test_layer_decay_out_of_range_is_an_error_naming_the_key(value):
+    with pytest.raises(ValueError, match=r"config\.layer_decay must be a number in \(0, 1\]"):
+        optim.make_optimizer(_config(layer_decay=value), _tree())
+
+
+def test_layer_decay_of_a_mixer_uses_its_block_name():
+    from vit_jax import models
+
+    config = models.get_config(
+        dict(
+            name="mix", model_type="Mixer", patches=dict(size=(4, 4)), hidden_dim=8,
+            num_blocks=2, tokens_mlp_dim=4, channels_mlp_dim=8,
+        )
+    )  # fmt: skip
+    shapes = models.init_shapes(models.get_model(config, num_classes=3), (8, 8))
+    mults = _flat(optim.layer_decay_multipliers(shapes, 0.5, block_names=("MixerBlock",)))
+    assert mults["stem/kernel"] == 0.5**3 and mults["head/kernel"] == 1.0
+    assert mults["pre_head_layer_norm/scale"] == 1.0
+    assert {k.split("/")[0]: float(v) for k, v in mults.items() if "MixerBlock" in k} == {
+        "MixerBlock_0": 0.25, "MixerBlock_1": 0.5,
+    }  # fmt: skip

@@ -14,7 +14,16 @@ Config keys: `optimizer` (a name in `OPTIMIZERS`: 'sgd' | 'adamw' | 'lion'), `ba
 `warmup_steps`, `total_steps`, `decay_type` ('cosine' | 'linear' | 'constant'), `grad_norm_clip`
 (0/None = off), `momentum`, `momentum_dtype` ('float32' | 'bfloat16'), `adam_b1`, `adam_b2`,
 `lion_b1`, `lion_b2`, `weight_decay`, `wd_mults`, `lr_mults` (tuples of (regex, multiplier);
-the first match wins), `freeze` (tuple of regexes).
+the first match wins), `freeze` (tuple of regexes), `layer_decay`.
+
+Layer-wise learning-rate decay (`layer_decay` = d in (0, 1]; 1 = off), the BEiT / DINOv2 / timm
+fine-tuning recipe: with L blocks, block i (0-based) gets lr multiplier d^(L - i), the
+embeddings (`EMBEDDING_PATTERNS`: patch embedding or stem, class / distillation / register
+tokens, position table) d^(L + 1), everything after the blocks (final norm, MAP head,
+pre-logits, head) 1. It multiplies the `lr_mults` / `freeze` multiplier. Blocks are recognised by
+the model family's block name (`models.scan_block`: `encoderblock_{i}`, `MixerBlock_{i}`); in the
+scanned layout (`scan=True`, one `encoderblock` with a leading layer axis) a leaf's multiplier is
+an array of shape (L, 1, ...) along that axis.
 
 Adding an optimizer: a function `(config) -> list of optax transformations` (the update
 direction, before weight decay and the learning rate) registered with `register(name, fn)`.
@@ -29,15 +38,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from vit_jax.sharding import path_str
 
 __all__ = [
+    "EMBEDDING_PATTERNS",
     "NO_DECAY_PATTERNS",
     "OPTIMIZERS",
     "add_decayed_weights",
     "decay_multipliers",
+    "layer_decay_multipliers",
     "learning_rate_schedule",
     "lr_multipliers",
     "make_optimizer",
@@ -48,6 +60,14 @@ __all__ = [
 # Parameters without weight decay, by the last component of their path.
 NO_DECAY_PATTERNS: tuple[str, ...] = tuple(
     rf"(^|/){name}$" for name in ("bias", "scale", "pos_embedding", "cls", "dist", "probe")
+)
+
+# Parameters before the first block (layer decay's "layer 0"), by path: ViT's patch embedding,
+# hybrid ResNet stem, class / distillation / register tokens and position table; Mixer's stem.
+EMBEDDING_PATTERNS: tuple[str, ...] = (
+    r"^(embedding|stem|conv_root|gn_root|block\d+|cls|dist|reg|registers?)(/|$)",
+    r"(^|/)posembed_input/",
+    r"(^|/)pos_embedding$",
 )
 
 Direction = Callable[[ml_collections.ConfigDict], list[optax.GradientTransformation]]
@@ -152,6 +172,80 @@ def lr_multipliers(params: Any, config: ml_collections.ConfigDict) -> Any:
     return jax.tree_util.tree_map_with_path(mult, params)
 
 
+def _layer_decay(config: ml_collections.ConfigDict) -> float:
+    """`config.layer_decay` checked to lie in (0, 1] (1: off)."""
+    value = config.get("layer_decay", 1.0)
+    try:
+        decay = float(1.0 if value is None else value)
+    except (TypeError, ValueError):
+        decay = float("nan")
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(
+            f"config.layer_decay must be a number in (0, 1] (1.0: off; 0.65-0.9 are usual), "
+            f"got {value!r}"
+        )
+    return decay
+
+
+def _block_names(config: ml_collections.ConfigDict | None) -> tuple[str, ...]:
+    """The scanned-block name of `config.model`'s family; without a model, every family's."""
+    from vit_jax import models
+
+    model = config.get("model") if config is not None else None
+    if model:
+        try:
+            return (models.scan_block(model),)
+        except (ValueError, KeyError, AttributeError):
+            pass
+    return models.layout.block_names()
+
+
+def layer_decay_multipliers(
+    params: Any,
+    decay: float,
+    *,
+    block_names: Sequence[str] | None = None,
+    embedding: Sequence[str] = EMBEDDING_PATTERNS,
+) -> Any:
+    """Per-parameter lr multipliers of layer-wise decay (see the module docstring).
+
+    `params`: arrays or shapes (paths and, for scanned blocks, leading sizes are read). A leaf
+    of block `{name}_{i}` gets the float `decay ** (L - i)`; a leaf of a scanned block `{name}`
+    an array `decay ** (L - arange(L))` shaped (L, 1, ...); an `embedding` match
+    `decay ** (L + 1)`; anything else 1. L: the number of blocks found in `params`.
+    `block_names`: default every registered family's (`vit_jax.models.layout.block_names()`).
+    """
+    if block_names is None:
+        block_names = _block_names(None)
+    alternatives = "|".join(re.escape(n) for n in block_names)
+    numbered = re.compile(rf"(^|/)({alternatives})_(\d+)/")
+    stacked = re.compile(rf"(^|/)({alternatives})/")
+    embedding_rules = [re.compile(p) for p in embedding]
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    depths = set()
+    for path, leaf in leaves:
+        name = path_str(path)
+        if m := numbered.search(name):
+            depths.add(int(m.group(3)) + 1)
+        elif stacked.search(name):
+            depths.add(int(leaf.shape[0]))
+    num_layers = max(depths, default=0)
+
+    def mult(path, leaf):
+        name = path_str(path)
+        if m := numbered.search(name):
+            return float(decay ** (num_layers - int(m.group(3))))
+        if stacked.search(name):
+            n = int(leaf.shape[0])
+            per_layer = decay ** (num_layers - np.arange(n, dtype=np.float64))
+            return per_layer.astype(np.float32).reshape((n,) + (1,) * (len(leaf.shape) - 1))
+        if any(rule.search(name) for rule in embedding_rules):
+            return float(decay ** (num_layers + 1))
+        return 1.0
+
+    return jax.tree_util.tree_map_with_path(mult, params)
+
+
 def decay_multipliers(
     params: Any, config: ml_collections.ConfigDict, no_decay: Sequence[str] = NO_DECAY_PATTERNS
 ) -> Any:
@@ -167,11 +261,17 @@ def decay_multipliers(
 
 
 def scale_by_multipliers(multipliers: Any) -> optax.GradientTransformation:
-    """Multiplies each update by a fixed per-parameter factor (a tree of floats)."""
+    """Multiplies each update by a fixed per-parameter factor (a tree of floats, or of arrays
+    that broadcast against the parameter, e.g. per-layer factors of a scanned block)."""
+
+    def scale(u, m):
+        if isinstance(m, float):
+            return u if m == 1.0 else u * m
+        return u * jnp.asarray(m, u.dtype)
 
     def update(updates, state, params=None):
         del params
-        return jax.tree.map(lambda u, m: u if m == 1.0 else u * m, updates, multipliers), state
+        return jax.tree.map(scale, updates, multipliers), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
@@ -216,6 +316,20 @@ def make_optimizer(
         multipliers = decay_multipliers(params, config, no_decay)
         parts.append(add_decayed_weights(float(config.weight_decay), multipliers))
     parts.append(optax.scale_by_learning_rate(learning_rate_schedule(config)))
-    if config.get("freeze") or config.get("lr_mults"):
-        parts.append(scale_by_multipliers(lr_multipliers(params, config)))
+    layer_decay = _layer_decay(config)
+    if config.get("freeze") or config.get("lr_mults") or layer_decay != 1.0:
+        multipliers = lr_multipliers(params, config)
+        if layer_decay != 1.0:
+            per_layer = layer_decay_multipliers(
+                params, layer_decay, block_names=_block_names(config)
+            )
+            multipliers = jax.tree.map(_times, multipliers, per_layer)
+        parts.append(scale_by_multipliers(multipliers))
     return optax.chain(*parts)
+
+
+def _times(a: Any, b: Any) -> Any:
+    """Product of two multipliers, a float while both are floats."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a * b
+    return (np.asarray(a, np.float32) * np.asarray(b, np.float32)).astype(np.float32)

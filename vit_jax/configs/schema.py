@@ -77,6 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.accum_steps = 1
     c.freeze = ()
     c.lr_mults = ()
+    # Layer-wise lr decay in (0, 1] (1.0 = off): block i of L gets layer_decay ** (L - i).
+    c.layer_decay = 1.0
     # What the step minimises (vit_jax.objectives): classification | distillation.
     c.objective = "classification"
     c.loss = "softmax_xent"  # or sigmoid_xent
