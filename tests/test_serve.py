@@ -201,9 +201,45 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server, digit
     assert (
         status == 413 and f"2000x1000 pixels, more than --max-pixels {MAX_PIXELS}" in error["error"]
     )
+    status, error = server.json("PUT", "/predict", good)  # the base class's own errors: JSON
+    assert status == 501 and "PUT" in error["error"]
     status, answer = server.json("POST", "/predict", good)
     assert status == 200 and len(answer["top_k"]) == 5
     assert server.json("GET", "/healthz")[0] == 200
+
+
+def test_expect_100_continue_refuses_an_oversized_body_before_it_is_sent(server):
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    try:
+        conn.putrequest("POST", "/predict")
+        conn.putheader("Content-Length", str(MAX_BYTES + 1))
+        conn.putheader("Expect", "100-continue")
+        conn.endheaders()  # no body follows
+        response = conn.getresponse()
+        assert response.status == 413 and response.getheader("Connection") == "close"
+        assert "--max-bytes" in json.loads(response.read())["error"]
+    finally:
+        conn.close()
+
+
+def test_keep_alive_connection_survives_an_error(server, digit_files):
+    """A 415 leaves the connection usable (its body was read); a POST to an unknown path,
+    whose body was not read, closes it."""
+    good = Path(digit_files[0][0]).read_bytes()
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    try:
+        conn.request("POST", "/predict", body=b"not an image")
+        response = conn.getresponse()
+        assert response.status == 415 and response.getheader("Connection") is None
+        response.read()
+        conn.request("POST", "/predict", body=good)
+        response = conn.getresponse()
+        assert response.status == 200 and len(json.loads(response.read())["top_k"]) == 5
+        conn.request("POST", "/elsewhere", body=good)
+        response = conn.getresponse()
+        assert response.status == 404 and response.getheader("Connection") == "close"
+    finally:
+        conn.close()
 
 
 def test_concurrent_requests_all_answered(server, digit_files):

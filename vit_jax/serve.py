@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import email.parser
 import email.policy
+import http
 import http.server
 import importlib.resources
 import io
@@ -293,10 +294,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         logging.info("%s %s", self.address_string(), format % args)
 
     def handle_expect_100(self) -> bool:
-        if self._length_error() is not None:
-            self._send_error(*self._length_error())
+        error = self._length_error()
+        if error is not None:
+            self.close_connection = True  # the client may send the body anyway
+            self._send_error(*error)
             return False
         return super().handle_expect_100()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+        """The base class's own errors (bad request line, unknown method …) as JSON too."""
+        self.close_connection = True
+        self._send_error(code, message or explain or http.HTTPStatus(code).phrase)
 
     def do_GET(self) -> None:  # noqa: N802 - the base class's name
         path = urllib.parse.urlsplit(self.path).path
@@ -311,11 +319,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - the base class's name
         url = urllib.parse.urlsplit(self.path)
+        keep_alive, self.close_connection = not self.close_connection, True  # until body read
         try:
             if url.path not in ("/predict", "/attention"):
                 raise HttpError(404, f"{url.path}: no such endpoint (POST /predict, /attention)")
+            body = self._body()
+            self.close_connection = not keep_alive
             query = urllib.parse.parse_qs(url.query)
-            name, data = _upload(self.headers.get("Content-Type", ""), self._body(), query)
+            name, data = _upload(self.headers.get("Content-Type", ""), body, query)
             if not data:
                 raise HttpError(400, "empty body: send the image file as the body or a form field")
             image = self.service.image(data, name, self.max_pixels)
@@ -387,8 +398,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), "application/json")
 
     def _send_error(self, status: int, message: str) -> None:
-        if status >= 400 and status not in (404, 405, 415, 422):
-            self.close_connection = True  # after 400/411/413 the rest of the stream is unknown
         self._send_json(status, {"error": message, "status": status})
 
 
