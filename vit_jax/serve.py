@@ -41,12 +41,16 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from absl import logging
 from PIL import Image
 
 from vit_jax import cli, predict, visualize
+
+if TYPE_CHECKING:
+    from vit_jax import inference
 
 __all__ = ["Batcher", "HttpError", "Service", "main", "make_server"]
 
@@ -166,7 +170,14 @@ class Batcher:
 class Service:
     """The model behind the endpoints: preprocessing, batched logits and attention rollout."""
 
-    def __init__(self, trained, *, top_k: int = 5, max_batch: int = 8, window_s: float = 0.005):
+    def __init__(
+        self,
+        trained: inference.TrainedModel,
+        *,
+        top_k: int = 5,
+        max_batch: int = 8,
+        window_s: float = 0.005,
+    ):
         import jax
 
         from vit_jax import models
@@ -198,16 +209,19 @@ class Service:
             )
 
     def warm_up(self) -> None:
+        """Compiles logits (and attention) at every bucket size."""
         self.logits.warm_up()
         if self.rollout is not None:
             self.rollout.warm_up()
 
     def close(self) -> None:
+        """Stops the batch workers after the requests already waiting."""
         self.logits.close()
         if self.rollout is not None:
             self.rollout.close()
 
     def health(self) -> dict:
+        """`GET /healthz`'s answer: the model and how the server batches."""
         return {
             "status": "ok",
             "model": self.trained.model_config.get("name") or "unnamed",
@@ -240,11 +254,13 @@ class Service:
             raise HttpError(415, str(e)) from None
 
     def predict(self, image: np.ndarray, name: str, k: int | None) -> dict:
+        """predict's `--json` object for one model input (`k` None: the server's --top-k)."""
         names = self.trained.class_names
         row = self.logits(image)
         return predict.answer(name, row, predict.top_k_size(k or self.top_k, names), names)
 
     def attention_png(self, image: np.ndarray) -> bytes:
+        """The rollout overlay of one model input as PNG bytes (visualize's picture)."""
         if self.rollout is None:
             raise HttpError(
                 422, f"{self.trained.model_config.get('name')}: {self.attention_unsupported}"
