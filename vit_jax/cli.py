@@ -326,7 +326,7 @@ def setup_console(verbose: bool, *, timestamps: bool = False) -> ConsoleHandler 
 
 CLI_MODULES = frozenset(
     f"vit_jax.{name}"
-    for name in ("train", "predict", "evaluate", "visualize", "convert.__main__", "benchmark")
+    for name in ("train", "predict", "evaluate", "visualize", "convert.__main__", "benchmark", "probe", "serve", "export")
 )
 
 

@@ -184,10 +184,25 @@ def preprocess_file(path: str, *, resize: int, crop: int) -> np.ndarray:
         raise ValueError(f"{path}: no such file")
     try:
         encoded = tf.io.read_file(path)
-        image = preprocess.decode_image(encoded)
+    except (tf.errors.OpError, OSError) as e:
+        raise ValueError(f"{path}: not a readable image ({_short(e)})") from None
+    return preprocess_bytes(encoded, resize=resize, crop=crop, what=path)
+
+
+def preprocess_bytes(
+    encoded: bytes | tf.Tensor, *, resize: int, crop: int, what: str = "image"
+) -> np.ndarray:
+    """Encoded image bytes -> float32 (crop, crop, 3) in [-1, 1]: `preprocess_file` without the
+    file (the server's uploads). Raises ValueError naming `what` when they do not decode."""
+    try:
+        image = preprocess.decode_image(tf.convert_to_tensor(encoded, tf.string))
         image = preprocess.eval_image(image, resize_to=resize, crop=crop)
         return np.asarray(preprocess.to_model_range(image), np.float32)
     except (tf.errors.OpError, ValueError, OSError) as e:
-        message = getattr(e, "message", str(e)).strip().splitlines()[0]
-        message = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", message).strip()
-        raise ValueError(f"{path}: not a readable image ({message})") from None
+        raise ValueError(f"{what}: not a readable image ({_short(e)})") from None
+
+
+def _short(error: BaseException) -> str:
+    """The first line of a TensorFlow error without its graph-node and op suffixes."""
+    message = getattr(error, "message", str(error)).strip().splitlines()[0]
+    return re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", message).strip()

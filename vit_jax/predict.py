@@ -22,8 +22,11 @@ import numpy as np
 
 from vit_jax import cli
 
+__all__ = ["answer", "main", "top_k", "top_k_size"]
+
 
 def top_k(logits: np.ndarray, k: int, class_names: list[str]) -> list[dict]:
+    """The k most probable classes of one logits row: [{"label", "index", "probability"}]."""
     probs = np.asarray(jax.nn.softmax(logits.astype(np.float32)))
     order = np.argsort(-probs, kind="stable")[:k]
     return [
@@ -34,6 +37,16 @@ def top_k(logits: np.ndarray, k: int, class_names: list[str]) -> list[dict]:
         }
         for i in order
     ]
+
+
+def top_k_size(requested: int, class_names: list[str]) -> int:
+    """How many classes an answer lists: `requested`, at most the number of classes."""
+    return max(1, min(requested, len(class_names) or requested))
+
+
+def answer(image: str, logits: np.ndarray, k: int, class_names: list[str]) -> dict:
+    """One image's `--json` object, `{"image", "top_k"}` (the server answers the same)."""
+    return {"image": image, "top_k": top_k(logits, k, class_names)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         return cli.fail(e, cli.EXIT_CONFIG)
     failed = 0
-    k = max(1, min(args.top_k, len(trained.class_names) or args.top_k))
+    k = top_k_size(args.top_k, trained.class_names)
     good: list[tuple[str, np.ndarray]] = []
     results: dict[str, dict] = {}
     for path in args.images:
@@ -82,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         chunk = good[start : start + args.batch]
         logits = trained.logits(np.stack([x for _, x in chunk]))
         for (path, _), row in zip(chunk, logits, strict=True):
-            results[path] = {"image": path, "top_k": top_k(row, k, trained.class_names)}
+            results[path] = answer(path, row, k, trained.class_names)
     for path in args.images:
         r = results[path]
         if args.json:

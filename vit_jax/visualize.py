@@ -30,6 +30,15 @@ from PIL import Image
 
 from vit_jax import cli
 
+__all__ = [
+    "attention_rollout",
+    "main",
+    "output_stems",
+    "rollout_overlay",
+    "rollout_unsupported",
+    "token_grid",
+]
+
 
 def attention_rollout(attention_weights: np.ndarray, *, num_prefix_tokens: int = 1) -> np.ndarray:
     """Rollout maps from per-layer weights (layers, B, heads, N, N) -> (B, N - prefix).
@@ -87,19 +96,51 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> Image.Image:
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
+def rollout_unsupported(model_config) -> str | None:
+    """Why attention rollout cannot be drawn for this model (no class token), None if it can."""
+    from vit_jax import models
+
+    classifier = model_config.get("classifier", "token")
+    if models.num_prefix_tokens(model_config) == 0 or classifier != "token":
+        return (
+            f"attention rollout needs a ViT with a class token (classifier 'token'), got "
+            f"{model_config.get('model_type')} / {classifier!r}"
+        )
+    return None
+
+
+def token_grid(trained) -> tuple[int, int]:
+    """The patch grid (rows, columns) of the model's input."""
+    from vit_jax import models
+
+    stride = models.stride(trained.model_config)
+    return trained.crop // stride[0], trained.crop // stride[1]
+
+
+def rollout_overlay(
+    image: np.ndarray, rollout: np.ndarray, grid: tuple[int, int], size: int
+) -> Image.Image:
+    """The map picture: a model input ([-1, 1], (h, w, 3)) scaled to size x size with one
+    image's rollout row (`attention_rollout(...)[i]`, over the patch grid) blended in red."""
+    return _overlay(_enlarged(image, size), _to_grid(rollout, grid))
+
+
+def _enlarged(image: np.ndarray, size: int) -> np.ndarray:
+    picture = Image.fromarray(((image + 1) * 127.5).astype(np.uint8))
+    return np.asarray(picture.resize((size, size), Image.BILINEAR), np.float32) / 127.5 - 1
+
+
 def _maps(trained, image: np.ndarray, stem: pathlib.Path, *, size: int, heads: bool) -> dict:
     """{file name: picture}: the rollout overlay, and with `heads` the last layer's head maps."""
     from vit_jax import models
 
     prefix = models.num_prefix_tokens(trained.model_config)
-    stride = models.stride(trained.model_config)
-    grid = (trained.crop // stride[0], trained.crop // stride[1])
+    grid = token_grid(trained)
     weights = trained.intermediates(image[None])["attention_weights"]
-    heat = _to_grid(attention_rollout(weights, num_prefix_tokens=prefix)[0], grid)
-    picture = Image.fromarray(((image + 1) * 127.5).astype(np.uint8))
-    big = np.asarray(picture.resize((size, size), Image.BILINEAR), np.float32) / 127.5 - 1
-    images = {f"{stem}_rollout.png": _overlay(big, heat)}
+    rollout = attention_rollout(weights, num_prefix_tokens=prefix)[0]
+    images = {f"{stem}_rollout.png": rollout_overlay(image, rollout, grid, size)}
     if heads:
+        big = _enlarged(image, size)
         last = np.asarray(weights)[-1, 0, :, 0, prefix:]  # (heads, patches)
         panels = [_overlay(big, _to_grid(h, grid)) for h in last]
         sheet = Image.new("RGB", (size * len(panels), size))
@@ -128,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         return cli.fail(f"--out {out_dir}: is an existing file, expected a directory")
 
-    from vit_jax import inference, models
+    from vit_jax import inference
 
     try:
         trained = inference.load_model(
@@ -136,12 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         return cli.fail(e, cli.EXIT_CONFIG)
-    classifier = trained.model_config.get("classifier", "token")
-    if models.num_prefix_tokens(trained.model_config) == 0 or classifier != "token":
-        return cli.fail(
-            f"{args.checkpoint}: attention rollout needs a ViT with a class token (classifier "
-            f"'token'), got {trained.model_config.get('model_type')} / {classifier!r}"
-        )
+    unsupported = rollout_unsupported(trained.model_config)
+    if unsupported:
+        return cli.fail(f"{args.checkpoint}: {unsupported}")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
