@@ -326,7 +326,17 @@ def setup_console(verbose: bool, *, timestamps: bool = False) -> ConsoleHandler 
 
 CLI_MODULES = frozenset(
     f"vit_jax.{name}"
-    for name in ("train", "predict", "evaluate", "visualize", "convert.__main__", "benchmark", "probe", "serve", "export")
+    for name in (
+        "train",
+        "predict",
+        "evaluate",
+        "visualize",
+        "convert.__main__",
+        "benchmark",
+        "probe",
+        "serve",
+        "export",
+    )
 )
 
 
