@@ -310,7 +310,7 @@ def setup_console(verbose: bool, *, timestamps: bool = False) -> ConsoleHandler 
 CLI_MODULES = frozenset(
     f"vit_jax.{name}"
     for name in ("train", "predict", "evaluate", "visualize", "convert.__main__", "benchmark")
-)
+) | {"vit_jax.export"}
 
 
 def _running_cli() -> bool:

@@ -167,8 +167,9 @@ def _run_resize(path: str, crop: int) -> int:
     return crop
 
 
-def preprocess_file(path: str, *, resize: int, crop: int) -> np.ndarray:
-    """An image file -> float32 (crop, crop, 3) in [-1, 1], as the eval pipeline does it.
+def preprocess_file(path: str, *, resize: int, crop: int, antialias: bool = True) -> np.ndarray:
+    """An image file -> float32 (crop, crop, 3) in [-1, 1], as the eval pipeline does it
+    (`antialias`: see `vit_jax.data.preprocess.resize`).
 
     Raises ValueError naming the file when it cannot be read or decoded.
     """
@@ -177,7 +178,7 @@ def preprocess_file(path: str, *, resize: int, crop: int) -> np.ndarray:
     try:
         encoded = tf.io.read_file(path)
         image = preprocess.decode_image(encoded)
-        image = preprocess.eval_image(image, resize_to=resize, crop=crop)
+        image = preprocess.eval_image(image, resize_to=resize, crop=crop, antialias=antialias)
         return np.asarray(preprocess.to_model_range(image), np.float32)
     except (tf.errors.OpError, ValueError, OSError) as e:
         message = getattr(e, "message", str(e)).strip().splitlines()[0]
