@@ -209,3 +209,18 @@ def test_bad_input_is_one_line_and_exit_2(cases, tmp_path, capsys):
     line = _cli_error(capsys, ["--checkpoint", str(garbage), "--format", "stablehlo", "--out", out])
     assert str(garbage) in line and "not an .npz archive" in line
     assert not (tmp_path / "new").exists() and list(taken.iterdir()) == [taken / "x"]
+
+
+def test_benchmark_times_exported_artifacts(cases, tmp_path, capsys):
+    from vit_jax import benchmark
+
+    for fmt in ("onnx", "stablehlo"):
+        artifact = cases["hf"]["dir"] / f"hf_{fmt}"
+        r = benchmark.run_artifact(str(artifact), batch=2, steps=2, warmup=1)
+        assert r["format"] == fmt and r["resolution"] == 16 and r["batch"] == 2
+        assert r["img_per_sec"] > 0 and r["step_time_s"] > 0
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["--artifact", str(tmp_path), "--batch", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}: not an exported model")
