@@ -68,6 +68,108 @@ def test_eval_image_resizes_and_crops_centre():
     assert out.shape == (12, 12, 3) and (out == 200).all()
 
 
+def _lines(size: int, every: int) -> np.ndarray:
+    """uint8 [size, size, 3]: one-pixel white vertical lines every `every` columns on black."""
+    image = np.zeros((size, size, 3), np.uint8)
+    image[:, ::every] = 255
+    return image
+
+
+def test_antialiased_downscale_averages_as_pil_and_plain_bilinear_aliases():
+    lines = _lines(64, 4)  # 1/4 of the pixels white: a 4x downscale should be a flat 1/4 grey
+    smooth = preprocess.resize(tf.constant(lines), 16, antialias=True).numpy()
+    plain = preprocess.resize(tf.constant(lines), 16, antialias=False).numpy()
+    pil = np.asarray(Image.fromarray(lines).resize((16, 16), Image.BILINEAR))
+    assert np.abs(smooth.astype(int) - pil).max() <= 1
+    assert np.abs(smooth[:, 1:-1].astype(int) - 64).max() <= 1  # 255 / 4 (edges renormalised)
+    assert (plain == 0).all()  # samples between the lines: they vanish
+    photo = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    ours = preprocess.resize(tf.constant(photo), 16, antialias=True).numpy().astype(int)
+    assert (
+        np.abs(ours - np.asarray(Image.fromarray(photo).resize((16, 16), Image.BILINEAR))).max()
+        <= 1
+    )
+
+
+def test_antialias_changes_upscaling_only_by_rounding_and_is_the_eval_default():
+    from vit_jax.data import digits
+
+    images = digits.open_split("test[:60]").load(tf.range(60))[0]  # 8x8
+    for size in (16, 18, 37):
+        a = preprocess.resize(images, size, antialias=True).numpy().astype(int)
+        b = preprocess.resize(images, size, antialias=False).numpy().astype(int)
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3, size
+    lines = tf.constant(_lines(64, 4))
+    np.testing.assert_array_equal(
+        preprocess.eval_image(lines, resize_to=16, crop=16),
+        preprocess.resize(lines, 16, antialias=True),
+    )
+
+
+def test_eval_image_of_a_batch_is_each_image_s():
+    batch = np.random.default_rng(1).integers(0, 256, (3, 30, 20, 3), dtype=np.uint8)
+    for antialias in (True, False):
+        together = preprocess.eval_image(
+            tf.constant(batch), resize_to=18, crop=16, antialias=antialias
+        ).numpy()
+        assert together.shape == (3, 16, 16, 3)
+        for image, out in zip(batch, together, strict=True):
+            alone = preprocess.eval_image(
+                tf.constant(image), resize_to=18, crop=16, antialias=antialias
+            )
+            np.testing.assert_array_equal(out, alone.numpy())
+
+
+@pytest.fixture(scope="module")
+def default_run(build_once):
+    """A workdir of the embedded default run (configs/default.py: digits at 18 -> 16)."""
+    import tiny
+
+    def train(workdir) -> None:
+        from vit_jax import trainer
+
+        results = trainer.train_and_evaluate(tiny.default.get_config(), str(workdir))
+        assert results["test_accuracy"] > 0.95, results
+
+    return build_once("default-run", train)
+
+
+@pytest.mark.slow
+def test_default_run_reads_nearest_upscaled_digits(default_run, tmp_path):
+    """60 test digits saved at 8x8 and nearest-upscaled to 64x64: with the antialiased eval
+    resize the large copies are seen as the small ones (59/60 here; 53/60 without)."""
+    from vit_jax import inference
+    from vit_jax.data import digits
+
+    trained = inference.load_model(str(default_run))
+    assert (trained.resize, trained.crop) == (18, 16)
+    images, labels = (t.numpy() for t in digits.open_split("test[:60]").load(tf.range(60)))
+    paths = {"8": [], "64": []}
+    for i, image in enumerate(images):
+        for size, pil in (
+            ("8", Image.fromarray(image)),
+            ("64", Image.fromarray(image).resize((64, 64), Image.NEAREST)),
+        ):
+            paths[size].append(tmp_path / f"{size}_{i}.png")
+            pil.save(paths[size][-1])
+
+    def predictions(size: str, antialias: bool) -> np.ndarray:
+        x = [
+            inference.preprocess_file(
+                str(p), resize=trained.resize, crop=trained.crop, antialias=antialias
+            )
+            for p in paths[size]
+        ]
+        return trained.logits(np.stack(x)).argmax(-1)
+
+    small = predictions("8", antialias=True)
+    np.testing.assert_array_equal(small, predictions("8", antialias=False))  # upscaled: as before
+    assert (small == labels).sum() >= 58
+    large, large_plain = predictions("64", antialias=True), predictions("64", antialias=False)
+    assert (large == labels).sum() >= 58
+    assert (large_plain == labels).sum() < (large == labels).sum()
+
+
 def test_train_image_crop_flip_and_seeds():
     image = tf.constant(np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3))
     seed = tf.constant([1, 2], tf.int64)

@@ -6,16 +6,25 @@ the model's FLOPs per second (XLA's cost analysis of the compiled step) over a m
 same dtype measured on the spot (a 2048^3 matmul on this device).
 
     python -m vit_jax.benchmark --model ViT-B_16 --batch 16 --resolution 224 --mode train --json
+
+`--artifact DIR` times an exported model instead (`python -m vit_jax.export`), with the runtime a
+deployment would use: ONNX Runtime (CPU) for `onnx`, TensorFlow for `saved_model` (its
+`preprocessed` signature: the model alone, as the XLA path), `jax.export` for `stablehlo` --
+inference on random inputs at the artifact's resolution, so it lines up with `--mode infer`:
+
+    python -m vit_jax.benchmark --artifact exported/vit_onnx --batch 8 --json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -206,6 +215,62 @@ def run(
     }
 
 
+def _artifact_runner(path: Path, meta: dict, x: np.ndarray) -> tuple[Callable[[int], Any], str]:
+    """(`one_step(i)`: the artifact's logits of `x`, 'runtime version') for `meta['format']`."""
+    fmt = meta.get("format")
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+        return lambda i: session.run(["logits"], {"images": x})[0], f"onnxruntime {ort.__version__}"
+    if fmt == "saved_model":
+        import tensorflow as tf
+
+        fn = tf.saved_model.load(str(path)).signatures["preprocessed"]
+        inputs = tf.constant(x)
+        return lambda i: fn(inputs=inputs)["logits"].numpy(), f"tensorflow {tf.__version__}"
+    if fmt == "stablehlo":
+        exported = jax.export.deserialize(bytearray((path / "model.jax_exported").read_bytes()))
+        call = jax.jit(exported.call)
+        device_x = jax.device_put(x)
+        return lambda i: call(device_x), f"jax.export (jax {jax.__version__})"
+    raise ValueError(f"{path / 'model.json'}: unknown format {fmt!r}")
+
+
+def run_artifact(path: str, *, batch: int, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+    """Benchmarks inference of an exported model directory; returns the JSON record
+    (`load_time_s`: loading it and the first call, the counterpart of `compile_time_s`)."""
+    root = Path(path)
+    try:
+        meta = json.loads((root / "model.json").read_text())
+        res = int(meta["resolution"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{path}: not an exported model (python -m vit_jax.export): no readable model.json "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, res, res, 3)).astype(np.float32)
+    t0 = time.perf_counter()
+    one_step, runtime = _artifact_runner(root, meta, x)
+    jax.block_until_ready(one_step(0))
+    load_time = time.perf_counter() - t0
+    step_time = _median_step_time(one_step, warmup, steps)
+    return {
+        "img_per_sec": batch / step_time,
+        "step_time_s": step_time,
+        "load_time_s": load_time,
+        "artifact": str(path),
+        "format": meta["format"],
+        "runtime": runtime,
+        "model": (meta.get("model") or {}).get("name"),
+        "mode": "infer",
+        "batch": batch,
+        "resolution": res,
+        "steps": steps,
+        "cpu_count": os.cpu_count(),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m vit_jax.benchmark",
@@ -226,9 +291,30 @@ def main(argv: list[str] | None = None) -> None:
         choices=("explicit", "xla", "cudnn"),
         help="attention core: explicit matmuls (default off GPU) or jax.nn.dot_product_attention",
     )
+    p.add_argument(
+        "--artifact",
+        help="an exported model directory (python -m vit_jax.export) to time instead "
+        "(inference; --model, --mode, --dtype and the model flags do not apply)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     args = p.parse_args(argv)
+    if args.artifact:
+        try:
+            r = run_artifact(args.artifact, batch=args.batch, steps=args.steps, warmup=args.warmup)
+        except ValueError as e:
+            print(f"error: {cli.one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+        if args.json:
+            print(json.dumps(r))
+            return
+        print(
+            f"{r['artifact']} ({r['format']}, {r['runtime']}) inference batch {r['batch']} "
+            f"@{r['resolution']} on {r['cpu_count']} CPUs:\n"
+            f"  {r['img_per_sec']:.2f} img/s, step {r['step_time_s'] * 1e3:.1f} ms (median of "
+            f"{r['steps']}), load + first call {r['load_time_s']:.1f} s"
+        )
+        return
     overrides = {"scan": True} if args.scan else {}
     if args.remat:
         overrides["remat"] = True

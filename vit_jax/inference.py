@@ -175,8 +175,9 @@ def _run_resize(path: str, crop: int) -> int:
     return crop
 
 
-def preprocess_file(path: str, *, resize: int, crop: int) -> np.ndarray:
-    """An image file -> float32 (crop, crop, 3) in [-1, 1], as the eval pipeline does it.
+def preprocess_file(path: str, *, resize: int, crop: int, antialias: bool = True) -> np.ndarray:
+    """An image file -> float32 (crop, crop, 3) in [-1, 1], as the eval pipeline does it
+    (`antialias`: see `vit_jax.data.preprocess.resize`).
 
     Raises ValueError naming the file when it cannot be read or decoded.
     """
@@ -186,17 +187,22 @@ def preprocess_file(path: str, *, resize: int, crop: int) -> np.ndarray:
         encoded = tf.io.read_file(path)
     except (tf.errors.OpError, OSError) as e:
         raise ValueError(f"{path}: not a readable image ({_short(e)})") from None
-    return preprocess_bytes(encoded, resize=resize, crop=crop, what=path)
+    return preprocess_bytes(encoded, resize=resize, crop=crop, what=path, antialias=antialias)
 
 
 def preprocess_bytes(
-    encoded: bytes | tf.Tensor, *, resize: int, crop: int, what: str = "image"
+    encoded: bytes | tf.Tensor,
+    *,
+    resize: int,
+    crop: int,
+    what: str = "image",
+    antialias: bool = True,
 ) -> np.ndarray:
     """Encoded image bytes -> float32 (crop, crop, 3) in [-1, 1]: `preprocess_file` without the
     file (the server's uploads). Raises ValueError naming `what` when they do not decode."""
     try:
         image = preprocess.decode_image(tf.convert_to_tensor(encoded, tf.string))
-        image = preprocess.eval_image(image, resize_to=resize, crop=crop)
+        image = preprocess.eval_image(image, resize_to=resize, crop=crop, antialias=antialias)
         return np.asarray(preprocess.to_model_range(image), np.float32)
     except (tf.errors.OpError, ValueError, OSError) as e:
         raise ValueError(f"{what}: not a readable image ({_short(e)})") from None

@@ -11,7 +11,8 @@ line listing each changed key as `old -> new`. Keys that may change:
 - `grad_norm_clip` between two positive values (turning it on or off changes the optimizer
   state's layout);
 - side jobs: `eval_every`, `progress_every`, `checkpoint_every`, `max_to_keep`,
-  `async_checkpointing`, `write_final_npz`, and evaluation: `batch_eval`, `pp.test`;
+  `async_checkpointing`, `write_final_npz`, and evaluation: `batch_eval`, `pp.test`,
+  `pp.antialias`;
 - devices: `mesh.*`, `accum_steps` (the same global batch, spread differently), `prefetch`;
 - where the data is read from: `tfds_data_dir`, `tfds_manual_dir`.
 
@@ -66,6 +67,7 @@ RESUMABLE: dict[str, Callable[[Any, Any], bool]] = {
     "write_final_npz": _ANY,
     "batch_eval": _ANY,
     "pp.test": _ANY,
+    "pp.antialias": _ANY,
     "mesh.*": _ANY,
     "accum_steps": _ANY,
     "prefetch": _ANY,

@@ -61,6 +61,7 @@ class Preprocessing:
     mixup_alpha: float = 0.0
     randaugment_layers: int = 0
     randaugment_magnitude: int = 10
+    antialias: bool = True  # eval resize only; see preprocess.resize
 
     @classmethod
     def from_config(cls, pp: ml_collections.ConfigDict) -> "Preprocessing":
@@ -73,6 +74,7 @@ class Preprocessing:
             mixup_alpha=float(pp.get("mixup_alpha", 0.0) or 0.0),
             randaugment_layers=int(pp.get("randaugment_layers", 0) or 0),
             randaugment_magnitude=int(pp.get("randaugment_magnitude", 10)),
+            antialias=bool(pp.get("antialias", True)),
         )
         if result.crop <= 0 or result.crop > result.resize:
             raise DataError(
@@ -247,7 +249,10 @@ def eval_dataset(split: Split, pp: Preprocessing, rows: Rows) -> tuple[tf.data.D
 
         def real() -> tuple[tf.Tensor, tf.Tensor]:
             image, label = split.load(position)
-            return preprocess.eval_image(image, resize_to=pp.resize, crop=pp.crop), label
+            image = preprocess.eval_image(
+                image, resize_to=pp.resize, crop=pp.crop, antialias=pp.antialias
+            )
+            return image, label
 
         def padding() -> tuple[tf.Tensor, tf.Tensor]:
             return tf.zeros([pp.crop, pp.crop, 3], tf.uint8), tf.constant(0, tf.int64)

@@ -47,19 +47,27 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     return tf.cond(tf.strings.substr(encoded, 0, 2) == b"BM", pil, native)
 
 
-def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Bilinear resize of uint8 [h, w, 3] to uint8 [size, size, 3] (aspect not kept, as the
-    reference pipeline)."""
-    resized = tf.image.resize(image, [size, size], method="bilinear")
+def resize(image: tf.Tensor, size: int, *, antialias: bool = False) -> tf.Tensor:
+    """Bilinear resize of uint8 [..., h, w, 3] to uint8 [..., size, size, 3] (aspect not kept, as
+    the reference pipeline); a batch [n, h, w, 3] is resized image by image.
+
+    `antialias=False` (the reference pipeline, and training here) samples the 4 nearest source
+    pixels, so a downscale skips pixels: thin strokes of a nearest-upscaled image or fine texture
+    of a large photo alias. `antialias=True` widens the triangle filter by the downscale factor,
+    averaging every source pixel an output pixel covers (as PIL's bilinear resize); it changes
+    nothing but rounding when upscaling.
+    """
+    resized = tf.image.resize(image, [size, size], method="bilinear", antialias=antialias)
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
 def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Central size x size crop of a [h, w, c] image with h, w >= size."""
+    """Central size x size crop of a [..., h, w, c] image (or batch) with h, w >= size."""
     shape = tf.shape(image)
-    top = (shape[0] - size) // 2
-    left = (shape[1] - size) // 2
-    return tf.ensure_shape(image[top : top + size, left : left + size], [size, size, 3])
+    top = (shape[-3] - size) // 2
+    left = (shape[-2] - size) // 2
+    cropped = image[..., top : top + size, left : left + size, :]
+    return tf.ensure_shape(cropped, image.shape[:-3].concatenate([size, size, 3]))
 
 
 def inception_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
@@ -98,9 +106,10 @@ def train_image(
     return tf.ensure_shape(image, [crop, crop, 3])
 
 
-def eval_image(image: tf.Tensor, *, resize_to: int, crop: int) -> tf.Tensor:
-    """Eval geometry: resize to `resize_to`, central crop `crop`."""
-    return central_crop(resize(image, resize_to), crop)
+def eval_image(image: tf.Tensor, *, resize_to: int, crop: int, antialias: bool = True) -> tf.Tensor:
+    """Eval geometry: resize to `resize_to` (antialiased unless `antialias=False`, see `resize`),
+    central crop `crop`. uint8 [..., h, w, 3] in, uint8 [..., crop, crop, 3] out."""
+    return central_crop(resize(image, resize_to, antialias=antialias), crop)
 
 
 def to_model_range(image: tf.Tensor) -> tf.Tensor:

@@ -1,0 +1,226 @@
+"""`vit_jax.export`: each format from a trained run and from a converted Hugging Face model,
+reloaded in a process that runs the artifact with its own runtime only (tests/export_reload.py:
+jax.export, TensorFlow or onnxruntime; never vit_jax), against our logits and predict's output."""
+
+import contextlib
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+import tiny
+from PIL import Image
+
+from vit_jax import export, inference, predict
+
+pytestmark = pytest.mark.slow
+
+RELOAD = tiny.ROOT / "tests" / "export_reload.py"
+HF_CLASSES = ["cat", "dog", "fish"]
+IMAGE_SIZES = [(9, 13), (16, 16), (50, 37)]  # (height, width): up-, same- and downscaled
+TOL = 1e-4
+
+
+def _hf_npz(tmp_path):
+    """A random tiny transformers ViT (16x16, 4x4 patches, 3 labels), converted to our .npz."""
+    import torch
+    import transformers
+
+    from vit_jax.convert.__main__ import main as convert
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=16,
+        patch_size=4,
+        num_labels=3,
+        id2label=dict(enumerate(HF_CLASSES)),
+        label2id={n: i for i, n in enumerate(HF_CLASSES)},
+    )
+    model = transformers.ViTForImageClassification(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(tmp_path / "hf")
+    npz = tmp_path / "hf.npz"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert convert([str(tmp_path / "hf"), str(npz)]) == 0
+    return npz
+
+
+def _predict_probabilities(checkpoint, files, num_classes) -> np.ndarray:
+    """`python -m vit_jax.predict --json` (in process): every class's probability per file."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        argv = ["--checkpoint", str(checkpoint), "--json", "--top-k", str(num_classes)]
+        assert predict.main([*argv, *map(str, files)]) == 0
+    probs = np.zeros((len(files), num_classes))
+    for row, line in enumerate(stdout.getvalue().splitlines()):
+        for entry in json.loads(line)["top_k"]:
+            probs[row, entry["index"]] = entry["probability"]
+    return probs
+
+
+def _case(tmp_path, name, checkpoint, *, via_cli=()):
+    """Exports `checkpoint` in every format; the inputs and what vit_jax says about them."""
+    trained = inference.load_model(str(checkpoint))
+    res, n = trained.crop, len(trained.class_names)
+    rng = np.random.default_rng(len(name))
+    x = rng.uniform(-1, 1, (4, res, res, 3)).astype(np.float32)
+    inputs = {"x": x}
+    expected = {"logits": trained.logits(x), "class_names": trained.class_names}
+    for i, (h, w) in enumerate(IMAGE_SIZES):
+        batch = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        files = []
+        for j, image in enumerate(batch):
+            files.append(tmp_path / f"{name}_{i}_{j}.png")
+            Image.fromarray(image).save(files[-1])
+        inputs[f"images_{i}"] = batch
+        pre = np.stack(
+            [inference.preprocess_file(str(f), resize=trained.resize, crop=res) for f in files]
+        )
+        expected[f"logits_{i}"] = trained.logits(pre)
+        expected[f"probabilities_{i}"] = _predict_probabilities(checkpoint, files, n)
+    np.savez(tmp_path / f"{name}_inputs.npz", **inputs)
+    for fmt in export.FORMATS:
+        out = tmp_path / f"{name}_{fmt}"
+        if fmt in via_cli:
+            cmd = [sys.executable, "-m", "vit_jax.export", "--checkpoint", str(checkpoint)]
+            run = tiny.run([*cmd, "--format", fmt, "--out", str(out)], timeout=300)
+            assert run.returncode == 0, run.stderr
+            assert run.stdout.startswith(f"wrote {out} ({fmt}: ") and "classes)" in run.stdout
+            assert run.stderr == "", run.stderr  # the libraries' chatter stays quiet
+        else:
+            meta = export.export(trained, fmt, out)
+            assert meta["class_names"] == trained.class_names and meta["resolution"] == res
+    return {"dir": tmp_path, "name": name, "expected": expected, "checkpoint": checkpoint}
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory, trained_workdir):
+    tmp = tmp_path_factory.mktemp("export")
+    hf = _hf_npz(tmp)
+    return {
+        "trained": _case(tmp, "trained", trained_workdir),
+        "hf": _case(tmp, "hf", hf, via_cli=("stablehlo",)),
+    }
+
+
+def _reload(cases, fmt) -> dict[str, dict]:
+    """Runs export_reload.py for `fmt` on every case, in one process without vit_jax."""
+    argv = []
+    for case in cases.values():
+        d, name = case["dir"], case["name"]
+        argv += [d / f"{name}_{fmt}", d / f"{name}_inputs.npz", d / f"{name}_{fmt}_out.npz"]
+    env = {"PYTHONPATH": None, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = [sys.executable, str(RELOAD), fmt, *map(str, argv)]
+    run = tiny.run(cmd, cwd=argv[0].parent, env_changes=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = {}
+    for key, case in cases.items():
+        with np.load(case["dir"] / f"{case['name']}_{fmt}_out.npz") as f:
+            results[key] = dict(f)
+    return results
+
+
+def _check_model_input(results, cases):
+    for key, case in cases.items():
+        got, want = results[key], case["expected"]
+        np.testing.assert_allclose(got["logits"], want["logits"], atol=TOL, rtol=0, err_msg=key)
+        np.testing.assert_allclose(got["logits_first"], want["logits"][:1], atol=TOL, rtol=0)
+        assert list(got["class_names"]) == list(want["class_names"])
+        assert list(got["json_class_names"]) == list(want["class_names"])
+
+
+def test_stablehlo_runs_with_jax_export_alone(cases):
+    results = _reload(cases, "stablehlo")
+    _check_model_input(results, cases)
+    assert list(results["hf"]["class_names"]) == HF_CLASSES
+    meta = json.loads((cases["hf"]["dir"] / "hf_stablehlo" / "model.json").read_text())
+    assert meta["input"] == {
+        "name": "inputs",
+        "shape": ["batch", 16, 16, 3],
+        "dtype": "float32",
+        "range": [-1.0, 1.0],
+        "layout": "NHWC",
+    }
+    assert meta["platforms"] == ["cpu", "cuda", "tpu"] and meta["model"]["hidden_size"] == 16
+
+
+def test_saved_model_preprocesses_uint8_images_of_any_size_as_predict(cases):
+    results = _reload(cases, "saved_model")
+    _check_model_input(results, cases)
+    for key, case in cases.items():
+        got, want = results[key], case["expected"]
+        assert list(got["asset_class_names"]) == list(want["class_names"])
+        for i, size in enumerate(IMAGE_SIZES):
+            err = f"{key}: images of {size}"
+            np.testing.assert_allclose(
+                got[f"probabilities_{i}"], want[f"probabilities_{i}"], atol=TOL, rtol=0, err_msg=err
+            )
+            np.testing.assert_allclose(
+                got[f"logits_{i}"], want[f"logits_{i}"], atol=TOL, rtol=0, err_msg=err
+            )
+
+
+def test_onnx_runs_with_onnxruntime_alone(cases):
+    results = _reload(cases, "onnx")
+    _check_model_input(results, cases)
+    assert list(results["hf"]["class_names"]) == HF_CLASSES
+
+
+def _cli_error(capsys, argv) -> str:
+    """export's main() on bad input: exit 2 and exactly one `error:` line on stderr."""
+    try:
+        code = export.main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(cases, tmp_path, capsys):
+    hf = str(cases["hf"]["checkpoint"])
+    out = str(tmp_path / "new")
+    line = _cli_error(capsys, ["--checkpoint", hf, "--format", "tflite", "--out", out])
+    assert "--format" in line and "'tflite'" in line
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("")
+    line = _cli_error(capsys, ["--checkpoint", hf, "--format", "onnx", "--out", str(taken)])
+    assert (
+        line
+        == f"error: --out {taken} is a directory that is not empty; give a new or empty directory"
+    )
+    line = _cli_error(
+        capsys, ["--checkpoint", hf, "--model", "ViT-Ti_16", "--format", "onnx", "--out", out]
+    )
+    assert line.startswith(f"error: {hf} does not fit ViT-Ti_16 at 16x16: missing (160)")
+    assert "cls: stored (1, 1, 16), model (1, 1, 192)" in line
+    garbage = tmp_path / "x.npz"
+    garbage.write_bytes(b"not a checkpoint")
+    line = _cli_error(capsys, ["--checkpoint", str(garbage), "--format", "stablehlo", "--out", out])
+    assert str(garbage) in line and "not an .npz archive" in line
+    assert not (tmp_path / "new").exists() and list(taken.iterdir()) == [taken / "x"]
+
+
+def test_benchmark_times_exported_artifacts(cases, tmp_path, capsys):
+    from vit_jax import benchmark
+
+    for fmt in ("onnx", "stablehlo"):
+        artifact = cases["hf"]["dir"] / f"hf_{fmt}"
+        r = benchmark.run_artifact(str(artifact), batch=2, steps=2, warmup=1)
+        assert r["format"] == fmt and r["resolution"] == 16 and r["batch"] == 2
+        assert r["img_per_sec"] > 0 and r["step_time_s"] > 0
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["--artifact", str(tmp_path), "--batch", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}: not an exported model")

@@ -1,0 +1,369 @@
+"""`python -m vit_jax.export --checkpoint PATH --format FORMAT --out DIR`: a model to deploy.
+
+Reads anything `vit_jax.inference.load_model` reads (a training workdir, an Orbax checkpoint, a
+published or our `.npz`, a Hugging Face directory, a timm file) and writes into the new directory
+DIR an artifact that runs without vit_jax, plus `model.json` (what goes in and out, class names,
+resolution, the eval preprocessing, the model config):
+
+- `stablehlo`: `model.jax_exported`, a serialized `jax.export.Exported` with a symbolic batch
+  size; `jax.export.deserialize(bytes).call(images)` with float32 [batch, res, res, 3] in [-1, 1]
+  returns the logits. Lowered for the `--platforms` given (default cpu, cuda, tpu).
+- `saved_model`: a TF SavedModel (jax2tf). `serving_default(images)` takes uint8
+  [batch, height, width, 3] of any size and does the eval preprocessing inside (the ops of
+  `vit_jax.data.preprocess`: bilinear resize, antialiased unless `--no-antialias`, central crop,
+  [-1, 1]), returning `logits` and `probabilities`; `preprocessed(inputs)` takes the model's
+  float32 input; `class_names()` returns them, also in `assets/class_names.txt`.
+- `onnx`: `model.onnx` (jax2onnx), input `images` float32 [batch, res, res, 3] (NHWC) in
+  [-1, 1], output `logits`; class names (a JSON list) and `model.json`'s content in its
+  `metadata_props` (`class_names`, `vit_jax`). Needs `pip install 'vit_jax[export]'`.
+
+The model's parameters are constants inside each artifact. Exit status: 0 written; 1 the
+conversion failed; 2 a configuration error before any work (bad flag, unknown format, DIR exists
+and is not empty, a checkpoint that is missing or does not fit, the onnx converter not
+installed). Errors are one `error: ...` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from vit_jax import cli  # first: quiets TensorFlow's import
+
+__all__ = [
+    "FORMATS",
+    "METADATA_JSON",
+    "ExportError",
+    "describe",
+    "export",
+    "export_onnx",
+    "export_saved_model",
+    "export_stablehlo",
+    "main",
+]
+
+FORMATS = ("stablehlo", "saved_model", "onnx")
+METADATA_JSON = "model.json"
+STABLEHLO_FILE = "model.jax_exported"
+ONNX_FILE = "model.onnx"
+CLASS_NAMES_ASSET = "class_names.txt"
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+ONNX_INSTALL_HINT = "the onnx format needs jax2onnx and onnx: pip install 'vit_jax[export]'"
+
+
+class ExportError(ValueError):
+    """A model that cannot be exported in the asked format (names the format and why)."""
+
+
+def describe(trained: Any, fmt: str, *, antialias: bool = True, platforms=None) -> dict:
+    """`model.json`: what the artifact of `fmt` takes and returns, classes, preprocessing."""
+    import jax
+
+    res = int(trained.crop)
+    model_input = {
+        "name": "images" if fmt == "onnx" else "inputs",
+        "shape": ["batch", res, res, 3],
+        "dtype": "float32",
+        "range": [-1.0, 1.0],
+        "layout": "NHWC",
+    }
+    if fmt == "saved_model":
+        inputs = {
+            "name": "images",
+            "shape": ["batch", "height", "width", 3],
+            "dtype": "uint8",
+            "range": [0, 255],
+            "layout": "NHWC",
+        }
+        outputs = ["logits", "probabilities"]
+    else:
+        inputs, outputs = model_input, ["logits"]
+    meta = {
+        "format": fmt,
+        "input": inputs,
+        "outputs": {name: {"shape": ["batch", len(trained.class_names)]} for name in outputs},
+        "class_names": list(trained.class_names),
+        "resolution": res,
+        "preprocessing": {
+            "resize": int(trained.resize),
+            "crop": res,
+            "method": "bilinear",
+            "antialias": bool(antialias),
+            "value_range": [-1.0, 1.0],
+            "applied_inside": fmt == "saved_model",
+        },
+        "model": trained.model_config.to_dict(),
+        "vit_jax_version": _version("vit_jax"),
+        "jax_version": jax.__version__,
+    }
+    if fmt == "saved_model":
+        meta["model_input"] = model_input  # the `preprocessed` signature's input
+    if platforms and fmt != "onnx":
+        meta["platforms"] = list(platforms)
+    return meta
+
+
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _logits_fn(trained: Any) -> Callable:
+    """images float32 [b, res, res, 3] -> float32 logits; the parameters closed over."""
+    import jax.numpy as jnp
+
+    params = trained.params
+
+    def logits(images):
+        out = trained.model.apply({"params": params}, images, train=False)[0]
+        return out.astype(jnp.float32)
+
+    return logits
+
+
+def export_stablehlo(trained: Any, out: Path, *, platforms: Sequence[str]) -> list[str]:
+    """Writes `model.jax_exported` (batch size symbolic); returns the file names written."""
+    import jax
+    import jax.numpy as jnp
+
+    res = int(trained.crop)
+    (batch,) = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32)
+    exported = jax.export.export(jax.jit(_logits_fn(trained)), platforms=tuple(platforms))(spec)
+    (out / STABLEHLO_FILE).write_bytes(exported.serialize())
+    return [STABLEHLO_FILE]
+
+
+def export_saved_model(
+    trained: Any, out: Path, *, antialias: bool = True, platforms: Sequence[str]
+) -> list[str]:
+    """Writes a SavedModel into `out` (signatures `serving_default`, `preprocessed`,
+    `class_names`); the parameters are its variables, the forward pass one XlaCallModule op."""
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    from vit_jax.data import preprocess
+
+    res, resize = int(trained.crop), int(trained.resize)
+    names = list(trained.class_names)
+    apply = trained.model.apply
+    forward = jax2tf.convert(
+        lambda p, x: apply({"params": p}, x, train=False)[0].astype("float32"),
+        polymorphic_shapes=[None, f"(b, {res}, {res}, 3)"],
+        with_gradient=False,
+        native_serialization_platforms=tuple(platforms),
+    )
+    module = tf.Module()
+    module.params = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False), trained.params)
+    with tempfile.TemporaryDirectory() as tmp:
+        asset = Path(tmp) / CLASS_NAMES_ASSET
+        asset.write_text("".join(f"{n}\n" for n in names))
+        module.class_names_file = tf.saved_model.Asset(str(asset))
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, res, res, 3], tf.float32)], autograph=False
+        )
+        def preprocessed(inputs):
+            logits = forward(module.params, inputs)
+            return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)], autograph=False
+        )
+        def serving_default(images):
+            image = preprocess.eval_image(images, resize_to=resize, crop=res, antialias=antialias)
+            return preprocessed(preprocess.to_model_range(image))
+
+        @tf.function(input_signature=[], autograph=False)
+        def class_names():
+            return {"class_names": tf.constant(names, dtype=tf.string)}
+
+        module.serving_default, module.preprocessed = serving_default, preprocessed
+        module.class_names = class_names
+        signatures = {
+            "serving_default": serving_default,
+            "preprocessed": preprocessed,
+            "class_names": class_names,
+        }
+        tf.saved_model.save(module, str(out), signatures=signatures)
+    return ["saved_model.pb", "variables/", f"assets/{CLASS_NAMES_ASSET}"]
+
+
+@contextlib.contextmanager
+def _quiet_onnx_converter():
+    """jax2onnx prints conversion notes to stdout and warns about plugins for libraries we do not
+    use (and onnx_ir about shape-only helper values): within, those are dropped."""
+    loggers = [logging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
+def _check_onnx_installed() -> None:
+    try:
+        with _quiet_onnx_converter():
+            import jax2onnx  # noqa: F401
+            import onnx  # noqa: F401
+    except ImportError:
+        raise ExportError(ONNX_INSTALL_HINT) from None
+
+
+def export_onnx(trained: Any, out: Path, *, meta: dict) -> list[str]:
+    """Writes `model.onnx` (dynamic batch `batch`), `meta` and the class names in its
+    metadata_props."""
+    _check_onnx_installed()
+    import onnx
+    from jax2onnx import to_onnx
+
+    res = int(trained.crop)
+    with _quiet_onnx_converter():
+        proto = to_onnx(
+            _logits_fn(trained),
+            [("batch", res, res, 3)],
+            model_name="vit_jax",
+            input_names=["images"],
+            output_names=["logits"],
+        )
+    onnx.helper.set_model_props(
+        proto, {"class_names": json.dumps(meta["class_names"]), "vit_jax": json.dumps(meta)}
+    )
+    path = out / ONNX_FILE
+    try:
+        large = proto.ByteSize() > 2**31 - 2**26  # protobuf's 2 GiB limit, with room
+    except ValueError:
+        large = True
+    onnx.save_model(proto, str(path), save_as_external_data=large, location=ONNX_FILE + ".data")
+    return [ONNX_FILE] + ([ONNX_FILE + ".data"] if large else [])
+
+
+def export(
+    trained: Any,
+    fmt: str,
+    out: str | os.PathLike,
+    *,
+    antialias: bool = True,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> dict:
+    """Exports `trained` (a `vit_jax.inference.TrainedModel`) as `fmt` into the new directory
+    `out`; returns `model.json`'s content (with `files`: what was written).
+
+    The artifact is built in a temporary directory beside `out` and renamed into place, so a
+    failed export leaves nothing behind. Raises ExportError for an unknown format or an `out`
+    that exists and is not empty.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    out = Path(out)
+    check_out(out)
+    if fmt == "onnx":
+        _check_onnx_installed()
+    meta = describe(trained, fmt, antialias=antialias, platforms=platforms)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's is 0700; the artifact is an ordinary directory
+    try:
+        if fmt == "stablehlo":
+            files = export_stablehlo(trained, staging, platforms=platforms)
+        elif fmt == "saved_model":
+            files = export_saved_model(trained, staging, antialias=antialias, platforms=platforms)
+        else:
+            files = export_onnx(trained, staging, meta=meta)
+        meta["files"] = [*files, METADATA_JSON]
+        (staging / METADATA_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def check_out(out: Path) -> None:
+    """Refuses an `out` that is a file or a non-empty directory (nothing is overwritten)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "a file" if not out.is_dir() else "a directory that is not empty"
+        raise ExportError(f"--out {out} is {what}; give a new or empty directory")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog="python -m vit_jax.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="workdir, checkpoint, .npz, HF dir, timm")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="a new (or empty) directory")
+    p.add_argument("--model", help="zoo name, for files that don't record their model")
+    p.add_argument("--resolution", type=int, help="input size (default: the trained one)")
+    p.add_argument(
+        "--no-antialias",
+        dest="antialias",
+        action="store_false",
+        help="saved_model: plain bilinear downscaling (the reference pipeline's) in serving",
+    )
+    p.add_argument(
+        "--platforms",
+        default=",".join(DEFAULT_PLATFORMS),
+        help="stablehlo / saved_model: platforms to lower for (comma-separated)",
+    )
+    p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    platforms = tuple(x.strip() for x in args.platforms.split(",") if x.strip())
+    out = Path(args.out)
+    try:
+        check_out(out)
+        if args.format == "onnx":
+            _check_onnx_installed()
+    except ExportError as e:
+        return cli.fail(e, cli.EXIT_CONFIG)
+    from vit_jax import inference
+
+    try:
+        trained = inference.load_model(
+            args.checkpoint, model=args.model, resolution=args.resolution
+        )
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        return cli.fail(e, cli.EXIT_CONFIG)
+    try:
+        meta = export(trained, args.format, out, antialias=args.antialias, platforms=platforms)
+    except ExportError as e:
+        return cli.fail(e, cli.EXIT_CONFIG)
+    except Exception as e:  # a converter's failure: one line, not a traceback
+        return cli.fail(f"{args.format} export of {args.checkpoint} failed: {e}", cli.EXIT_RUNTIME)
+    shape = meta["input"]["shape"]
+    print(
+        f"wrote {out} ({args.format}: {', '.join(meta['files'])}; input {meta['input']['dtype']}"
+        f" [{', '.join(map(str, shape))}], {len(meta['class_names'])} classes)"
+    )
+    return cli.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
