@@ -6,7 +6,7 @@ import types
 import jax
 import pytest
 
-from vit_jax import checkpoint, models, sharding
+from vit_jax import models, sharding, weights
 
 TINY = dict(
     patches=dict(size=(4, 4)),
@@ -27,7 +27,7 @@ LEGACY_NO_DECAY_NAMES = ("bias", "scale", "pos_embedding", "cls", "dist", "probe
 
 def _paths(config, size=16):
     return list(
-        checkpoint.flatten(models.init_shapes(models.get_model(config, num_classes=5), size))
+        weights.flatten(models.init_shapes(models.get_model(config, num_classes=5), size))
     )
 
 
@@ -131,7 +131,7 @@ def _mesh(model=1, fsdp=1):
 
 def test_mixer_mlps_are_tensor_parallel():
     mesh = _mesh(model=2)
-    shapes = checkpoint.flatten(models.init_shapes(models.get_model(MIXER, num_classes=5), 16))
+    shapes = weights.flatten(models.init_shapes(models.get_model(MIXER, num_classes=5), 16))
     spec = lambda p: sharding.partition_spec(p, shapes[p].shape, mesh)
     assert spec("MixerBlock_0/token_mixing/Dense_0/kernel") == jax.P(None, "model")
     assert spec("MixerBlock_0/token_mixing/Dense_0/bias") == jax.P("model")
@@ -158,7 +158,7 @@ def test_mixer_mlps_are_tensor_parallel():
 
 def test_vit_rules_and_fsdp_unchanged():
     mesh = _mesh(model=2, fsdp=2)
-    shapes = checkpoint.flatten(models.init_shapes(models.get_model(TINY, num_classes=6), 16))
+    shapes = weights.flatten(models.init_shapes(models.get_model(TINY, num_classes=6), 16))
     block = "Transformer/encoderblock_0/"
     expected = {
         block + "MultiHeadDotProductAttention_1/query/kernel": jax.P("fsdp", "model", None),
