@@ -1,5 +1,6 @@
 """Model library: published parameter counts, shapes of every variant, layouts, dtypes, errors."""
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from vit_jax import models
 from vit_jax.models import vit as vit_lib
@@ -39,6 +41,14 @@ TINY = dict(
     patches=dict(size=(4, 4)),
     hidden_size=32,
     transformer=dict(mlp_dim=64, num_heads=4, num_layers=3),
+)
+MIXER = dict(
+    model_type="Mixer",
+    patches=dict(size=(4, 4)),
+    hidden_dim=32,
+    num_blocks=2,
+    tokens_mlp_dim=16,
+    channels_mlp_dim=64,
 )
 
 
@@ -327,6 +337,18 @@ def test_errors_are_one_clear_message():
     with pytest.raises(ValueError, match=r"classifier must be one of"):
         m = models.get_model(TINY, num_classes=10, classifier="cls")
         m.init(jax.random.key(0), _images(), train=False)
+    bad = dict(
+        posemb=("rope", r"posemb must be one of \('learn', 'sincos2d', 'none'\), got 'rope'"),
+        remat_policy=("dots", r"remat_policy 'dots' unknown; one of \['dots_saveable'"),
+        attention_implementation=("flash", r"attention_implementation must be one of"),
+    )
+    for field, (value, message) in bad.items():
+        m = models.get_model(TINY, num_classes=10, remat=True, **{field: value})
+        with pytest.raises(ValueError, match=message):
+            m.init(jax.random.key(0), _images(), train=False)
+    mixer = models.get_model(MIXER, num_classes=10, remat=True, remat_policy="dots")
+    with pytest.raises(ValueError, match=r"remat_policy 'dots' unknown"):
+        mixer.init(jax.random.key(0), _images(), train=False)
 
 
 def test_zoo_cli_lists_counts():
@@ -367,9 +389,12 @@ def test_layer_scale_parameters_count_and_init():
 def test_layer_scale_scales_each_branch_per_channel():
     """y = x + s1 * attn(LN(x)) (then + s3 * mlp(LN(.))): identity at 0, the plain block at 1."""
     x = jax.random.normal(jax.random.key(0), (2, 5, 32))
-    kw = dict(mlp_dim=64, num_heads=4)
+    kw = dict(
+        attention=functools.partial(vit_lib.MultiHeadAttention, num_heads=4),
+        mlp=functools.partial(vit_lib.MlpBlock, 64),
+    )
     plain = vit_lib.Encoder1DBlock(**kw)
-    scaled = vit_lib.Encoder1DBlock(**kw, layer_scale_init=1.0)
+    scaled = vit_lib.Encoder1DBlock(**kw, layer_scale=functools.partial(vit_lib.LayerScale, 1.0))
     params = _randomize(scaled.init(jax.random.key(1), x, 0.0, True)["params"])
     run = lambda s1, s3: scaled.apply(
         {"params": dict(params, LayerScale_1={"scale": s1}, LayerScale_3={"scale": s3})},
@@ -387,3 +412,35 @@ def test_layer_scale_scales_each_branch_per_channel():
     branch = run(ones, zeros) - x
     assert float(jnp.abs(branch).max()) > 0.1
     np.testing.assert_allclose(run(s1, zeros) - x, s1 * branch, atol=1e-5)
+
+
+def test_layers_are_bound_once_and_the_block_is_pluggable():
+    """`layers()` binds the options into the constructors; `block_cls` swaps the block."""
+    model = models.get_model(
+        TINY, num_classes=5, dtype="bfloat16", layernorm_epsilon=1e-5, gelu_approximate=False
+    )
+    parts = model.layers()
+    dense, norm = parts.dense(3), parts.norm()
+    assert (dense.dtype, dense.param_dtype) == (jnp.bfloat16, jnp.float32)
+    assert (norm.epsilon, norm.dtype) == (1e-5, jnp.bfloat16)
+    assert parts.attention().num_heads == 4 and parts.attention().dtype == jnp.bfloat16
+    mlp = parts.mlp()
+    assert mlp.mlp_dim == 64 and mlp.dense is parts.dense
+    x = jnp.linspace(-3, 3, 7)
+    np.testing.assert_array_equal(mlp.act(x), jax.nn.gelu(x, approximate=False))
+    assert vit_lib.CLASSIFIERS == tuple(vit_lib.POOLINGS)
+    assert tuple(vit_lib.POSITION_EMBEDDINGS) == ("learn", "sincos2d", "none")
+
+    class MlpOnlyBlock(vit_lib.Encoder1DBlock):
+        @nn.compact
+        def __call__(self, x, drop_rate, deterministic):
+            y = self.mlp(name="MlpBlock_3")(self.norm(name="LayerNorm_2")(x), deterministic=True)
+            return x + y, None
+
+    for scan in (False, True):
+        base = models.get_model(TINY, num_classes=5, scan=scan)
+        custom = base.clone(block_cls=MlpOnlyBlock)
+        params = _init(custom, _images())
+        block = params["Transformer"]["encoderblock" if scan else "encoderblock_1"]
+        assert set(block) == {"LayerNorm_2", "MlpBlock_3"}
+        assert _logits(custom, _randomize(params), _images(), train=False).shape == (2, 5)

@@ -7,6 +7,8 @@ import json
 
 from vit_jax.models import zoo
 
+__all__ = ["main"]
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vit_jax.models", description=__doc__)

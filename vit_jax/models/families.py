@@ -116,18 +116,21 @@ def register_family(family: Family) -> Family:
 
 
 def known_families() -> list[str]:
-    """The registered `model_type`s."""
+    """The registered `model_type`s: the default one (ViT) first, then in registration order.
+
+    A fixed order, whichever module was imported first (errors, sharding rules, layouts).
+    """
     _load_builtin()
-    return list(_REGISTRY)
+    default = COMMON_DEFAULTS["model_type"]
+    return sorted(_REGISTRY, key=lambda name: name != default)
 
 
 def get_family(model_type: str) -> Family:
     """The family registered as `model_type`; an error listing the known ones."""
     _load_builtin()
     if model_type not in _REGISTRY:
-        raise ValueError(
-            f"unknown model_type {model_type!r}; known: {', '.join(repr(k) for k in _REGISTRY)}"
-        )
+        known = ", ".join(repr(k) for k in known_families())
+        raise ValueError(f"unknown model_type {model_type!r}; known: {known}")
     return _REGISTRY[model_type]
 
 

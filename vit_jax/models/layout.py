@@ -17,6 +17,8 @@ import numpy as np
 
 from vit_jax.models import families
 
+__all__ = ["block_names", "is_stacked", "stack_layers", "unstack_layers"]
+
 
 def block_names() -> tuple[str, ...]:
     """The scanned-block names of the registered families (`encoderblock`, `MixerBlock`, ...)."""

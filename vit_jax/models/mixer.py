@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -9,40 +10,31 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vit_jax.models import families, precision
-from vit_jax.models.vit import REMAT_POLICIES, MlpBlock
+from vit_jax.models import families, layers, precision
+from vit_jax.models.layers import MlpBlock, ModuleDef
+
+__all__ = ["FAMILY", "MixerBlock", "MlpMixer", "build"]
 
 
 class MixerBlock(nn.Module):
-    """Token mixing across patches, then channel mixing, each pre-LN with a residual."""
+    """Token mixing across patches, then channel mixing, each pre-LN with a residual.
+
+    `mlp(features, name=...)` and `norm(name=...)` are constructors bound once by `MlpMixer`.
+    """
 
     tokens_mlp_dim: int
     channels_mlp_dim: int
-    gelu_approximate: bool = True
-    layernorm_epsilon: float = 1e-6
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    mlp: ModuleDef = MlpBlock
+    norm: ModuleDef = functools.partial(nn.LayerNorm, epsilon=1e-6)
 
     @nn.compact
     def __call__(self, x: jax.Array, _: Any = None):
-        norm = lambda name: nn.LayerNorm(
-            epsilon=self.layernorm_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
-        mlp = lambda dim, name: MlpBlock(
-            dim,
-            gelu_approximate=self.gelu_approximate,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
-        y = jnp.swapaxes(norm("LayerNorm_0")(x), 1, 2)
-        y = mlp(self.tokens_mlp_dim, "token_mixing")(y, deterministic=True)
+        y = jnp.swapaxes(self.norm(name="LayerNorm_0")(x), 1, 2)
+        y = self.mlp(self.tokens_mlp_dim, name="token_mixing")(y, deterministic=True)
         x = x + jnp.swapaxes(y, 1, 2)
-        y = norm("LayerNorm_1")(x)
-        return x + mlp(self.channels_mlp_dim, "channel_mixing")(y, deterministic=True), None
+        y = self.norm(name="LayerNorm_1")(x)
+        y = self.mlp(self.channels_mlp_dim, name="channel_mixing")(y, deterministic=True)
+        return x + y, None
 
 
 class MlpMixer(nn.Module):
@@ -73,18 +65,23 @@ class MlpMixer(nn.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """`(logits, out)` as `VisionTransformer`: `out` holds `stem`, `encoded`, `pre_logits`."""
         del train, return_intermediates  # no dropout; no per-block intermediates recorded
-        ph, pw = self.patch_size
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be NHWC with 3 channels, got shape {images.shape}")
-        if images.shape[1] % ph or images.shape[2] % pw:
-            raise ValueError(
-                f"image size {images.shape[1]}x{images.shape[2]} is not divisible by the patch"
-                f" size {ph}x{pw}"
-            )
+        self._check_inputs(images)
+        dense = functools.partial(
+            nn.Dense,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            **precision.dense_kwargs(self.dtype),
+        )
+        norm = functools.partial(
+            nn.LayerNorm,
+            epsilon=self.layernorm_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         x = nn.Conv(
             self.hidden_dim,
-            (ph, pw),
-            strides=(ph, pw),
+            tuple(self.patch_size),
+            strides=tuple(self.patch_size),
             padding="VALID",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -93,50 +90,53 @@ class MlpMixer(nn.Module):
         )(images.astype(self.dtype))
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         out = {"stem": x}
-        kwargs = dict(
-            tokens_mlp_dim=self.tokens_mlp_dim,
-            channels_mlp_dim=self.channels_mlp_dim,
-            gelu_approximate=self.gelu_approximate,
-            layernorm_epsilon=self.layernorm_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        block = MixerBlock
-        if self.remat:
-            block = nn.remat(
-                block, prevent_cse=not self.scan, policy=REMAT_POLICIES[self.remat_policy]
-            )
-        if self.scan:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                length=self.num_blocks,
-            )
-            x, _ = stack(name="MixerBlock", **kwargs)(x, None)
-        else:
-            for i in range(self.num_blocks):
-                x, _ = block(name=f"MixerBlock_{i}", **kwargs)(x)
-        x = nn.LayerNorm(
-            epsilon=self.layernorm_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="pre_head_layer_norm",
-        )(x)
+        mlp = functools.partial(MlpBlock, dense=dense, act=layers.gelu(self.gelu_approximate))
+        x = self._blocks(functools.partial(MixerBlock, mlp=mlp, norm=norm), x)
+        x = norm(name="pre_head_layer_norm")(x)
         out["encoded"] = x
         x = jnp.mean(x, axis=1)
         out["pre_logits"] = x
         if self.num_classes:
-            x = nn.Dense(
+            x = dense(
                 self.num_classes,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                **precision.dense_kwargs(self.dtype),
                 kernel_init=nn.initializers.zeros,
                 bias_init=nn.initializers.constant(self.head_bias_init),
                 name="head",
             )(x)
         return x.astype(jnp.float32), out
+
+    @nn.nowrap
+    def _check_inputs(self, images: jax.Array) -> None:
+        """Errors that name the offending shape, before any layer is built."""
+        ph, pw = self.patch_size
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be NHWC with 3 channels, got shape {images.shape}")
+        if images.shape[1] % ph or images.shape[2] % pw:
+            raise ValueError(
+                f"image size {images.shape[1]}x{images.shape[2]} is not divisible by the patch"
+                f" size {ph}x{pw}"
+            )
+
+    @nn.nowrap
+    def _blocks(self, block: layers.ModuleDef, x: jax.Array) -> jax.Array:
+        """`num_blocks` blocks: `MixerBlock_{i}`, or one scanned `MixerBlock` (stacked params)."""
+        block = functools.partial(
+            block, tokens_mlp_dim=self.tokens_mlp_dim, channels_mlp_dim=self.channels_mlp_dim
+        )
+        if self.remat:
+            block = layers.remat(block, self.remat_policy, scan=self.scan)
+        if self.scan:
+            stack = layers.lift(
+                block,
+                nn.scan,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.num_blocks,
+            )
+            return stack(name="MixerBlock")(x, None)[0]
+        for i in range(self.num_blocks):
+            x, _ = block(name=f"MixerBlock_{i}")(x)
+        return x
 
 
 # --- The Mixer family: config defaults, builder and layout facts (see `vit_jax.models.families`).

@@ -32,6 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+__all__ = [
+    "ACCUMULATION_DTYPE",
+    "backward_operand_dtype",
+    "conv_general_dilated",
+    "conv_kwargs",
+    "dense_kwargs",
+    "describe",
+    "dot_general",
+    "is_mixed",
+]
+
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], ...]]
 
 ACCUMULATION_DTYPE = jnp.float32

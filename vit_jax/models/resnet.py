@@ -6,6 +6,7 @@ Parameter names follow the published hybrid checkpoints: `conv_root`, `gn_root`,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -13,6 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax.models import precision
+
+__all__ = ["ResNetStage", "ResidualUnit", "StdConv", "resnet_stem", "weight_standardize"]
+
+ModuleDef = Any  # a Module class or a functools.partial of one
 
 WS_EPSILON = 1e-5
 
@@ -36,36 +41,28 @@ class StdConv(nn.Conv):
 
 
 class ResidualUnit(nn.Module):
-    """Bottleneck unit (1x1 -> 3x3 -> 1x1, 4x expansion) with a projection when shapes change."""
+    """Bottleneck unit (1x1 -> 3x3 -> 1x1, 4x expansion) with a projection when shapes change.
+
+    `conv(features, kernel_size, strides=..., name=...)` and `norm(name=...)` are constructors
+    (`StdConv` / `nn.GroupNorm` bound to the dtypes by `resnet_stem`).
+    """
 
     features: int
     strides: tuple[int, int] = (1, 1)
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    conv: ModuleDef = functools.partial(StdConv, use_bias=False)
+    norm: ModuleDef = nn.GroupNorm
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = lambda f, k, s, name: StdConv(
-            f,
-            k,
-            strides=s,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            **precision.conv_kwargs(self.dtype),
-            name=name,
-        )
-        gn = lambda name, **kw: nn.GroupNorm(
-            dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw
-        )
+        conv, gn = self.conv, self.norm
         residual = x
         if x.shape[-1] != self.features * 4 or self.strides != (1, 1):
-            residual = conv(self.features * 4, (1, 1), self.strides, "conv_proj")(residual)
-            residual = gn("gn_proj")(residual)
-        y = nn.relu(gn("gn1")(conv(self.features, (1, 1), (1, 1), "conv1")(x)))
-        y = nn.relu(gn("gn2")(conv(self.features, (3, 3), self.strides, "conv2")(y)))
-        y = gn("gn3", scale_init=nn.initializers.zeros)(
-            conv(self.features * 4, (1, 1), (1, 1), "conv3")(y)
+            residual = conv(self.features * 4, (1, 1), self.strides, name="conv_proj")(residual)
+            residual = gn(name="gn_proj")(residual)
+        y = nn.relu(gn(name="gn1")(conv(self.features, (1, 1), (1, 1), name="conv1")(x)))
+        y = nn.relu(gn(name="gn2")(conv(self.features, (3, 3), self.strides, name="conv2")(y)))
+        y = gn(name="gn3", scale_init=nn.initializers.zeros)(
+            conv(self.features * 4, (1, 1), (1, 1), name="conv3")(y)
         )
         return nn.relu(residual + y)
 
@@ -76,19 +73,13 @@ class ResNetStage(nn.Module):
     depth: int
     features: int
     first_stride: tuple[int, int] = (1, 1)
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    unit: ModuleDef = ResidualUnit
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.depth):
-            x = ResidualUnit(
-                self.features,
-                strides=self.first_stride if i == 0 else (1, 1),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"unit{i + 1}",
-            )(x)
+            strides = self.first_stride if i == 0 else (1, 1)
+            x = self.unit(self.features, strides=strides, name=f"unit{i + 1}")(x)
         return x
 
 
@@ -105,27 +96,27 @@ def resnet_stem(
     Call it inside a parent's `nn.compact` method: the layers it creates belong to the parent, so
     their parameters sit at the top level of the tree as in the published hybrid checkpoints.
     `num_layers=()` is the root only (R+ViT-Ti_16); every stage after the first halves the size.
+    The dtypes are bound once here into the `conv` / `norm` constructors the units are built from.
     """
-    width = int(64 * width_factor)
-    x = StdConv(
-        width,
-        (7, 7),
-        strides=(2, 2),
+    conv = functools.partial(
+        StdConv,
         use_bias=False,
         dtype=dtype,
         param_dtype=param_dtype,
         **precision.conv_kwargs(dtype),
-        name="conv_root",
-    )(x)
-    x = nn.relu(nn.GroupNorm(dtype=dtype, param_dtype=param_dtype, name="gn_root")(x))
+    )
+    norm = functools.partial(nn.GroupNorm, dtype=dtype, param_dtype=param_dtype)
+    unit = functools.partial(ResidualUnit, conv=conv, norm=norm)
+    width = int(64 * width_factor)
+    x = conv(width, (7, 7), strides=(2, 2), name="conv_root")(x)
+    x = nn.relu(norm(name="gn_root")(x))
     x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
     for stage, depth in enumerate(num_layers):
         x = ResNetStage(
             depth,
             width * 2**stage,
             first_stride=(2, 2) if stage else (1, 1),
-            dtype=dtype,
-            param_dtype=param_dtype,
+            unit=unit,
             name=f"block{stage + 1}",
         )(x)
     return x

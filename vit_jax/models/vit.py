@@ -1,15 +1,22 @@
 """Vision Transformer (ViT) in Flax linen, with the published checkpoints' parameter names.
 
-The parameter tree matches the published `.npz` layout (see `vit_jax.checkpoint`): `embedding`,
+The parameter tree matches the published `.npz` layout (see `vit_jax.weights`): `embedding`,
 `cls`, `Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_{i}/...`,
 `Transformer/encoder_norm`, `pre_logits`, `head`. With `scan=True` the blocks are stacked under
 `Transformer/encoderblock` with a leading depth axis (`vit_jax.models.layout` converts). A DeiT
 distillation token (`distillation_token=True`) adds `dist` and `head_dist`.
+
+The model is assembled from constructors bound once to its options (`ViTLayers`: `dense`,
+`norm`, `attention`, `mlp`), as flax's `examples/imagenet/models.py` does: the block
+(`block_cls`, default `Encoder1DBlock`), the position embedding (`POSITION_EMBEDDINGS`) and the
+pooling (`POOLINGS`) are sub-modules chosen by name from the config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -18,18 +25,42 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax.models import families, precision, resnet
+from vit_jax.models import families, layers, precision, resnet
+from vit_jax.models.attention import ATTENTION_IMPLEMENTATIONS, MultiHeadAttention
+from vit_jax.models.layers import REMAT_POLICIES, LayerScale, MlpBlock, ModuleDef, drop_path
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "CLASSIFIERS",
+    "FAMILY",
+    "POOLINGS",
+    "POSITION_EMBEDDINGS",
+    "REMAT_POLICIES",
+    "AddPositionEmbs",
+    "Encoder",
+    "Encoder1DBlock",
+    "GlobalAveragePool",
+    "LayerScale",
+    "MAPHead",
+    "MlpBlock",
+    "MultiHeadAttention",
+    "NoPositionEmbedding",
+    "SinCos2DPositionEmbedding",
+    "TokenPool",
+    "Unpooled",
+    "ViTLayers",
+    "VisionTransformer",
+    "build",
+    "drop_path",
+    "num_prefix_tokens",
+    "patch_stride",
+    "sincos2d_posemb",
+]
 
 Array = jax.Array
 F32 = jnp.float32
 Dtype = Any
-
-REMAT_POLICIES = {
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-}
+LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
 
 
 def sincos2d_posemb(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.0):
@@ -48,238 +79,78 @@ def sincos2d_posemb(grid_h: int, grid_w: int, width: int, temperature: float = 1
     return jnp.asarray(table[None], jnp.float32)
 
 
-class MlpBlock(nn.Module):
-    """Transformer MLP: Dense -> GELU -> dropout -> Dense -> dropout."""
+@dataclasses.dataclass(frozen=True)
+class ViTLayers:
+    """The layer constructors a ViT is built from, bound once to its options.
 
-    mlp_dim: int
-    dropout_rate: float = 0.0
-    gelu_approximate: bool = True
+    `dense(features, name=...)` and `norm(name=...)` carry the compute / parameter dtypes, the
+    precision policy and the LayerNorm epsilon; `attention(name=...)` is a `MultiHeadAttention`
+    with the heads and core chosen; `mlp(name=...)` an `MlpBlock` with its width and GELU.
+    """
+
+    dense: ModuleDef
+    norm: ModuleDef
+    attention: ModuleDef
+    mlp: ModuleDef
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool) -> Array:
-        dense = functools.partial(
-            nn.Dense,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            **precision.dense_kwargs(self.dtype),
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.normal(stddev=1e-6),
-        )
-        out_dim = x.shape[-1]
-        x = dense(self.mlp_dim, name="Dense_0")(x)
-        x = nn.gelu(x, approximate=self.gelu_approximate)
-        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-        x = dense(out_dim, name="Dense_1")(x)
-        return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
 
-
-class ProjectionParams(nn.Module):
-    """The `kernel` (D, *features) and `bias` (*features) of a DenseGeneral, without applying it.
-
-    Initialised like `nn.DenseGeneral` (the kernel_init sees the flattened (D, prod(features))
-    shape), so a fused projection has the same parameters, names and init as three Dense layers.
-    """
-
-    features: tuple[int, ...]
-    kernel_init: Any
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, in_features: int) -> tuple[Array, Array]:
-        flat = (in_features, int(np.prod(self.features)))
-        init = lambda key, shape, dtype: self.kernel_init(key, flat, dtype).reshape(shape)
-        kernel = self.param("kernel", init, (in_features, *self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, self.features, self.param_dtype)
-        return kernel, bias
-
-
-ATTENTION_IMPLEMENTATIONS = (None, "explicit", "xla", "cudnn")
-
-
-class MultiHeadAttention(nn.Module):
-    """Multi-head attention with the published parameter layout.
-
-    `query`, `key`, `value` kernels are (D, heads, head_dim), `out` is (heads, head_dim, D), the
-    layout of `flax.linen.MultiHeadDotProductAttention`. The core is `implementation`:
-    `'explicit'` (heads-major matmuls under the precision policy, softmax in float32; the weights
-    can be returned and dropped out), `'xla'` / `'cudnn'` (`jax.nn.dot_product_attention`, e.g.
-    cuDNN flash attention on GPU), or None: `jax.nn.dot_product_attention` on GPU, explicit
-    elsewhere. Attention weights or attention dropout always take the explicit core.
-    """
-
-    num_heads: int
-    dropout_rate: float = 0.0
-    implementation: str | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Any = nn.initializers.xavier_uniform()
-    fuse_qkv: bool = True  # self-attention: q, k, v in one matmul
-
-    @nn.compact
-    def __call__(
-        self,
-        inputs_q: Array,
-        inputs_kv: Array,
-        *,
-        deterministic: bool,
-        return_weights: bool = False,
-    ) -> tuple[Array, Array | None]:
-        if self.implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
-                f"got {self.implementation!r}"
-            )
-        width = inputs_q.shape[-1]
-        if width % self.num_heads:
-            raise ValueError(f"hidden size {width} is not divisible by num_heads={self.num_heads}")
-        head_dim = width // self.num_heads
-        dot = precision.dot_general(self.dtype)
-        cast = lambda t: t.astype(self.dtype)
-        params = lambda name: ProjectionParams(
-            (self.num_heads, head_dim), self.kernel_init, self.param_dtype, name=name
-        )(width)
-
-        def project(x: Array, kernel: Array, bias: Array) -> Array:
-            """(B, N, D) x (D, ..., H, hd) -> heads-major (..., B, H, N, hd)."""
-            y = dot(cast(x), kernel, (((2,), (0,)), ((), ())))  # (B, N, ..., H, hd)
-            y = y + cast(bias)
-            return jnp.moveaxis(y, (0, 1), (-4, -2))
-
-        with jax.named_scope("qkv"):  # names the ops for profiles
-            if inputs_q is inputs_kv and self.fuse_qkv:
-                # Self-attention: one matmul against the three kernels side by side (same params).
-                kernels, biases = zip(*(params(n) for n in ("query", "key", "value")), strict=True)
-                q, k, v = project(inputs_q, jnp.stack(kernels, axis=1), jnp.stack(biases))
-            else:
-                q = project(inputs_q, *params("query"))
-                k = project(inputs_kv, *params("key"))
-                v = project(inputs_kv, *params("value"))
-        use_dropout = self.dropout_rate > 0.0 and not deterministic
-        library = self.implementation in ("xla", "cudnn") or (
-            self.implementation is None and jax.default_backend() == "gpu"
-        )
-        weights = None
-        with jax.named_scope("core"):  # names the ops for profiles
-            if return_weights or use_dropout or not library:
-                # Heads-major operands: the batched matmuls see (B, H) as leading batch
-                # dimensions, which XLA:CPU runs without layout copies. Scores and softmax in
-                # float32; the 1/sqrt(head_dim) scale on the (smaller) queries.
-                q = q * np.asarray(1 / np.sqrt(head_dim), q.dtype)
-                scores = dot(q, k, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=F32)
-                weights = jax.nn.softmax(scores, axis=-1)
-                probs = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
-                y = dot(cast(probs), v, (((3,), (2,)), ((0, 1), (0, 1))))  # (B, H, N, hd)
-                y = jnp.swapaxes(y, 1, 2)
-                weights = weights if return_weights else None
-            else:
-                bnhd = lambda t: jnp.swapaxes(t, 1, 2)
-                y = jax.nn.dot_product_attention(
-                    bnhd(q), bnhd(k), bnhd(v), implementation=self.implementation
-                )
-        out = nn.DenseGeneral(
-            features=width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            **precision.dense_kwargs(self.dtype),
-            kernel_init=self.kernel_init,
-            name="out",
-        )(y)
-        return out, weights
-
-
-def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
-    """Stochastic depth: zero whole examples' residual branch with probability `rate`."""
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
-
-
-class LayerScale(nn.Module):
-    """A learned per-channel scale (`scale`, shape (D,)) initialised to `init_value` (CaiT)."""
-
-    init_value: float
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        init = nn.initializers.constant(self.init_value)
-        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
-        return x * scale.astype(x.dtype)
+# --- Blocks.
 
 
 class Encoder1DBlock(nn.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
 
-    With `layer_scale_init` set, each branch is scaled per channel before the residual add
-    (`LayerScale_1` after attention, `LayerScale_3` after the MLP; timm / DeiT-III / DINOv2), and
-    stochastic depth drops the scaled branch.
+    `attention`, `mlp` and `norm` are constructors (`ViTLayers`). With `layer_scale` (e.g.
+    `functools.partial(LayerScale, 1e-5)`), each branch is scaled per channel before the residual
+    add (`LayerScale_1` after attention, `LayerScale_3` after the MLP; timm / DeiT-III / DINOv2),
+    and stochastic depth drops the scaled branch.
     """
 
-    mlp_dim: int
-    num_heads: int
+    attention: ModuleDef
+    mlp: ModuleDef
+    norm: ModuleDef = LayerNorm
     dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    gelu_approximate: bool = True
-    layernorm_epsilon: float = 1e-6
-    attention_implementation: str | None = None
     stochastic_depth: bool = False
-    layer_scale_init: float | None = None
+    layer_scale: ModuleDef | None = None
     return_intermediates: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, drop_rate: Array | float, deterministic: bool):
-        norm = functools.partial(
-            nn.LayerNorm,
-            epsilon=self.layernorm_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-
         def residual(branch, name):
-            if self.layer_scale_init is not None:
-                branch = LayerScale(self.layer_scale_init, self.param_dtype, name=name)(branch)
+            if self.layer_scale is not None:
+                branch = self.layer_scale(name=name)(branch)
             if deterministic or not self.stochastic_depth:
                 return branch
             return drop_path(branch, drop_rate, self.make_rng("dropout"))
 
-        y = norm(name="LayerNorm_0")(x)
-        y, weights = MultiHeadAttention(
-            num_heads=self.num_heads,
-            dropout_rate=self.attention_dropout_rate,
-            implementation=self.attention_implementation,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="MultiHeadDotProductAttention_1",
-        )(y, y, deterministic=deterministic, return_weights=self.return_intermediates)
+        y = self.norm(name="LayerNorm_0")(x)
+        y, weights = self.attention(name="MultiHeadDotProductAttention_1")(
+            y, y, deterministic=deterministic, return_weights=self.return_intermediates
+        )
         y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
         x = x + residual(y, "LayerScale_1")
-        y = norm(name="LayerNorm_2")(x)
-        y = MlpBlock(
-            mlp_dim=self.mlp_dim,
-            dropout_rate=self.dropout_rate,
-            gelu_approximate=self.gelu_approximate,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="MlpBlock_3",
-        )(y, deterministic=deterministic)
+        y = self.norm(name="LayerNorm_2")(x)
+        y = self.mlp(name="MlpBlock_3")(y, deterministic=deterministic)
         x = x + residual(y, "LayerScale_3")
         aux = {"tokens": x, "attention_weights": weights} if self.return_intermediates else None
         return x, aux
 
 
+# --- Position embeddings: `POSITION_EMBEDDINGS[config.posemb](dtype=..., param_dtype=...)`,
+# called `(tokens, grid)` with the prefix tokens first; each returns tokens + embeddings.
+
+
 class AddPositionEmbs(nn.Module):
-    """Adds learned position embeddings (1, tokens, width), initialised normal(0.02)."""
+    """Learned position embeddings (1, tokens, width), initialised normal(0.02) (`learn`)."""
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, grid: tuple[int, int]) -> Array:
+        del grid  # one slot per token, prefix tokens included
         shape = (1, x.shape[1], x.shape[2])
         pe = self.param(
             "pos_embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype
@@ -289,137 +160,167 @@ class AddPositionEmbs(nn.Module):
         return x + pe.astype(self.dtype)
 
 
-class Encoder(nn.Module):
-    """Position embeddings, dropout, `num_layers` blocks (unrolled or scanned), final LayerNorm."""
+class SinCos2DPositionEmbedding(nn.Module):
+    """The fixed `sincos2d_posemb` table over the grid; prefix tokens get none (`sincos2d`)."""
 
-    num_layers: int
-    mlp_dim: int
-    num_heads: int
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    stochastic_depth_rate: float = 0.0
-    layer_scale_init: float | None = None
-    posemb: str = "learn"
-    grid: tuple[int, int] = (0, 0)
-    num_prefix_tokens: int = 1
-    gelu_approximate: bool = True
-    layernorm_epsilon: float = 1e-6
-    attention_implementation: str | None = None
-    scan: bool = False
-    remat: bool = False
-    remat_policy: str = "nothing_saveable"
-    return_intermediates: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32  # no parameters; the common constructor signature
+
+    @nn.compact
+    def __call__(self, x: Array, grid: tuple[int, int]) -> Array:
+        table = sincos2d_posemb(*grid, x.shape[-1])
+        prefix = x.shape[1] - grid[0] * grid[1]
+        table = jnp.pad(table, ((0, 0), (prefix, 0), (0, 0)))
+        return x + table.astype(self.dtype)
+
+
+class NoPositionEmbedding(nn.Module):
+    """No position embedding (`none`)."""
+
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Array, *, train: bool):
-        if self.posemb == "learn":
-            x = AddPositionEmbs(
-                dtype=self.dtype, param_dtype=self.param_dtype, name="posembed_input"
-            )(x)
-        elif self.posemb == "sincos2d":
-            table = sincos2d_posemb(*self.grid, x.shape[-1])
-            table = jnp.pad(table, ((0, 0), (self.num_prefix_tokens, 0), (0, 0)))
-            x = x + table.astype(self.dtype)
-        elif self.posemb != "none":
-            raise ValueError(f"posemb must be 'learn', 'sincos2d' or 'none', got {self.posemb!r}")
-        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    def __call__(self, x: Array, grid: tuple[int, int]) -> Array:
+        del grid
+        return x
 
-        block_kwargs = dict(
-            mlp_dim=self.mlp_dim,
-            num_heads=self.num_heads,
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            gelu_approximate=self.gelu_approximate,
-            layernorm_epsilon=self.layernorm_epsilon,
-            attention_implementation=self.attention_implementation,
-            stochastic_depth=self.stochastic_depth_rate > 0,
-            layer_scale_init=self.layer_scale_init,
-            return_intermediates=self.return_intermediates,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        block = Encoder1DBlock
-        if self.remat:
-            if self.remat_policy not in REMAT_POLICIES:
-                raise ValueError(
-                    f"remat_policy {self.remat_policy!r} unknown; one of {sorted(REMAT_POLICIES)}"
-                )
-            block = nn.remat(
-                block,
-                prevent_cse=not self.scan,
-                static_argnums=(3,),  # (self, x, drop_rate, deterministic)
-                policy=REMAT_POLICIES[self.remat_policy],
-            )
+
+POSITION_EMBEDDINGS: dict[str, ModuleDef] = {
+    "learn": AddPositionEmbs,
+    "sincos2d": SinCos2DPositionEmbedding,
+    "none": NoPositionEmbedding,
+}
+
+
+class Encoder(nn.Module):
+    """Position embedding, dropout, `num_layers` blocks (unrolled or scanned), final norm.
+
+    `block(name=...)` builds one block, called `(x, drop_rate, deterministic) -> (x, aux)`;
+    `position_embedding(name='posembed_input')` is called `(x, grid)`.
+    """
+
+    num_layers: int
+    block: ModuleDef
+    norm: ModuleDef = LayerNorm
+    position_embedding: ModuleDef = AddPositionEmbs
+    dropout_rate: float = 0.0
+    stochastic_depth_rate: float = 0.0
+    scan: bool = False
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+
+    @nn.compact
+    def __call__(self, x: Array, *, grid: tuple[int, int], train: bool):
+        x = self.position_embedding(name="posembed_input")(x, grid)
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+        block = self.block
+        if self.remat:  # static: (self, x, drop_rate, deterministic)
+            block = layers.remat(block, self.remat_policy, scan=self.scan, static_argnums=(3,))
         # Stochastic depth grows linearly with depth (0 for the first block), as in DeiT / timm.
         rates = np.linspace(0.0, self.stochastic_depth_rate, self.num_layers, dtype=np.float32)
-        if self.scan:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast),
-                length=self.num_layers,
-            )
-            x, aux = stack(name="encoderblock", **block_kwargs)(x, jnp.asarray(rates), not train)
-        else:
-            auxes = []
-            for i in range(self.num_layers):
-                x, a = block(name=f"encoderblock_{i}", **block_kwargs)(
-                    x, float(rates[i]), not train
-                )
-                auxes.append(a)
-            aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] else None
-        x = nn.LayerNorm(
-            epsilon=self.layernorm_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="encoder_norm",
-        )(x)
-        return x, aux
+        stack = self._scanned if self.scan else self._unrolled
+        x, aux = stack(block, x, rates, not train)
+        return self.norm(name="encoder_norm")(x), aux
+
+    @nn.nowrap
+    def _scanned(self, block: ModuleDef, x: Array, rates: np.ndarray, deterministic: bool):
+        """One `encoderblock` scanned over depth: parameters stacked on a leading axis."""
+        stack = layers.lift(
+            block,
+            nn.scan,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast),
+            length=self.num_layers,
+        )
+        return stack(name="encoderblock")(x, jnp.asarray(rates), deterministic)
+
+    @nn.nowrap
+    def _unrolled(self, block: ModuleDef, x: Array, rates: np.ndarray, deterministic: bool):
+        """`encoderblock_{i}` one after another; the blocks' intermediates stacked on depth."""
+        auxes = []
+        for i in range(self.num_layers):
+            x, aux = block(name=f"encoderblock_{i}")(x, float(rates[i]), deterministic)
+            auxes.append(aux)
+        return x, (jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] else None)
+
+
+# --- Pooling: `POOLINGS[config.classifier](layers)` is a constructor; the pool is called
+# `(tokens, num_prefix_tokens)` and returns the representation the head sees.
+
+
+class TokenPool(nn.Module):
+    """The prefix tokens' outputs: (B, D) for the class token, (B, 2, D) with DeiT's `dist`."""
+
+    def __call__(self, x: Array, num_prefix_tokens: int) -> Array:
+        return x[:, 0] if num_prefix_tokens == 1 else x[:, :num_prefix_tokens]
+
+
+class GlobalAveragePool(nn.Module):
+    """The mean over all tokens (`gap`)."""
+
+    def __call__(self, x: Array, num_prefix_tokens: int) -> Array:
+        del num_prefix_tokens
+        return jnp.mean(x, axis=1)
+
+
+class Unpooled(nn.Module):
+    """Every token (`unpooled`, `token_unpooled`): per-token logits."""
+
+    def __call__(self, x: Array, num_prefix_tokens: int) -> Array:
+        del num_prefix_tokens
+        return x
 
 
 class MAPHead(nn.Module):
     """Multi-head attention pooling: a learned probe attends over the tokens (big_vision names)."""
 
-    num_heads: int
-    mlp_dim: int
-    gelu_approximate: bool = True
-    layernorm_epsilon: float = 1e-6
-    attention_implementation: str | None = None
+    attention: ModuleDef
+    mlp: ModuleDef
+    norm: ModuleDef = LayerNorm
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, num_prefix_tokens: int = 0) -> Array:
+        del num_prefix_tokens
         b, _, d = x.shape
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
         probe = jnp.tile(probe.astype(self.dtype), (b, 1, 1))
-        x, _ = MultiHeadAttention(
-            num_heads=self.num_heads,
-            implementation=self.attention_implementation,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="MultiHeadDotProductAttention_0",
-        )(probe, x, deterministic=True)
-        y = nn.LayerNorm(
-            epsilon=self.layernorm_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="LayerNorm_0",
-        )(x)
-        x = x + MlpBlock(
-            mlp_dim=self.mlp_dim,
-            gelu_approximate=self.gelu_approximate,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="MlpBlock_0",
-        )(y, deterministic=True)
+        x, _ = self.attention(name="MultiHeadDotProductAttention_0")(probe, x, deterministic=True)
+        y = self.norm(name="LayerNorm_0")(x)
+        x = x + self.mlp(name="MlpBlock_0")(y, deterministic=True)
         return x[:, 0]
 
 
-CLASSIFIERS = ("token", "gap", "map", "unpooled", "token_unpooled")
+def _map_head(parts: ViTLayers) -> ModuleDef:
+    return functools.partial(
+        MAPHead,
+        attention=parts.attention,
+        mlp=parts.mlp,
+        norm=parts.norm,
+        dtype=parts.dtype,
+        param_dtype=parts.param_dtype,
+        name="MAPHead_0",
+    )
+
+
+POOLINGS: dict[str, Callable[[ViTLayers], ModuleDef]] = {
+    "token": lambda parts: TokenPool,
+    "gap": lambda parts: GlobalAveragePool,
+    "map": _map_head,
+    "unpooled": lambda parts: Unpooled,
+    "token_unpooled": lambda parts: Unpooled,
+}
+CLASSIFIERS = tuple(POOLINGS)
+PREFIX_TOKEN_POOLINGS = ("token", "token_unpooled")  # the poolings that add a class token
+
+
+def num_prefix_tokens(classifier: str, distillation_token: bool) -> int:
+    """Tokens before the patch tokens: the class token, plus DeiT's distillation token."""
+    if classifier not in PREFIX_TOKEN_POOLINGS:
+        return 0
+    return 1 + int(bool(distillation_token))
 
 
 def patch_stride(
@@ -437,7 +338,7 @@ def patch_stride(
 
 
 class VisionTransformer(nn.Module):
-    """ViT (and R+ViT hybrids when `resnet` is set).
+    """ViT (and R+ViT hybrids when `resnet_num_layers` is set).
 
     `__call__(images, *, train, return_intermediates=False)`: images NHWC in [-1, 1]. Returns
     `(logits, out)`, float32 logits (the representation when `num_classes` is None/0) and a dict
@@ -449,6 +350,10 @@ class VisionTransformer(nn.Module):
     after `cls` (with its own position-embedding slot) and its own head `head_dist`. The logits
     are then the mean of the two heads' logits, and `out` also holds each head's logits,
     `logits_cls` and `logits_dist` (what distillation training reads).
+
+    The fields are the config's; `layers()` binds them into the constructors the sub-modules are
+    built from; `block_cls` replaces the transformer block (it receives `ViTLayers`' `norm`,
+    `attention`, `mlp` and the block options as keywords).
     """
 
     num_classes: int | None
@@ -476,10 +381,80 @@ class VisionTransformer(nn.Module):
     remat_policy: str = "nothing_saveable"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    block_cls: ModuleDef = Encoder1DBlock
 
     def stride(self) -> tuple[int, int]:
         """Input pixels per token along (height, width)."""
         return patch_stride(self.patch_size, self.resnet_num_layers)
+
+    @nn.nowrap
+    def layers(self) -> ViTLayers:
+        """The layer constructors, bound once to this model's dtypes, epsilon, GELU and heads."""
+        dense = functools.partial(
+            nn.Dense,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            **precision.dense_kwargs(self.dtype),
+        )
+        attention = functools.partial(
+            MultiHeadAttention,
+            num_heads=self.num_heads,
+            implementation=self.attention_implementation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        return ViTLayers(
+            dense=dense,
+            norm=functools.partial(
+                nn.LayerNorm,
+                epsilon=self.layernorm_epsilon,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            ),
+            attention=attention,
+            mlp=functools.partial(
+                MlpBlock, self.mlp_dim, dense=dense, act=layers.gelu(self.gelu_approximate)
+            ),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    @nn.nowrap
+    def encoder(self, parts: ViTLayers, return_intermediates: bool) -> Encoder:
+        """The `Transformer` sub-module: position embedding, blocks, final norm."""
+        if self.posemb not in POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"posemb must be one of {tuple(POSITION_EMBEDDINGS)}, got {self.posemb!r}"
+            )
+        layer_scale = None
+        if self.layer_scale_init is not None:
+            layer_scale = functools.partial(
+                LayerScale, self.layer_scale_init, param_dtype=self.param_dtype
+            )
+        block = functools.partial(
+            self.block_cls,
+            attention=functools.partial(parts.attention, dropout_rate=self.attention_dropout_rate),
+            mlp=functools.partial(parts.mlp, dropout_rate=self.dropout_rate),
+            norm=parts.norm,
+            dropout_rate=self.dropout_rate,
+            stochastic_depth=self.stochastic_depth_rate > 0,
+            layer_scale=layer_scale,
+            return_intermediates=return_intermediates,
+        )
+        return Encoder(
+            num_layers=self.num_layers,
+            block=block,
+            norm=parts.norm,
+            position_embedding=functools.partial(
+                POSITION_EMBEDDINGS[self.posemb], dtype=self.dtype, param_dtype=self.param_dtype
+            ),
+            dropout_rate=self.dropout_rate,
+            stochastic_depth_rate=self.stochastic_depth_rate,
+            scan=self.scan,
+            remat=self.remat,
+            remat_policy=self.remat_policy,
+            name="Transformer",
+        )
 
     @nn.compact
     def __call__(
@@ -489,7 +464,26 @@ class VisionTransformer(nn.Module):
         train: bool,
         return_intermediates: bool = False,
     ) -> tuple[Array, dict[str, Array]]:
-        if self.classifier not in CLASSIFIERS:
+        self._check_inputs(images)
+        parts = self.layers()
+        x = self._embed_patches(images)
+        n, gh, gw, c = x.shape
+        x = x.reshape(n, gh * gw, c)
+        out = {"stem": x}
+        x, prefix = self._add_prefix_tokens(x)
+        x, aux = self.encoder(parts, return_intermediates)(x, grid=(gh, gw), train=train)
+        out.update(aux or {})
+        out["encoded"] = x
+        x = POOLINGS[self.classifier](parts)()(x, prefix)
+        if self.representation_size is not None:
+            x = jnp.tanh(parts.dense(self.representation_size, name="pre_logits")(x))
+        out["pre_logits"] = x  # (B, 2, D) with a distillation token: cls, dist
+        return self._head(parts, x, out)
+
+    @nn.nowrap
+    def _check_inputs(self, images: Array) -> None:
+        """Errors that name the offending option or shape, before any layer is built."""
+        if self.classifier not in POOLINGS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
         if self.distillation_token and self.classifier != "token":
             raise ValueError(
@@ -504,6 +498,10 @@ class VisionTransformer(nn.Module):
                 f"image size {h}x{w} is not divisible by the model's patch stride {sh}x{sw}"
                 f" (patch size {self.patch_size[0]}x{self.patch_size[1]})"
             )
+
+    @nn.nowrap
+    def _embed_patches(self, images: Array) -> Array:
+        """The (hybrids: ResNet stem, then) patch conv `embedding`: (B, gh, gw, D)."""
         x = images.astype(self.dtype)
         if self.resnet_num_layers is not None:
             x = resnet.resnet_stem(
@@ -513,7 +511,7 @@ class VisionTransformer(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
             )
-        x = nn.Conv(
+        return nn.Conv(
             self.hidden_size,
             self.patch_size,
             strides=self.patch_size,
@@ -523,87 +521,40 @@ class VisionTransformer(nn.Module):
             **precision.conv_kwargs(self.dtype),
             name="embedding",
         )(x)
-        n, gh, gw, c = x.shape
-        x = x.reshape(n, gh * gw, c)
-        out = {"stem": x}
-        prefix = 0
-        if self.classifier in ("token", "token_unpooled"):
-            cls = self.param("cls", nn.initializers.zeros, (1, 1, c), self.param_dtype)
-            tokens = [cls]
-            if self.distillation_token:  # DeiT initialises it normal(0.02): distinct from cls
-                init = nn.initializers.normal(stddev=0.02)
-                tokens.append(self.param("dist", init, (1, 1, c), self.param_dtype))
-            prefix = len(tokens)
-            tokens = [jnp.tile(t.astype(x.dtype), (n, 1, 1)) for t in tokens]
-            x = jnp.concatenate([*tokens, x], axis=1)
-        x, aux = Encoder(
-            num_layers=self.num_layers,
-            mlp_dim=self.mlp_dim,
-            num_heads=self.num_heads,
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            stochastic_depth_rate=self.stochastic_depth_rate,
-            layer_scale_init=self.layer_scale_init,
-            posemb=self.posemb,
-            grid=(gh, gw),
-            num_prefix_tokens=prefix,
-            gelu_approximate=self.gelu_approximate,
-            layernorm_epsilon=self.layernorm_epsilon,
-            attention_implementation=self.attention_implementation,
-            scan=self.scan,
-            remat=self.remat,
-            remat_policy=self.remat_policy,
-            return_intermediates=return_intermediates,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="Transformer",
-        )(x, train=train)
-        if aux is not None:
-            out.update(aux)
-        out["encoded"] = x
-        if self.classifier == "token":
-            x = x[:, :prefix] if self.distillation_token else x[:, 0]  # (B, 2, D): cls, dist
-        elif self.classifier == "gap":
-            x = jnp.mean(x, axis=1)
-        elif self.classifier == "map":
-            x = MAPHead(
-                num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim,
-                gelu_approximate=self.gelu_approximate,
-                layernorm_epsilon=self.layernorm_epsilon,
-                attention_implementation=self.attention_implementation,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="MAPHead_0",
-            )(x)
-        if self.representation_size is not None:
-            x = nn.Dense(
-                self.representation_size,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                **precision.dense_kwargs(self.dtype),
-                name="pre_logits",
-            )(x)
-            x = jnp.tanh(x)
-        out["pre_logits"] = x  # (B, 2, D) with a distillation token: cls, dist
+
+    @nn.nowrap
+    def _add_prefix_tokens(self, x: Array) -> tuple[Array, int]:
+        """The learned `cls` (and DeiT's `dist`) tokens before the patch tokens; their count."""
+        if self.classifier not in PREFIX_TOKEN_POOLINGS:
+            return x, 0
+        n, _, c = x.shape
+        tokens = [self.param("cls", nn.initializers.zeros, (1, 1, c), self.param_dtype)]
+        if self.distillation_token:  # DeiT initialises it normal(0.02): distinct from cls
+            init = nn.initializers.normal(stddev=0.02)
+            tokens.append(self.param("dist", init, (1, 1, c), self.param_dtype))
+        tokens = [jnp.tile(t.astype(x.dtype), (n, 1, 1)) for t in tokens]
+        return jnp.concatenate([*tokens, x], axis=1), len(tokens)
+
+    @nn.nowrap
+    def _head(
+        self, parts: ViTLayers, x: Array, out: dict[str, Array]
+    ) -> tuple[Array, dict[str, Array]]:
+        """Zero-initialised `head` (DeiT: `head` on cls, `head_dist` on dist, logits averaged)."""
         if not self.num_classes:  # a feature extractor: the (mean of the tokens') representation
             x = jnp.mean(x, axis=1) if self.distillation_token else x
-            return x.astype(jnp.float32), out
+            return x.astype(F32), out
         head = functools.partial(
-            nn.Dense,
+            parts.dense,
             self.num_classes,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            **precision.dense_kwargs(self.dtype),
             kernel_init=nn.initializers.zeros,
             bias_init=nn.initializers.constant(self.head_bias_init),
         )
-        if self.distillation_token:
-            logits_cls = head(name="head")(x[:, 0]).astype(jnp.float32)
-            logits_dist = head(name="head_dist")(x[:, 1]).astype(jnp.float32)
-            out["logits_cls"], out["logits_dist"] = logits_cls, logits_dist
-            return (logits_cls + logits_dist) / 2, out
-        return head(name="head")(x).astype(jnp.float32), out
+        if not self.distillation_token:
+            return head(name="head")(x).astype(F32), out
+        logits_cls = head(name="head")(x[:, 0]).astype(F32)
+        logits_dist = head(name="head_dist")(x[:, 1]).astype(F32)
+        out["logits_cls"], out["logits_dist"] = logits_cls, logits_dist
+        return (logits_cls + logits_dist) / 2, out
 
 
 # --- The ViT family: config defaults, builder and layout facts (see `vit_jax.models.families`).
@@ -659,9 +610,7 @@ def config_stride(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 def config_num_prefix_tokens(config: ml_collections.ConfigDict) -> int:
     """Tokens before the patch tokens: the class token, plus DeiT's distillation token."""
-    if config.classifier not in ("token", "token_unpooled"):
-        return 0
-    return 1 + int(bool(config.distillation_token))
+    return num_prefix_tokens(config.classifier, bool(config.distillation_token))
 
 
 def build(config: ml_collections.ConfigDict, num_classes: int | None, **overrides: Any):

@@ -25,6 +25,24 @@ from vit_jax.models import vit as _vit_family  # noqa: F401
 
 ConfigLike = ml_collections.ConfigDict | Mapping[str, Any]
 
+__all__ = [
+    "AUGREG_NAMES",
+    "DEFAULT_RESOLUTION",
+    "MODEL_CONFIGS",
+    "count_params",
+    "get_config",
+    "get_family",
+    "get_model",
+    "init_shapes",
+    "list_models",
+    "logical_axes",
+    "no_decay_patterns",
+    "num_prefix_tokens",
+    "scan_block",
+    "stride",
+    "token_grid",
+]
+
 
 def _vit(name, patch, hidden, mlp, heads, layers, **extra):
     return dict(
