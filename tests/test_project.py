@@ -83,3 +83,42 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_library_modules_declare_their_public_surface():
+    """Every library module (not a CLI's `main` module) has `__all__`, naming only its own names;
+    no function runs over 60 lines unless its docstring says why (`Long: ...`)."""
+    import ast
+
+    problems = []
+    for path in sorted((ROOT / "vit_jax").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        defined = {
+            node.name
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.ImportFrom, ast.Import)):
+                targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+                defined |= {t.id for t in targets if isinstance(t, ast.Name)}
+                defined |= {(a.asname or a.name).split(".")[0] for a in getattr(node, "names", [])}
+        exported = None
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+            ):
+                exported = [ast.literal_eval(e) for e in node.value.elts]
+        is_cli = "main" in defined or path.name in ("__main__.py", "__init__.py")
+        if exported is None and not is_cli:
+            problems.append(f"{path.relative_to(ROOT)}: no __all__")
+        for name in exported or ():
+            if name not in defined:
+                problems.append(f"{path.relative_to(ROOT)}: __all__ names {name!r}, not defined")
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                doc = ast.get_docstring(node) or ""
+                if length > 60 and "Long:" not in doc:
+                    problems.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length}")
+    assert not problems, "\n".join(problems)

@@ -165,7 +165,10 @@ def run(
     model_overrides: dict[str, Any] | None = None,
     measure_peak: bool = True,
 ) -> dict[str, Any]:
-    """Benchmarks one configuration; returns the JSON record."""
+    """Benchmarks one configuration; returns the JSON record.
+
+    Long: the record's fields are listed here, in one place.
+    """
     compiled, one_step, compile_time = build_step(
         model_name,
         batch=batch,
@@ -271,7 +274,7 @@ def run_artifact(path: str, *, batch: int, steps: int = 10, warmup: int = 2) -> 
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def _flags(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m vit_jax.benchmark",
         description=__doc__,
@@ -298,7 +301,33 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def _print_artifact(r: dict[str, Any]) -> None:
+    print(
+        f"{r['artifact']} ({r['format']}, {r['runtime']}) inference batch {r['batch']} "
+        f"@{r['resolution']} on {r['cpu_count']} CPUs:\n"
+        f"  {r['img_per_sec']:.2f} img/s, step {r['step_time_s'] * 1e3:.1f} ms (median of "
+        f"{r['steps']}), load + first call {r['load_time_s']:.1f} s"
+    )
+
+
+def _print_run(r: dict[str, Any]) -> None:
+    print(
+        f"{r['model']} {r['mode']} batch {r['batch']} @{r['resolution']} {r['dtype']} on "
+        f"{r['device_count']}x {r['device_kind']} (jax {r['jax_version']}):\n"
+        f"  precision: {r['precision']}; attention: {r['attention']}\n"
+        f"  {r['img_per_sec']:.2f} img/s, step {r['step_time_s'] * 1e3:.1f} ms (median of "
+        f"{r['steps']}), compile {r['compile_time_s']:.1f} s\n"
+        f"  {r['model_flops_per_image'] / 1e9:.2f} GFLOP/image, MFU {r['mfu']:.1%} of a "
+        f"{r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s {r['dtype']} matmul peak, "
+        f"memory {r['peak_memory_bytes'] / 2**20:.0f} MiB"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _flags(argv)
     if args.artifact:
         try:
             r = run_artifact(args.artifact, batch=args.batch, steps=args.steps, warmup=args.warmup)
@@ -307,13 +336,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         if args.json:
             print(json.dumps(r))
-            return
-        print(
-            f"{r['artifact']} ({r['format']}, {r['runtime']}) inference batch {r['batch']} "
-            f"@{r['resolution']} on {r['cpu_count']} CPUs:\n"
-            f"  {r['img_per_sec']:.2f} img/s, step {r['step_time_s'] * 1e3:.1f} ms (median of "
-            f"{r['steps']}), load + first call {r['load_time_s']:.1f} s"
-        )
+        else:
+            _print_artifact(r)
         return
     overrides = {"scan": True} if args.scan else {}
     if args.remat:
@@ -336,17 +360,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if args.json:
         print(json.dumps(r))
-        return
-    print(
-        f"{r['model']} {r['mode']} batch {r['batch']} @{r['resolution']} {r['dtype']} on "
-        f"{r['device_count']}x {r['device_kind']} (jax {r['jax_version']}):\n"
-        f"  precision: {r['precision']}; attention: {r['attention']}\n"
-        f"  {r['img_per_sec']:.2f} img/s, step {r['step_time_s'] * 1e3:.1f} ms (median of "
-        f"{r['steps']}), compile {r['compile_time_s']:.1f} s\n"
-        f"  {r['model_flops_per_image'] / 1e9:.2f} GFLOP/image, MFU {r['mfu']:.1%} of a "
-        f"{r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s {r['dtype']} matmul peak, "
-        f"memory {r['peak_memory_bytes'] / 2**20:.0f} MiB"
-    )
+    else:
+        _print_run(r)
 
 
 if __name__ == "__main__":

@@ -329,6 +329,23 @@ def run_probe(
         "dim": int(x_train.shape[-1]),
         "image_size": int(config.pp.crop),
     }
+    results.update(_probes(methods, x_train, y_train, x_test, y_test, k, temperature, num_classes))
+    if trained.model.num_classes == num_classes and trained.recorded_class_names in (
+        None,
+        class_names,
+    ):
+        results["head"] = {"accuracy": splits["test"].head_correct / max(len(y_test), 1)}
+    if out:
+        _save(out, splits, class_names, results)
+        logging.info("features saved to %s", out)
+    return results
+
+
+def _probes(methods, x_train, y_train, x_test, y_test, k, temperature, num_classes) -> dict:
+    """{'knn': {...}, 'linear': {...}}: each probe in `methods`, with its test accuracy."""
+    from absl import logging
+
+    results: dict[str, Any] = {}
     if "knn" in methods:
         pred = knn_predict(
             x_train, y_train, x_test, k=k, temperature=temperature, num_classes=num_classes
@@ -344,14 +361,6 @@ def run_probe(
             "linear (ridge, alpha=%g chosen on held-out train): test accuracy %.4f",
             ridge["alpha"], acc,
         )  # fmt: skip
-    if trained.model.num_classes == num_classes and trained.recorded_class_names in (
-        None,
-        class_names,
-    ):
-        results["head"] = {"accuracy": splits["test"].head_correct / max(len(y_test), 1)}
-    if out:
-        _save(out, splits, class_names, results)
-        logging.info("features saved to %s", out)
     return results
 
 

@@ -30,7 +30,10 @@ DATASET_PRESETS = {
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Every trainer key with its default; named configs override what they need."""
+    """Every trainer key with its default; named configs override what they need.
+
+    Long: one assignment per key, in one place, is what makes this the schema.
+    """
     c = ml_collections.ConfigDict()
     # Model: a zoo name and its full config (overridable field by field).
     c.model_name = "ViT-B_16"

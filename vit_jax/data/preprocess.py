@@ -12,6 +12,20 @@ import tensorflow as tf
 from PIL import Image
 
 # Random resized crop ("inception crop") ranges, as in the reference vit_jax pipeline.
+__all__ = [
+    "INCEPTION_AREA_RANGE",
+    "INCEPTION_ASPECT_RANGE",
+    "central_crop",
+    "decode_image",
+    "eval_image",
+    "inception_crop",
+    "mixup_pairs",
+    "mixup_ratios",
+    "resize",
+    "to_model_range",
+    "train_image",
+]
+
 INCEPTION_AREA_RANGE = (0.05, 1.0)
 INCEPTION_ASPECT_RANGE = (3 / 4, 4 / 3)
 

@@ -103,22 +103,9 @@ def vit_facts(
     `image_size` defaults to the square grid the position embeddings hold.
     """
     config = models.get_config(model_config)
-    problems = []
-    if config.model_type != "ViT":
-        problems.append(f"model_type {config.model_type!r} (only ViT converts)")
-    else:
-        if config.resnet is not None:
-            problems.append("a ResNet stem (hybrid models)")
-        if config.posemb != "learn":
-            problems.append(f"posemb {config.posemb!r} (learned position embeddings only)")
-        if config.classifier not in classifiers:
-            problems.append(
-                f"classifier {config.classifier!r} (supported: {', '.join(classifiers)})"
-            )
-        if config.distillation_token and not distillation:
-            problems.append("a distillation token")
     flat = {k: np.asarray(v) for k, v in flatten(models.unstack_layers(params)).items()}
     num_classes = int(flat["head/kernel"].shape[-1]) if "head/kernel" in flat else None
+    problems = _architecture_problems(config, classifiers, distillation)
     if not layer_scale and (uses_layer_scale(config) or LAYER_SCALE_KEY in flat):
         problems.append(f"LayerScale ({LAYER_SCALE_KEY})")
     if config.get("representation_size") and (num_classes or not features_representation):
@@ -150,6 +137,22 @@ def vit_facts(
         num_prefix_tokens=prefix,
         num_classes=num_classes,
     )
+
+
+def _architecture_problems(config: Any, classifiers: tuple[str, ...], distillation: bool) -> list:
+    """What a PyTorch ViT format cannot express about `config` (empty when it can)."""
+    if config.model_type != "ViT":
+        return [f"model_type {config.model_type!r} (only ViT converts)"]
+    problems = []
+    if config.resnet is not None:
+        problems.append("a ResNet stem (hybrid models)")
+    if config.posemb != "learn":
+        problems.append(f"posemb {config.posemb!r} (learned position embeddings only)")
+    if config.classifier not in classifiers:
+        problems.append(f"classifier {config.classifier!r} (supported: {', '.join(classifiers)})")
+    if config.distillation_token and not distillation:
+        problems.append("a distillation token")
+    return problems
 
 
 def _image_size(
