@@ -69,12 +69,16 @@ def describe(trained: Any, fmt: str, *, antialias: bool = True, platforms=None) 
     """`model.json`: what the artifact of `fmt` takes and returns, classes, preprocessing."""
     import jax
 
+    from vit_jax.data import preprocess
+
     res = int(trained.crop)
+    norm = preprocess.normalization(**(trained.normalization or {}))
     model_input = {
         "name": "images" if fmt == "onnx" else "inputs",
         "shape": ["batch", res, res, 3],
         "dtype": "float32",
-        "range": [-1.0, 1.0],
+        "range": [-1.0, 1.0] if norm == preprocess.DEFAULT_NORMALIZATION else None,
+        "normalization": {k: list(v) for k, v in norm.items()},  # (pixel / 255 - mean) / std
         "layout": "NHWC",
     }
     if fmt == "saved_model":
@@ -99,7 +103,8 @@ def describe(trained: Any, fmt: str, *, antialias: bool = True, platforms=None) 
             "crop": res,
             "method": "bilinear",
             "antialias": bool(antialias),
-            "value_range": [-1.0, 1.0],
+            "value_range": model_input["range"],
+            "normalization": model_input["normalization"],
             "applied_inside": fmt == "saved_model",
         },
         "model": trained.model_config.to_dict(),
@@ -186,7 +191,7 @@ def export_saved_model(
         )
         def serving_default(images):
             image = preprocess.eval_image(images, resize_to=resize, crop=res, antialias=antialias)
-            return preprocessed(preprocess.to_model_range(image))
+            return preprocessed(preprocess.to_model_range(image, trained.normalization))
 
         @tf.function(input_signature=[], autograph=False)
         def class_names():

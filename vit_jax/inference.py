@@ -45,6 +45,19 @@ class TrainedModel:
     resize: int
     crop: int
     recorded_class_names: list[str] | None = None  # what the checkpoint says, None if nothing
+    normalization: dict | None = None  # {'mean', 'std'} the model's inputs were normalised with
+
+    def preprocess_file(self, path: str, *, antialias: bool = True) -> np.ndarray:
+        """An image file -> this model's input (eval resize and crop, its normalisation)."""
+        return preprocess_file(
+            path, resize=self.resize, crop=self.crop, antialias=antialias, norm=self.normalization
+        )
+
+    def preprocess_bytes(self, encoded: bytes, *, what: str = "image") -> np.ndarray:
+        """Encoded image bytes -> this model's input (see `preprocess_file`)."""
+        return preprocess_bytes(
+            encoded, resize=self.resize, crop=self.crop, what=what, norm=self.normalization
+        )
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self._logits_fn(self.params, images))
@@ -135,7 +148,8 @@ def load_model(
     module = models.get_model(config, num_classes=num_classes)
     target = models.init_shapes(module, (crop, crop))
     params = weights.fit(params, meta, config, target, image_size=(crop, crop), what=what)
-    return TrainedModel(module, params, config, names, resize, crop, recorded or None)
+    norm = meta.get("normalization")
+    return TrainedModel(module, params, config, names, resize, crop, recorded or None, norm)
 
 
 def _pair(size: Any) -> tuple[int, int] | None:
@@ -175,9 +189,12 @@ def _run_resize(path: str, crop: int) -> int:
     return crop
 
 
-def preprocess_file(path: str, *, resize: int, crop: int, antialias: bool = True) -> np.ndarray:
-    """An image file -> float32 (crop, crop, 3) in [-1, 1], as the eval pipeline does it
-    (`antialias`: see `vit_jax.data.preprocess.resize`).
+def preprocess_file(
+    path: str, *, resize: int, crop: int, antialias: bool = True, norm: dict | None = None
+) -> np.ndarray:
+    """An image file -> float32 (crop, crop, 3) model input, as the eval pipeline makes it
+    (`antialias`: see `vit_jax.data.preprocess.resize`; `norm`: the model's {'mean', 'std'},
+    default the published [-1, 1]).
 
     Raises ValueError naming the file when it cannot be read or decoded.
     """
@@ -187,7 +204,9 @@ def preprocess_file(path: str, *, resize: int, crop: int, antialias: bool = True
         encoded = tf.io.read_file(path)
     except (tf.errors.OpError, OSError) as e:
         raise ValueError(f"{path}: not a readable image ({_short(e)})") from None
-    return preprocess_bytes(encoded, resize=resize, crop=crop, what=path, antialias=antialias)
+    return preprocess_bytes(
+        encoded, resize=resize, crop=crop, what=path, antialias=antialias, norm=norm
+    )
 
 
 def preprocess_bytes(
@@ -197,13 +216,14 @@ def preprocess_bytes(
     crop: int,
     what: str = "image",
     antialias: bool = True,
+    norm: dict | None = None,
 ) -> np.ndarray:
     """Encoded image bytes -> float32 (crop, crop, 3) in [-1, 1]: `preprocess_file` without the
     file (the server's uploads). Raises ValueError naming `what` when they do not decode."""
     try:
         image = preprocess.decode_image(tf.convert_to_tensor(encoded, tf.string))
         image = preprocess.eval_image(image, resize_to=resize, crop=crop, antialias=antialias)
-        return np.asarray(preprocess.to_model_range(image), np.float32)
+        return np.asarray(preprocess.to_model_range(image, norm), np.float32)
     except (tf.errors.OpError, ValueError, OSError) as e:
         raise ValueError(f"{what}: not a readable image ({_short(e)})") from None
 

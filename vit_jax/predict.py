@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for path in args.images:
         try:
-            good.append(
-                (path, inference.preprocess_file(path, resize=trained.resize, crop=trained.crop))
-            )
+            good.append((path, trained.preprocess_file(path)))
         except ValueError as e:
             failed += 1
             results[path] = {"image": path, "error": str(e)}

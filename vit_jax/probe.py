@@ -457,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         config.pp.crop = trained.crop
         config.pp.resize = int(pp.get("resize", trained.resize))
+        if trained.normalization:  # the checkpoint's input normalisation
+            config.pp.mean = tuple(trained.normalization["mean"])
+            config.pp.std = tuple(trained.normalization["std"])
         results = run_probe(
             trained, config, methods=methods, k=args.k, temperature=args.knn_temperature,
             features=args.features, out=args.out,

@@ -235,7 +235,6 @@ class Service:
 
     def image(self, data: bytes, name: str, max_pixels: int) -> np.ndarray:
         """The model input for an upload; HttpError 413 / 415 when it is too big / no image."""
-        from vit_jax import inference
 
         try:
             with Image.open(io.BytesIO(data)) as probe:  # reads the header only
@@ -247,9 +246,7 @@ class Service:
                 413, f"{name}: {width}x{height} pixels, more than --max-pixels {max_pixels}"
             )
         try:
-            return inference.preprocess_bytes(
-                data, resize=self.trained.resize, crop=self.trained.crop, what=name
-            )
+            return self.trained.preprocess_bytes(data, what=name)
         except ValueError as e:
             raise HttpError(415, str(e)) from None
 
@@ -266,7 +263,9 @@ class Service:
                 422, f"{self.trained.model_config.get('name')}: {self.attention_unsupported}"
             )
         grid = visualize.token_grid(self.trained)
-        picture = visualize.rollout_overlay(image, self.rollout(image), grid, self.picture_size)
+        picture = visualize.rollout_overlay(
+            image, self.rollout(image), grid, self.picture_size, self.trained.normalization
+        )
         out = io.BytesIO()
         picture.save(out, format="PNG")
         return out.getvalue()

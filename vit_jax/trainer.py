@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from vit_jax import data, models, objectives, optim, run_config, run_lock, sharding
 from vit_jax import workdir as workdir_lib
 from vit_jax.configs import image_size
+from vit_jax.data import preprocess
 from vit_jax.sharding import put_sharded, to_host
 
 __all__ = [
@@ -485,6 +486,7 @@ def _meta(
         "class_names": list(info.class_names)[: state.num_classes],
         "dataset": str(config.dataset),
         "image_size": list(state.image_size),
+        "normalization": preprocess.normalization(config.pp.get("mean"), config.pp.get("std")),
     }
 
 

@@ -118,11 +118,19 @@ def token_grid(trained) -> tuple[int, int]:
 
 
 def rollout_overlay(
-    image: np.ndarray, rollout: np.ndarray, grid: tuple[int, int], size: int
+    image: np.ndarray,
+    rollout: np.ndarray,
+    grid: tuple[int, int],
+    size: int,
+    normalization: dict | None = None,
 ) -> Image.Image:
-    """The map picture: a model input ([-1, 1], (h, w, 3)) scaled to size x size with one
-    image's rollout row (`attention_rollout(...)[i]`, over the patch grid) blended in red."""
-    return _overlay(_enlarged(image, size), _to_grid(rollout, grid))
+    """The map picture: a model input ((h, w, 3), normalised as `normalization` says; default
+    [-1, 1]) scaled to size x size with one image's rollout row (`attention_rollout(...)[i]`,
+    over the patch grid) blended in red."""
+    from vit_jax.data import preprocess
+
+    display = preprocess.to_display_range(image, normalization)
+    return _overlay(_enlarged(display, size), _to_grid(rollout, grid))
 
 
 def _enlarged(image: np.ndarray, size: int) -> np.ndarray:
@@ -138,9 +146,12 @@ def _maps(trained, image: np.ndarray, stem: pathlib.Path, *, size: int, heads: b
     grid = token_grid(trained)
     weights = trained.intermediates(image[None])["attention_weights"]
     rollout = attention_rollout(weights, num_prefix_tokens=prefix)[0]
-    images = {f"{stem}_rollout.png": rollout_overlay(image, rollout, grid, size)}
+    norm = trained.normalization
+    images = {f"{stem}_rollout.png": rollout_overlay(image, rollout, grid, size, norm)}
     if heads:
-        big = _enlarged(image, size)
+        from vit_jax.data import preprocess
+
+        big = _enlarged(preprocess.to_display_range(image, norm), size)
         last = np.asarray(weights)[-1, 0, :, 0, prefix:]  # (heads, patches)
         panels = [_overlay(big, _to_grid(h, grid)) for h in last]
         sheet = Image.new("RGB", (size * len(panels), size))
@@ -189,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for path in args.images:
         try:
-            image = inference.preprocess_file(path, resize=trained.resize, crop=trained.crop)
+            image = trained.preprocess_file(path)
         except ValueError as e:
             cli.fail(e)
             failed += 1

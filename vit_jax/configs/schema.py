@@ -63,6 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
             # Eval/predict downscaling averages the pixels it covers (PIL-like); False: the
             # reference pipeline's plain bilinear, with which the published numbers were measured.
             antialias=True,
+            # The model's input normalisation, (pixel / 255 - mean) / std per channel: 0.5 / 0.5
+            # is the published checkpoints' [-1, 1]; ImageNet's mean/std for DINOv2 / DeiT.
+            # Recorded in checkpoints; predict, probe, serve and export apply what was recorded.
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
         )
     )
     # Optimisation (vit_jax.optim): the reference fine-tuning recipe. optimizer: sgd | adamw | lion.

@@ -20,6 +20,7 @@ import collections
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -62,6 +63,7 @@ class Preprocessing:
     randaugment_layers: int = 0
     randaugment_magnitude: int = 10
     antialias: bool = True  # eval resize only; see preprocess.resize
+    normalization: Any = None  # {'mean', 'std'}; None: the published [-1, 1]
 
     @classmethod
     def from_config(cls, pp: ml_collections.ConfigDict) -> "Preprocessing":
@@ -75,6 +77,7 @@ class Preprocessing:
             randaugment_layers=int(pp.get("randaugment_layers", 0) or 0),
             randaugment_magnitude=int(pp.get("randaugment_magnitude", 10)),
             antialias=bool(pp.get("antialias", True)),
+            normalization=preprocess.normalization(pp.get("mean"), pp.get("std")),
         )
         if result.crop <= 0 or result.crop > result.resize:
             raise DataError(
@@ -215,7 +218,7 @@ def train_dataset(
                 image, ra_seed, pp.randaugment_layers, pp.randaugment_magnitude
             )
         return {
-            "image": preprocess.to_model_range(image),
+            "image": preprocess.to_model_range(image, pp.normalization),
             "label": tf.one_hot(label, num_classes, dtype=tf.float32),
             "step": step,
         }
@@ -259,7 +262,7 @@ def eval_dataset(split: Split, pp: Preprocessing, rows: Rows) -> tuple[tf.data.D
 
         image, label = tf.cond(valid, real, padding)
         return {
-            "image": preprocess.to_model_range(image),
+            "image": preprocess.to_model_range(image, pp.normalization),
             "label": tf.cast(label, tf.int32),
             "mask": valid,
         }

@@ -6,6 +6,8 @@ order resumable and independent of the number of processes.
 """
 
 import io
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -15,13 +17,16 @@ from PIL import Image
 __all__ = [
     "INCEPTION_AREA_RANGE",
     "INCEPTION_ASPECT_RANGE",
+    "DEFAULT_NORMALIZATION",
     "central_crop",
     "decode_image",
     "eval_image",
     "inception_crop",
     "mixup_pairs",
     "mixup_ratios",
+    "normalization",
     "resize",
+    "to_display_range",
     "to_model_range",
     "train_image",
 ]
@@ -126,9 +131,35 @@ def eval_image(image: tf.Tensor, *, resize_to: int, crop: int, antialias: bool =
     return central_crop(resize(image, resize_to, antialias=antialias), crop)
 
 
-def to_model_range(image: tf.Tensor) -> tf.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], the range the published checkpoints expect."""
-    return tf.cast(image, tf.float32) / 127.5 - 1.0
+DEFAULT_NORMALIZATION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # [-1, 1]
+
+
+def normalization(mean: Any = None, std: Any = None) -> dict[str, tuple[float, ...]]:
+    """{'mean': 3 floats, 'std': 3 floats} (defaults: the published [-1, 1]); checked."""
+    mean = DEFAULT_NORMALIZATION["mean"] if mean is None else mean
+    std = DEFAULT_NORMALIZATION["std"] if std is None else std
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"normalisation needs 3 means and 3 positive stds, got {mean} / {std}")
+    return {"mean": mean, "std": std}
+
+
+def to_model_range(image: tf.Tensor, norm: Mapping[str, Any] | None = None) -> tf.Tensor:
+    """uint8 [0, 255] -> float32 (pixel / 255 - mean) / std; the default is the published
+    checkpoints' [-1, 1] (computed as pixel / 127.5 - 1, bit for bit as before)."""
+    norm = normalization(**(norm or {}))
+    if norm == DEFAULT_NORMALIZATION:
+        return tf.cast(image, tf.float32) / 127.5 - 1.0
+    mean = tf.constant(norm["mean"], tf.float32)
+    std = tf.constant(norm["std"], tf.float32)
+    return (tf.cast(image, tf.float32) / 255.0 - mean) / std
+
+
+def to_display_range(image: Any, norm: Mapping[str, Any] | None = None) -> np.ndarray:
+    """A model input (normalised by `norm`) back to [-1, 1], for pictures of it (numpy)."""
+    norm = normalization(**(norm or {}))
+    mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
+    return (np.asarray(image, np.float32) * std + mean) * 2.0 - 1.0
 
 
 def mixup_ratios(num_pairs: int, alpha: float, seed: tf.Tensor) -> tf.Tensor:

@@ -11,7 +11,8 @@ directory; `vit_jax.weights.run`), our / the published `.npz` in every variant i
 read without unpickling). Remote files are cached locally (`vit_jax.weights.cache`).
 
 `metadata` is a dict: `format`, `model` (a model config dict, or None when the file does not
-say), `class_names`, `image_size` ([h, w] the position embeddings were made for) and, for a
+say), `class_names`, `image_size` ([h, w] the position embeddings were made for),
+`normalization` (`{'mean', 'std'}` of the input, `vit_jax.weights.normalization`) and, for a
 run, `step`. Modules: `errors` and `tree` (leaves), `cache`, `npz`, `run`, `pytorch` (file
 readers/writers), `table` (the converter engine: key tables run both ways), `hf` and `timm` (their
 tables and config facts), `facts`, `fit`, `names`.
@@ -19,6 +20,7 @@ tables and config facts), `facts`, `fit`, `names`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -27,7 +29,7 @@ from typing import Any
 from etils import epath
 
 from vit_jax import models
-from vit_jax.weights import hf, npz, run, timm
+from vit_jax.weights import hf, normalization, npz, run, timm
 from vit_jax.weights.cache import is_remote
 from vit_jax.weights.errors import (
     CheckpointError,
@@ -141,6 +143,13 @@ def open(  # noqa: A001 - the weights layer's one reader, as `open` reads a file
     Raises `CheckpointNotFoundError` when nothing is at `path`, `CheckpointError` naming the
     file (and key) for anything that cannot be read.
     """
+    params, meta = _open(path, model, default_model, num_heads, image_size)
+    where = f"{path}: normalization"
+    meta["normalization"] = normalization.checked(meta.get("normalization"), where)
+    return params, meta
+
+
+def _open(path, model, default_model, num_heads, image_size):
     fmt = format_of(path)
     if fmt == "run":
         if model is not None:
@@ -150,10 +159,15 @@ def open(  # noqa: A001 - the weights layer's one reader, as `open` reads a file
         meta["image_size"] = _pair(meta["image_size"])
         return params, meta
     if fmt == "hf":
-        return _unpack("hf", hf.from_hf(path))
+        params, meta = _unpack("hf", hf.from_hf(path))
+        meta["normalization"] = normalization.read_hf(path)
+        return params, meta
     if fmt == "timm":
         converted = timm.from_timm(path, model=model, num_heads=num_heads, image_size=image_size)
-        return _unpack("timm", converted)
+        params, meta = _unpack("timm", converted)
+        recorded = npz.read_metadata(path).get("normalization")
+        meta["normalization"] = recorded or normalization.read_timm_hub(path)
+        return params, meta
     return _open_npz(str(path), model, default_model, image_size)
 
 
@@ -179,7 +193,8 @@ def save(
     if p.endswith(TORCH_FILES) and not p.endswith(".safetensors"):
         raise ConversionError(f"{p}: write timm state dicts as .safetensors (never pickles)")
     kind = "timm" if p.endswith(".safetensors") else "npz" if p.endswith(".npz") else "hf"
-    sidecar = {k: metadata.get(k) for k in ("model", "class_names", "image_size")}
+    keys = ("model", "class_names", "image_size", "normalization")
+    sidecar = {k: metadata.get(k) for k in keys if metadata.get(k) is not None}
     if kind == "npz":
         return npz.save_npz(params, p, metadata=sidecar, overwrite=overwrite), kind
     if not metadata.get("model"):
@@ -187,4 +202,12 @@ def save(
     config = models.get_config(metadata["model"])
     writer = hf.to_hf if kind == "hf" else timm.to_timm
     args = dict(class_names=metadata.get("class_names"), image_size=metadata.get("image_size"))
-    return writer(params, config, p, **args, source=source), kind
+    written = writer(params, config, p, **args, source=source)
+    norm = metadata.get("normalization")
+    if kind == "hf":
+        normalization.write_hf(written, norm, metadata.get("image_size"))
+    elif norm is not None:  # the timm sidecar carries it, as ours does
+        side = npz.metadata_path(written)
+        recorded = {**json.loads(side.read_text()), "normalization": norm}
+        side.write_text(json.dumps(recorded, indent=2))
+    return written, kind
