@@ -273,18 +273,33 @@ def resolve_num_classes(config: ml_collections.ConfigDict, info: data.DatasetInf
 
 
 def load_pretrained_params(config: ml_collections.ConfigDict, init_params: Params) -> Params:
-    """Host params from `pretrained_path` (or `pretrained_dir` + model name), fit to the model."""
-    from vit_jax import checkpoint  # heavy optional paths (PyTorch formats) load lazily
+    """Host params from `pretrained_path` (or `pretrained_dir` + model name), fit to the model
+    (`weights.open` + `weights.fit`: new head, resampled position table). Warns when the weights
+    were trained on inputs normalised otherwise than `config.pp.mean` / `std` say."""
+    from vit_jax import weights  # heavy optional paths (PyTorch formats) load lazily
+    from vit_jax.weights import names
 
-    path = config.pretrained_path
-    if not path:
-        path = checkpoint.resolve_pretrained(config.pretrained_dir, config.model_name)
+    path = config.pretrained_path or names.resolve_pretrained(
+        config.pretrained_dir, config.model_name
+    )
     logging.info("loading pretrained weights from %s", path)
-    return checkpoint.load_pretrained(
-        pretrained_path=path,
-        init_params=init_params,
-        model_config=config.model,
+    params, meta = weights.open(path)
+    ours = preprocess.normalization(config.pp.get("mean"), config.pp.get("std"))
+    theirs = preprocess.normalization(**meta["normalization"])
+    if ours != theirs:
+        logging.warning(
+            "%s was trained on inputs normalised with mean %s / std %s, this run uses %s / %s: "
+            "set config.pp.mean and config.pp.std to match",
+            path, theirs["mean"], theirs["std"], ours["mean"], ours["std"],
+        )  # fmt: skip
+    return weights.fit(
+        params,
+        meta,
+        config.model,
+        init_params,
         image_size=image_size(config),
+        new_head=True,
+        what=str(path),
     )
 
 
