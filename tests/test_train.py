@@ -190,21 +190,6 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path):
     assert not (tmp_path / "run" / "final.npz").exists()
 
 
-def test_misspelt_config_key_is_an_error_listing_keys(tmp_path):
-    out = tiny.run(
-        [
-            sys.executable,
-            "-m",
-            "vit_jax.train",
-            "--config=configs/default.py",
-            f"--workdir={tmp_path}",
-            "--config.bach=3",
-        ]
-    )
-    assert out.returncode != 0
-    assert "bach" in out.stderr and "batch" in out.stderr
-
-
 def test_finetune_from_published_npz_new_resolution_and_classes(trained_workdir, tmp_path):
     """A published-layout .npz (10 digits at 16x16) fine-tuned on 5 classes at 24x24."""
     from vit_jax import checkpoint, trainer
