@@ -529,8 +529,8 @@ def test_mixer_is_refused():
 def test_bad_pytorch_files_are_one_clear_error(tmp_path):
     _, path = _hf_model(tmp_path)
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "model_type": "deit"}))
-    with pytest.raises(ConversionError, match=f"{path}: model_type 'deit'"):
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "beit"}))
+    with pytest.raises(ConversionError, match=f"{path}: model_type 'beit'"):
         hf_format.from_hf(path)
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:300])
