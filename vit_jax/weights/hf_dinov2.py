@@ -106,16 +106,17 @@ def mlp_width(hidden: int, mlp_ratio: float, swiglu: bool) -> int:
     return (int(width * 2 / 3) + 7) // 8 * 8 if swiglu else width
 
 
-def _mlp_ratio(hidden: int, mlp: int, swiglu: bool) -> float:
-    """An `mlp_ratio` for which transformers builds an MLP of width `mlp`, else an error."""
-    base = mlp * 3 / 2 if swiglu else mlp
-    for ratio in (base / hidden, (base + 0.5) / hidden, float(round(base / hidden, 6))):
-        if mlp_width(hidden, ratio, swiglu) == mlp:
+def _mlp_ratio(hidden: int, mlp: int, swiglu: bool) -> int:
+    """The integer `mlp_ratio` (transformers 5 types it int) for which transformers builds an
+    MLP of width `mlp`, else an error."""
+    guess = round((mlp * 3 / 2 if swiglu else mlp) / hidden)
+    for ratio in (guess, guess - 1, guess + 1):
+        if ratio > 0 and mlp_width(hidden, ratio, swiglu) == mlp:
             return ratio
     kind = "SwiGLU " if swiglu else ""
     raise ConversionError(
-        f"transformers DINOv2 cannot build a {kind}MLP of width {mlp} for width {hidden} "
-        "(its SwiGLU width is a multiple of 8)"
+        f"transformers DINOv2 cannot build a {kind}MLP of width {mlp} for width {hidden}: its "
+        "width is hidden_size x an integer mlp_ratio (SwiGLU: 2/3 of it, a multiple of 8)"
     )
 
 
