@@ -313,3 +313,102 @@ def test_deit_classifier_on_the_class_token_alone_is_refused(tmp_path):
     src = _saved(transformers.DeiTForImageClassification(_deit_config()), tmp_path)
     with pytest.raises(ConversionError, match="classifier.weight: DeiTForImageClassification"):
         hf_format.from_hf(src)
+
+
+# ----------------------------------------------------------------------------- big_vision
+
+BV_SPEC = dict(
+    name="bv-siglip",
+    patches=dict(size=(4, 4)),
+    hidden_size=16,
+    transformer=dict(mlp_dim=32, num_heads=2, num_layers=2),
+    classifier="map",
+    posemb="learn",
+    gelu_approximate=True,
+    layernorm_epsilon=1e-6,
+)
+
+
+def _big_vision_file(path, layers=2, d=16, heads=2, mlp=32, width=8, seed=0):
+    """A big_vision SigLIP checkpoint's key layout (scanned image tower under params/img/,
+    Linen block names, the text tower and the scalars t, b beside it), random weights."""
+    rng = np.random.RandomState(seed)
+    hd = d // heads
+
+    def attention(prefix, depth=()):
+        out = {}
+        for name in ("query", "key", "value"):
+            out[f"{prefix}/{name}/kernel"] = (*depth, d, heads, hd)
+            out[f"{prefix}/{name}/bias"] = (*depth, heads, hd)
+        out[f"{prefix}/out/kernel"], out[f"{prefix}/out/bias"] = (*depth, heads, hd, d), (*depth, d)
+        return out
+
+    def mlp_block(prefix, depth=()):
+        return {
+            f"{prefix}/Dense_0/kernel": (*depth, d, mlp),
+            f"{prefix}/Dense_0/bias": (*depth, mlp),
+            f"{prefix}/Dense_1/kernel": (*depth, mlp, d),
+            f"{prefix}/Dense_1/bias": (*depth, d),
+        }
+
+    def norm(prefix, depth=()):
+        return {f"{prefix}/scale": (*depth, d), f"{prefix}/bias": (*depth, d)}
+
+    block, head = "img/Transformer/encoderblock", "img/MAPHead_0"
+    shapes = {
+        "img/embedding/kernel": (4, 4, 3, d),
+        "img/embedding/bias": (d,),
+        "img/pos_embedding": (1, 16, d),
+        **norm(f"{block}/LayerNorm_0", (layers,)),
+        **attention(f"{block}/MultiHeadDotProductAttention_0", (layers,)),
+        **norm(f"{block}/LayerNorm_1", (layers,)),
+        **mlp_block(f"{block}/MlpBlock_0", (layers,)),
+        **norm("img/Transformer/encoder_norm"),
+        f"{head}/probe": (1, 1, d),
+        **attention(f"{head}/MultiHeadDotProductAttention_0"),
+        **norm(f"{head}/LayerNorm_0"),
+        **mlp_block(f"{head}/MlpBlock_0"),
+        "img/head/kernel": (d, width),
+        "img/head/bias": (width,),
+        "txt/Embed_0/embedding": (50, d),
+        "txt/head/kernel": (d, width),
+        "t": (1,),
+        "b": (1,),
+    }
+    flat = {f"params/{k}": rng.normal(0, 0.5, s).astype(np.float32) for k, s in shapes.items()}
+    np.savez(path, **flat)
+    return flat
+
+
+def test_big_vision_siglip_file_loads_matches_hf_and_round_trips(tmp_path, caplog):
+    flat = _big_vision_file(tmp_path / "siglip.npz")
+    with caplog.at_level("INFO"):
+        params, meta = weights.open(tmp_path / "siglip.npz", model=BV_SPEC)
+    assert "leaving out 4 entries (b, t, txt/)" in caplog.text
+    config = models.get_config(meta["model"])
+    assert meta["image_size"] == [16, 16]
+    per_layer = models.unstack_layers(params)
+    assert per_layer["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 16, 16)
+    # the image tower without its projection equals transformers' SiglipVisionModel
+    features = {k: v for k, v in per_layer.items() if k != "head"}
+    hf_dir = hf_format.to_hf(features, config, tmp_path / "hf")
+    hf = transformers.SiglipVisionModel.from_pretrained(hf_dir).eval()
+    x = _images(16)
+    with torch.no_grad():
+        expected = hf(pixel_values=_nchw(x)).pooler_output.numpy()
+    logits, out = _run(config, per_layer, x, num_classes=8)
+    np.testing.assert_allclose(out["pre_logits"], expected, atol=ATOL, rtol=0)
+    head = flat["params/img/head/kernel"], flat["params/img/head/bias"]
+    np.testing.assert_allclose(logits, expected @ head[0] + head[1], atol=ATOL, rtol=0)
+    # written back in the published layout, bit for bit (the image tower)
+    path, fmt = weights.save(params, meta, tmp_path / "back.npz", layout="big_vision")
+    with np.load(path) as written:
+        back = {k: written[k] for k in written.files}
+    image = {k: v for k, v in flat.items() if k.startswith("params/img/")}
+    assert sorted(back) == sorted(image) and fmt == "npz"
+    for key, value in image.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+    with pytest.raises(
+        ConversionError, match="SiglipVisionModel has no classifier.*head/kernel \\(16, 8\\)"
+    ):
+        hf_format.to_hf(per_layer, config, tmp_path / "refused")

@@ -168,18 +168,25 @@ def save(
     *,
     source: str = "params",
     overwrite: bool = False,
+    layout: str = "vit_jax",
 ) -> tuple[epath.Path, str]:
     """Writes `params` in the format `path` names; returns (path, 'npz' | 'hf' | 'timm').
 
     `.npz`: ours, with the JSON sidecar from `metadata`; `.safetensors`: a timm state dict;
     anything else: a transformers directory. `metadata` needs `model` (a config dict) for the
     PyTorch formats. `source` names where the parameters came from in error messages.
+    `layout='big_vision'` writes an `.npz` as a big_vision image tower (`params/img/...`,
+    `npz.save_big_vision`).
     """
     p = str(path)
     if p.endswith(TORCH_FILES) and not p.endswith(".safetensors"):
         raise ConversionError(f"{p}: write timm state dicts as .safetensors (never pickles)")
     kind = "timm" if p.endswith(".safetensors") else "npz" if p.endswith(".npz") else "hf"
     sidecar = {k: metadata.get(k) for k in ("model", "class_names", "image_size")}
+    if layout not in ("vit_jax", "big_vision") or (layout == "big_vision" and kind != "npz"):
+        raise ConversionError(f"{p}: layout {layout!r}; big_vision is an .npz layout")
+    if kind == "npz" and layout == "big_vision":
+        return npz.save_big_vision(params, p, metadata=sidecar, overwrite=overwrite), kind
     if kind == "npz":
         return npz.save_npz(params, p, metadata=sidecar, overwrite=overwrite), kind
     if not metadata.get("model"):
