@@ -85,7 +85,7 @@ def _square_image_size(params: Mapping[str, Any], config: Any) -> list[int] | No
     flat = flatten(models.unstack_layers(params))
     posemb = flat.get(npz.POSEMB_KEY)
     if posemb is not None:
-        tokens = posemb.shape[1] - models.num_prefix_tokens(config)
+        tokens = posemb.shape[1] - models.num_posemb_prefix_tokens(config)
     else:
         kernel = flat.get("MixerBlock_0/token_mixing/Dense_0/kernel")
         tokens = None if kernel is None else kernel.shape[0]
