@@ -205,8 +205,8 @@ def from_state(path: Any, config: Mapping[str, Any], raw: Mapping[str, Any]) -> 
         gelu_approximate=hf_common.gelu_approximate(path, config, "gelu"),
         layernorm_epsilon=float(config.get("layer_norm_eps", 1e-6)),
     )
-    if dims["NR"]:
-        spec["num_registers"] = dims["NR"]
+    if dims["NR"]:  # Dinov2WithRegisters resamples its table antialiased
+        spec.update(num_registers=dims["NR"], posemb_antialias=True)
     params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
     return Converted(params, models.get_config(spec), None, f["image_size"])
 
