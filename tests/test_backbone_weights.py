@@ -412,3 +412,109 @@ def test_big_vision_siglip_file_loads_matches_hf_and_round_trips(tmp_path, caplo
         ConversionError, match="SiglipVisionModel has no classifier.*head/kernel \\(16, 8\\)"
     ):
         hf_format.to_hf(per_layer, config, tmp_path / "refused")
+
+
+# ----------------------------------------------------------------------------- timm
+
+
+def _timm_round_trip(tmp_path, params, config, expected_keys):
+    """ours -> timm state dict -> ours bit-exact, and -> timm again key for key."""
+    from vit_jax.weights import pytorch
+    from vit_jax.weights import timm as timm_format
+
+    path = timm_format.to_timm(params, config, tmp_path / "m.safetensors")
+    state = pytorch.read_safetensors(path)
+    for key, shape in expected_keys.items():
+        assert state[key].shape == shape, key
+    back = timm_format.from_timm(path)
+    _assert_same_tree(back.params, params)
+    again = pytorch.read_safetensors(
+        timm_format.to_timm(back.params, back.model_config, tmp_path / "again.safetensors")
+    )
+    assert sorted(again) == sorted(state)
+    for key, value in state.items():
+        np.testing.assert_array_equal(again[key], value, err_msg=key)
+    return back, state
+
+
+def test_timm_siglip_map_head_rows_round_trip(tmp_path):
+    src = _saved(_siglip(tmp_path), tmp_path)
+    c = hf_format.from_hf(src)
+    keys = {
+        "attn_pool.latent": (1, 1, 32),
+        "attn_pool.q.weight": (32, 32),
+        "attn_pool.kv.weight": (64, 32),
+        "attn_pool.kv.bias": (64,),
+        "attn_pool.proj.weight": (32, 32),
+        "attn_pool.mlp.fc1.weight": (48, 32),
+        "pos_embed": (1, 16, 32),
+    }
+    back, state = _timm_round_trip(tmp_path, c.params, c.model_config, keys)
+    assert "cls_token" not in state and back.model_config.classifier == "map"
+    hf_state = load_file(str(src / "model.safetensors"))  # q / kv are HF's in_proj rows
+    in_proj = hf_state["head.attention.in_proj_weight"]
+    np.testing.assert_array_equal(state["attn_pool.q.weight"], in_proj[:32])
+    np.testing.assert_array_equal(state["attn_pool.kv.weight"], in_proj[32:])
+
+
+@pytest.mark.parametrize("swiglu", [False, True], ids=["reg2", "reg2-swiglu"])
+def test_timm_dinov2_registers_layer_scale_swiglu_round_trip(tmp_path, swiglu):
+    src = _saved(_dinov2(2, use_swiglu_ffn=swiglu), tmp_path)
+    c = hf_format.from_hf(src)
+    mlp = c.model_config.transformer.mlp_dim
+    keys = {
+        "reg_token": (1, 2, 32),
+        "blocks.1.ls2.gamma": (32,),
+        "blocks.0.mlp.fc1.weight": ((2 if swiglu else 1) * mlp, 32),
+        "blocks.0.mlp.fc2.weight": (32, mlp),
+        "pos_embed": (1, 17, 32),
+    }
+    back, state = _timm_round_trip(tmp_path, c.params, c.model_config, keys)
+    assert back.model_config.num_registers == 2
+    assert back.model_config.transformer.get("mlp_type", "gelu") == ("swiglu" if swiglu else "gelu")
+    hf_state = load_file(str(src / "model.safetensors"))
+    name = "weights_in" if swiglu else "fc1"
+    np.testing.assert_array_equal(
+        state["blocks.0.mlp.fc1.weight"], hf_state[f"encoder.layer.0.mlp.{name}.weight"]
+    )
+
+
+def test_timm_deit3_no_embed_class_and_qk_norm_round_trip(tmp_path):
+    spec = dict(
+        name="deit3-tiny",
+        patches=dict(size=(4, 4)),
+        hidden_size=16,
+        transformer=dict(mlp_dim=32, num_heads=2, num_layers=2, layer_scale_init=0.1, qk_norm=True),
+        posemb_covers_prefix=False,
+        gelu_approximate=False,
+    )
+    config = models.get_config(spec)
+    model = models.get_model(config, num_classes=3)
+    rng = np.random.RandomState(0)
+    params = jax.tree.map(
+        lambda s: rng.normal(0, 0.5, s.shape).astype(s.dtype), models.init_shapes(model, (8, 8))
+    )
+    keys = {
+        "pos_embed": (1, 4, 16),
+        "cls_token": (1, 1, 16),
+        "blocks.0.attn.q_norm.weight": (8,),
+        "blocks.1.attn.k_norm.bias": (8,),
+    }
+    back, _ = _timm_round_trip(tmp_path, params, config, keys)
+    assert back.model_config.posemb_covers_prefix is False
+    assert back.model_config.transformer.qk_norm is True
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["timm"]["kwargs"]["no_embed_class"] and meta["timm"]["kwargs"]["qk_norm"]
+
+
+def test_timm_register_rows_in_pos_embed_are_refused(tmp_path):
+    from vit_jax.weights import pytorch
+    from vit_jax.weights import timm as timm_format
+
+    c = hf_format.from_hf(_saved(_dinov2(2), tmp_path))
+    path = timm_format.to_timm(c.params, c.model_config, tmp_path / "m.safetensors")
+    state = pytorch.read_safetensors(path)
+    state["pos_embed"] = np.zeros((1, 1 + 2 + 16, 32), np.float32)
+    save_file(state, str(path))
+    with pytest.raises(ConversionError, match=r"pos_embed \(1, 19, 32\) has rows for the register"):
+        timm_format.from_timm(path)

@@ -26,9 +26,7 @@ LEGACY_NO_DECAY_NAMES = ("bias", "scale", "pos_embedding", "cls", "dist", "probe
 
 
 def _paths(config, size=16):
-    return list(
-        weights.flatten(models.init_shapes(models.get_model(config, num_classes=5), size))
-    )
+    return list(weights.flatten(models.init_shapes(models.get_model(config, num_classes=5), size)))
 
 
 def test_registry_dispatch_and_errors():
