@@ -352,3 +352,32 @@ def test_swiglu_is_silu_gate_on_the_packed_projection():
         models.get_model(
             dict(TINY, transformer=dict(TINY["transformer"], mlp_type="geglu")), num_classes=2
         ).init(jax.random.key(0), _images(16, 16), train=False)
+
+
+def test_visualize_hides_registers_and_shows_them_on_request(tmp_path):
+    from types import SimpleNamespace
+
+    from vit_jax import visualize
+
+    config = models.get_config(dict(TINY, num_registers=2))
+    model = models.get_model(config, num_classes=3)
+    x = _images(16, 16, n=1)
+    params = _randomize(model.init(jax.random.key(0), x, train=False)["params"])
+    trained = SimpleNamespace(
+        model_config=config,
+        crop=16,
+        intermediates=lambda images: model.apply(
+            {"params": params}, images, train=False, return_intermediates=True
+        )[1],
+    )
+    image = np.asarray(x[0])
+    hidden = visualize._maps(trained, image, tmp_path / "a", size=32, heads=True)
+    assert sorted(hidden) == [f"{tmp_path / 'a'}_heads.png", f"{tmp_path / 'a'}_rollout.png"]
+    shown = visualize._maps(trained, image, tmp_path / "a", size=32, heads=False, registers=True)
+    assert shown[f"{tmp_path / 'a'}_registers.png"].size == (2 * 32, 32)
+    weights = trained.intermediates(x)["attention_weights"]
+    cls_map = visualize.attention_rollout(weights, num_prefix_tokens=3)
+    reg_map = visualize.attention_rollout(weights, num_prefix_tokens=3, token=2)
+    assert cls_map.shape == reg_map.shape == (1, 16)  # the patches only
+    np.testing.assert_allclose(reg_map.sum(-1), 1.0)
+    assert not np.allclose(cls_map, reg_map)
