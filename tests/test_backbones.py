@@ -381,3 +381,9 @@ def test_visualize_hides_registers_and_shows_them_on_request(tmp_path):
     assert cls_map.shape == reg_map.shape == (1, 16)  # the patches only
     np.testing.assert_allclose(reg_map.sum(-1), 1.0)
     assert not np.allclose(cls_map, reg_map)
+
+
+def test_position_table_grid_is_the_fixed_grid_when_set():
+    assert models.position_table_grid("DINOv2-S_14", 224) == (37, 37)
+    assert models.position_table_grid("SigLIP-So400m_14-224", 448) == (16, 16)
+    assert models.position_table_grid("ViT-B_16", (384, 224)) == (24, 14)
