@@ -39,6 +39,7 @@ __all__ = [
     "no_decay_patterns",
     "num_posemb_prefix_tokens",
     "num_prefix_tokens",
+    "position_table_grid",
     "scan_block",
     "stride",
     "token_grid",
@@ -287,6 +288,18 @@ def token_grid(config: str | ConfigLike, image_size: int | tuple[int, int]) -> t
     """(grid_h, grid_w) of patch tokens at `image_size`; an error naming it when not divisible."""
     c = get_config(config)
     return families.get_family(c.model_type).token_grid(c, image_size)
+
+
+def position_table_grid(
+    config: str | ConfigLike, image_size: int | tuple[int, int]
+) -> tuple[int, int]:
+    """The grid of the learned position table a model of `config` stores for `image_size`:
+    its fixed `posemb_grid` when set (other inputs resample it on the fly), else `token_grid`."""
+    c = get_config(config)
+    fixed = c.get("posemb_grid")
+    if fixed is not None:
+        return families.pair(fixed, "posemb_grid")
+    return token_grid(c, image_size)
 
 
 def scan_block(config: str | ConfigLike) -> str:
