@@ -279,18 +279,44 @@ def test_timm_without_sidecar_needs_heads_and_reads_no_embed_class(tmp_path):
     with pytest.raises(ConversionError, match="number of attention heads; pass --model"):
         timm_format.from_timm(path)
     back = timm_format.from_timm(path, num_heads=2)
+    # no_embed_class: a table of the patches only (posemb_covers_prefix=False), as timm has it
+    posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
+    params["Transformer"]["posembed_input"]["pos_embedding"] = posemb[:, 1:]
     _assert_same_tree(back.params, params)
     assert back.image_size == (8, 8) and back.model_config.layernorm_epsilon == 1e-6
-    np.testing.assert_allclose(_apply(model, back.params, x), reference, atol=1e-4, rtol=0)
+    assert back.model_config.posemb_covers_prefix is False
+    np.testing.assert_allclose(
+        _apply(
+            model,
+            {
+                **params,
+                "Transformer": {
+                    **params["Transformer"],
+                    "posembed_input": {"pos_embedding": posemb},
+                },
+            },
+            x,
+        ),
+        reference,
+        atol=1e-4,
+        rtol=0,
+    )
+    ours = models.get_model(back.model_config, num_classes=5)
+    np.testing.assert_allclose(_apply(ours, back.params, x), reference, atol=1e-4, rtol=0)
+    again = timm_format.to_timm(back.params, back.model_config, tmp_path / "again.safetensors")
+    written = pytorch.read_safetensors(again)  # and back to timm, bit for bit
+    assert sorted(written) == sorted(state)
+    for key, value in state.items():
+        np.testing.assert_array_equal(written[key], value, err_msg=key)
 
 
 def test_timm_features_timm_cannot_express_are_refused(tmp_path):
     _, config, params = _ours(hw=(8, 8))
     path = timm_format.to_timm(params, config, tmp_path / "m.safetensors")
     state = pytorch.read_safetensors(path)
-    state["blocks.0.attn.q_norm.weight"] = np.ones(8, np.float32)
+    state["fc_norm.weight"] = np.ones(16, np.float32)
     save_file(state, str(path))
-    with pytest.raises(ConversionError, match="the model has query/key norms"):
+    with pytest.raises(ConversionError, match="the model has a LayerNorm after pooling"):
         timm_format.from_timm(path)
 
 
@@ -499,7 +525,7 @@ def test_npz_without_sidecar_needs_model(tmp_path, capsys):
         (TINY, dict(classifier="gap"), "hf", "classifier 'gap'"),
         (TINY, dict(representation_size=8), "hf", "representation layer .* followed by a head"),
         (TINY, dict(representation_size=8), "timm", "representation layer"),
-        (TINY, dict(classifier="map"), "timm", "classifier 'map'"),
+        (TINY, dict(classifier="unpooled"), "timm", "classifier 'unpooled'"),
     ],
 )
 def test_models_a_format_cannot_express_are_refused(tmp_path, spec, overrides, target, match):
@@ -529,8 +555,8 @@ def test_mixer_is_refused():
 def test_bad_pytorch_files_are_one_clear_error(tmp_path):
     _, path = _hf_model(tmp_path)
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "model_type": "deit"}))
-    with pytest.raises(ConversionError, match=f"{path}: model_type 'deit'"):
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "beit"}))
+    with pytest.raises(ConversionError, match=f"{path}: model_type 'beit'"):
         hf_format.from_hf(path)
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:300])

@@ -5,7 +5,9 @@ residual path and renormalise rows to sum to 1; multiply the layers' matrices fr
 the last. The class token's row over the patch tokens, reshaped to the patch grid and scaled to
 [0, 1], is the map. Writes `<image>_rollout.png` (map overlaid on the input) and with `--heads`
 `<image>_heads.png` (the last layer's class-token attention, one panel per head). DeiT models
-(class and distillation token) are read from the class token's row.
+(class and distillation token) are read from the class token's row. Register tokens (DINOv2
+`-reg4`) are hidden: the maps cover the patch tokens only; `--registers` also writes
+`<image>_registers.png`, each register token's own rollout over the patches, one panel each.
 
 Output names keep the inputs' folder structure below their deepest common folder, so
 `img/good.png img/dup/good.png` give `OUT/good_rollout.png` and `OUT/dup/good_rollout.png`;
@@ -40,11 +42,14 @@ __all__ = [
 ]
 
 
-def attention_rollout(attention_weights: np.ndarray, *, num_prefix_tokens: int = 1) -> np.ndarray:
+def attention_rollout(
+    attention_weights: np.ndarray, *, num_prefix_tokens: int = 1, token: int = 0
+) -> np.ndarray:
     """Rollout maps from per-layer weights (layers, B, heads, N, N) -> (B, N - prefix).
 
-    Each returned row is the class token's rolled-out attention over the patch tokens,
-    normalised to sum to 1 over the patches.
+    Each returned row is the rolled-out attention of sequence position `token` (the class
+    token; a register's position for its map) over the patch tokens (those after the
+    `num_prefix_tokens` class / distillation / register tokens), normalised to sum to 1.
     """
     w = np.asarray(attention_weights, np.float64).mean(axis=2)  # (layers, B, N, N)
     n = w.shape[-1]
@@ -53,7 +58,7 @@ def attention_rollout(attention_weights: np.ndarray, *, num_prefix_tokens: int =
     rollout = np.broadcast_to(np.eye(n), w.shape[1:]).copy()
     for layer in w:
         rollout = layer @ rollout
-    patches = rollout[:, 0, num_prefix_tokens:]
+    patches = rollout[:, token, num_prefix_tokens:]
     return patches / patches.sum(-1, keepdims=True)
 
 
@@ -138,8 +143,24 @@ def _enlarged(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(picture.resize((size, size), Image.BILINEAR), np.float32) / 127.5 - 1
 
 
-def _maps(trained, image: np.ndarray, stem: pathlib.Path, *, size: int, heads: bool) -> dict:
-    """{file name: picture}: the rollout overlay, and with `heads` the last layer's head maps."""
+def _sheet(panels: list[Image.Image], size: int) -> Image.Image:
+    sheet = Image.new("RGB", (size * len(panels), size))
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, (i * size, 0))
+    return sheet
+
+
+def _maps(
+    trained,
+    image: np.ndarray,
+    stem: pathlib.Path,
+    *,
+    size: int,
+    heads: bool,
+    registers: bool = False,
+) -> dict:
+    """{file name: picture}: the rollout overlay, with `heads` the last layer's head maps, with
+    `registers` each register token's rollout (when the model has registers)."""
     from vit_jax import models
 
     prefix = models.num_prefix_tokens(trained.model_config)
@@ -153,11 +174,16 @@ def _maps(trained, image: np.ndarray, stem: pathlib.Path, *, size: int, heads: b
 
         big = _enlarged(preprocess.to_display_range(image, norm), size)
         last = np.asarray(weights)[-1, 0, :, 0, prefix:]  # (heads, patches)
-        panels = [_overlay(big, _to_grid(h, grid)) for h in last]
-        sheet = Image.new("RGB", (size * len(panels), size))
-        for i, panel in enumerate(panels):
-            sheet.paste(panel, (i * size, 0))
-        images[f"{stem}_heads.png"] = sheet
+        images[f"{stem}_heads.png"] = _sheet([_overlay(big, _to_grid(h, grid)) for h in last], size)
+    n = int(models.get_config(trained.model_config).num_registers) if registers else 0
+    if n:  # the registers sit right before the patches
+        big = _enlarged(image, size)
+        rows = [
+            attention_rollout(weights, num_prefix_tokens=prefix, token=prefix - n + r)[0]
+            for r in range(n)
+        ]
+        panels = [_overlay(big, _to_grid(row, grid)) for row in rows]
+        images[f"{stem}_registers.png"] = _sheet(panels, size)
     return images
 
 
@@ -172,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--heads", action="store_true", help="also the last layer's per-head maps")
+    p.add_argument(
+        "--registers",
+        action="store_true",
+        help="also each register token's map (models with registers; hidden otherwise)",
+    )
     p.add_argument("--scale", type=int, default=0, help="output size in pixels (default: >= 224)")
     p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     p.add_argument("images", nargs="+")
@@ -206,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             continue
         stem = stems[path]
-        images = _maps(trained, image, stem, size=size, heads=args.heads)
+        images = _maps(trained, image, stem, size=size, heads=args.heads, registers=args.registers)
         try:
             stem.parent.mkdir(parents=True, exist_ok=True)
             for name, picture in images.items():

@@ -3,6 +3,7 @@
 from vit_jax.models.families import Family, get_family, known_families, register_family
 from vit_jax.models.layout import is_stacked, stack_layers, unstack_layers
 from vit_jax.models.mixer import MlpMixer
+from vit_jax.models.posemb import resample_posemb_bicubic
 from vit_jax.models.vit import VisionTransformer, sincos2d_posemb
 from vit_jax.models.zoo import (
     AUGREG_NAMES,
@@ -15,7 +16,9 @@ from vit_jax.models.zoo import (
     list_models,
     logical_axes,
     no_decay_patterns,
+    num_posemb_prefix_tokens,
     num_prefix_tokens,
+    position_table_grid,
     scan_block,
     stride,
     token_grid,
@@ -38,8 +41,11 @@ __all__ = [
     "list_models",
     "logical_axes",
     "no_decay_patterns",
+    "num_posemb_prefix_tokens",
     "num_prefix_tokens",
+    "position_table_grid",
     "register_family",
+    "resample_posemb_bicubic",
     "scan_block",
     "sincos2d_posemb",
     "stack_layers",

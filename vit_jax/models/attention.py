@@ -79,7 +79,9 @@ class MultiHeadAttention(nn.Module):
     the precision policy, softmax in float32; the weights can be returned and dropped out),
     `'xla'` / `'cudnn'` (`jax.nn.dot_product_attention`, e.g. cuDNN flash attention on GPU), or
     None: `jax.nn.dot_product_attention` on GPU, explicit elsewhere. Attention weights or
-    attention dropout always take the explicit core.
+    attention dropout always take the explicit core. `qk_norm` (a norm constructor) normalises
+    the queries and keys over head_dim before the scores (`query_norm`, `key_norm`; timm's
+    `qk_norm=True`).
     """
 
     num_heads: int
@@ -89,6 +91,7 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
     fuse_qkv: bool = True  # self-attention: q, k, v in one matmul
+    qk_norm: Any = None  # a norm constructor: `query_norm` / `key_norm` over head_dim (timm)
 
     @nn.compact
     def __call__(
@@ -109,6 +112,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"hidden size {width} is not divisible by num_heads={self.num_heads}")
         with jax.named_scope("qkv"):  # names the ops for profiles
             q, k, v = self._project_qkv(inputs_q, inputs_kv)
+            if self.qk_norm is not None:  # heads-major (B, H, N, hd): normalised over hd
+                q = self.qk_norm(name="query_norm")(q)
+                k = self.qk_norm(name="key_norm")(k)
         use_dropout = self.dropout_rate > 0.0 and not deterministic
         library = self.implementation in ("xla", "cudnn") or (
             self.implementation is None and jax.default_backend() == "gpu"

@@ -5,8 +5,10 @@ declares, next to its builder and config defaults:
 
 - `no_decay`: regexes over '/'-joined parameter paths that take no weight decay;
 - `logical_axes`: (regex, logical axis names of the trailing dimensions) for `vit_jax.sharding`;
-- what fitting a checkpoint needs: `stride(config)`, `num_prefix_tokens(config)`, `token_grid`
-  and the name of the scanned block (`scan_block`).
+- what fitting a checkpoint needs: `stride(config)`, `num_prefix_tokens(config)` (tokens
+  before the patches in the sequence), `num_posemb_prefix_tokens(config)` (rows of the position
+  table before the grid; default: the same), `token_grid` and the name of the scanned block
+  (`scan_block`).
 
 Adding a family is one module that builds a `Family` and calls `register_family` on import (see
 `vit_jax/models/vit.py` and `mixer.py`), plus its import in `vit_jax/models/__init__.py`.
@@ -78,6 +80,13 @@ class Family:
     logical_axes: LogicalAxes
     optional: frozenset[str] = frozenset()
     templates: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    num_posemb_prefix_tokens: Callable[[ml_collections.ConfigDict], int] | None = None
+
+    def posemb_prefix_tokens(self, config: ml_collections.ConfigDict) -> int:
+        """Rows of the position table before the grid (`num_prefix_tokens` unless declared)."""
+        if self.num_posemb_prefix_tokens is None:
+            return self.num_prefix_tokens(config)
+        return self.num_posemb_prefix_tokens(config)
 
     def build(
         self, config: ml_collections.ConfigDict, num_classes: int | None, **overrides: Any

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 __all__ = [
     "REMAT_POLICIES",
     "LayerScale",
+    "MLP_TYPES",
     "MlpBlock",
     "ModuleDef",
+    "SwiGLUMlpBlock",
     "drop_path",
     "gelu",
     "lift",
@@ -87,6 +89,37 @@ class MlpBlock(nn.Module):
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
         x = dense(out_dim, name="Dense_1")(x)
         return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+
+
+class SwiGLUMlpBlock(nn.Module):
+    """SwiGLU MLP (DINOv2 giant): Dense -> silu(x1) * x2 -> dropout -> Dense -> dropout.
+
+    `Dense_0` (D, 2 * mlp_dim) is packed [x1 | x2], as Hugging Face's `Dinov2SwiGLUFFN`
+    (`weights_in`, then `chunk(2)`) and timm's `SwiGLUPacked`; `Dense_1` is (mlp_dim, D), so
+    `mlp_dim` is the hidden width after the gate. Same initialisers as `MlpBlock`.
+    """
+
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dense: ModuleDef = nn.Dense
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool) -> Array:
+        dense = functools.partial(
+            self.dense,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6),
+        )
+        out_dim = x.shape[-1]
+        x1, x2 = jnp.split(dense(2 * self.mlp_dim, name="Dense_0")(x), 2, axis=-1)
+        x = nn.silu(x1) * x2
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+        x = dense(out_dim, name="Dense_1")(x)
+        return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+
+
+# `transformer.mlp_type` -> the block's MLP (GELU blocks also take `act`).
+MLP_TYPES: dict[str, ModuleDef] = {"gelu": MlpBlock, "swiglu": SwiGLUMlpBlock}
 
 
 class LayerScale(nn.Module):

@@ -27,7 +27,16 @@ import numpy as np
 
 from vit_jax.models import families, layers, precision, resnet
 from vit_jax.models.attention import ATTENTION_IMPLEMENTATIONS, MultiHeadAttention
-from vit_jax.models.layers import REMAT_POLICIES, LayerScale, MlpBlock, ModuleDef, drop_path
+from vit_jax.models.layers import (
+    MLP_TYPES,
+    REMAT_POLICIES,
+    LayerScale,
+    MlpBlock,
+    ModuleDef,
+    SwiGLUMlpBlock,
+    drop_path,
+)
+from vit_jax.models.posemb import resample_posemb_bicubic
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -42,10 +51,12 @@ __all__ = [
     "GlobalAveragePool",
     "LayerScale",
     "MAPHead",
+    "MLP_TYPES",
     "MlpBlock",
     "MultiHeadAttention",
     "NoPositionEmbedding",
     "SinCos2DPositionEmbedding",
+    "SwiGLUMlpBlock",
     "TokenPool",
     "Unpooled",
     "ViTLayers",
@@ -54,6 +65,7 @@ __all__ = [
     "drop_path",
     "num_prefix_tokens",
     "patch_stride",
+    "resample_posemb_bicubic",
     "sincos2d_posemb",
 ]
 
@@ -143,21 +155,42 @@ class Encoder1DBlock(nn.Module):
 
 
 class AddPositionEmbs(nn.Module):
-    """Learned position embeddings (1, tokens, width), initialised normal(0.02) (`learn`)."""
+    """Learned position embeddings `pos_embedding`, initialised normal(0.02) (`learn`).
+
+    The table has a row per prefix token (class, distillation) and one per grid cell. `grid`
+    (the config's `posemb_grid`) fixes the stored grid: another input grid resamples it on the
+    fly (`resample_posemb_bicubic`, torch's bicubic, antialiased with `antialias`); None stores
+    the input's grid. `covers_prefix=False` (DeiT-III, timm's `no_embed_class`): no rows for the
+    prefix tokens, which get no position embedding.
+    """
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    grid: tuple[int, int] | None = None
+    covers_prefix: bool = True
+    antialias: bool = False
 
     @nn.compact
     def __call__(self, x: Array, grid: tuple[int, int]) -> Array:
-        del grid  # one slot per token, prefix tokens included
-        shape = (1, x.shape[1], x.shape[2])
+        prefix = x.shape[1] - grid[0] * grid[1]
+        stored = tuple(self.grid) if self.grid is not None else tuple(grid)
+        rows = (prefix if self.covers_prefix else 0) + stored[0] * stored[1]
+        shape = (1, rows, x.shape[2])
         pe = self.param(
             "pos_embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype
         )
         if pe.shape != shape:  # only reachable through apply() with foreign params
             raise ValueError(f"pos_embedding has shape {pe.shape}, the tokens need {shape}")
-        return x + pe.astype(self.dtype)
+        table = resample_posemb_bicubic(
+            pe,
+            grid,
+            old_grid=stored,
+            num_prefix_tokens=rows - stored[0] * stored[1],
+            antialias=self.antialias,
+        )
+        if not self.covers_prefix:
+            table = jnp.pad(table, ((0, 0), (prefix, 0), (0, 0)))
+        return x + table.astype(self.dtype)
 
 
 class SinCos2DPositionEmbedding(nn.Module):
@@ -196,7 +229,9 @@ class Encoder(nn.Module):
     """Position embedding, dropout, `num_layers` blocks (unrolled or scanned), final norm.
 
     `block(name=...)` builds one block, called `(x, drop_rate, deterministic) -> (x, aux)`;
-    `position_embedding(name='posembed_input')` is called `(x, grid)`.
+    `position_embedding(name='posembed_input')` is called `(x, grid)`. `registers` (1, n, D),
+    when given, are inserted after the prefix tokens once the position table is added (they
+    have no position embedding; DINOv2 with registers).
     """
 
     num_layers: int
@@ -210,8 +245,19 @@ class Encoder(nn.Module):
     remat_policy: str = "nothing_saveable"
 
     @nn.compact
-    def __call__(self, x: Array, *, grid: tuple[int, int], train: bool):
+    def __call__(
+        self,
+        x: Array,
+        *,
+        grid: tuple[int, int],
+        train: bool,
+        registers: Array | None = None,
+    ):
         x = self.position_embedding(name="posembed_input")(x, grid)
+        if registers is not None:
+            prefix = x.shape[1] - grid[0] * grid[1]
+            registers = jnp.tile(registers.astype(x.dtype), (x.shape[0], 1, 1))
+            x = jnp.concatenate([x[:, :prefix], registers, x[:, prefix:]], axis=1)
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
         block = self.block
         if self.remat:  # static: (self, x, drop_rate, deterministic)
@@ -351,6 +397,16 @@ class VisionTransformer(nn.Module):
     are then the mean of the two heads' logits, and `out` also holds each head's logits,
     `logits_cls` and `logits_dist` (what distillation training reads).
 
+    `num_registers` > 0 adds learned register tokens `registers` (1, n, D) after the class token
+    (sequence [cls, (dist), registers, patches]; no position embedding). `encoded` (and the
+    per-block intermediates) hold them, as Hugging Face's `last_hidden_state`; they are dropped
+    before pooling, and `out['registers']` holds their final tokens (B, n, D).
+
+    `posemb_grid` fixes the learned position table's grid (another input grid resamples it,
+    bicubic, `posemb_antialias` as torch's `antialias`); `posemb_covers_prefix=False` gives the
+    prefix tokens no position row (DeiT-III). `qk_norm` normalises queries and keys per head;
+    `mlp_type` 'swiglu' takes the gated MLP (`SwiGLUMlpBlock`).
+
     The fields are the config's; `layers()` binds them into the constructors the sub-modules are
     built from; `block_cls` replaces the transformer block (it receives `ViTLayers`' `norm`,
     `attention`, `mlp` and the block options as keywords).
@@ -375,6 +431,12 @@ class VisionTransformer(nn.Module):
     layernorm_epsilon: float = 1e-6
     head_bias_init: float = 0.0
     distillation_token: bool = False
+    num_registers: int = 0
+    qk_norm: bool = False
+    mlp_type: str = "gelu"
+    posemb_grid: tuple[int, int] | None = None
+    posemb_covers_prefix: bool = True
+    posemb_antialias: bool = False
     attention_implementation: str | None = None
     scan: bool = False
     remat: bool = False
@@ -403,6 +465,13 @@ class VisionTransformer(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(
+                f"transformer.mlp_type must be one of {tuple(MLP_TYPES)}, got {self.mlp_type!r}"
+            )
+        mlp = functools.partial(MLP_TYPES[self.mlp_type], self.mlp_dim, dense=dense)
+        if self.mlp_type == "gelu":
+            mlp = functools.partial(mlp, act=layers.gelu(self.gelu_approximate))
         return ViTLayers(
             dense=dense,
             norm=functools.partial(
@@ -412,9 +481,7 @@ class VisionTransformer(nn.Module):
                 param_dtype=self.param_dtype,
             ),
             attention=attention,
-            mlp=functools.partial(
-                MlpBlock, self.mlp_dim, dense=dense, act=layers.gelu(self.gelu_approximate)
-            ),
+            mlp=mlp,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -431,9 +498,12 @@ class VisionTransformer(nn.Module):
             layer_scale = functools.partial(
                 LayerScale, self.layer_scale_init, param_dtype=self.param_dtype
             )
+        attention = functools.partial(parts.attention, dropout_rate=self.attention_dropout_rate)
+        if self.qk_norm:  # the blocks' attention only (not the MAP head's)
+            attention = functools.partial(attention, qk_norm=parts.norm)
         block = functools.partial(
             self.block_cls,
-            attention=functools.partial(parts.attention, dropout_rate=self.attention_dropout_rate),
+            attention=attention,
             mlp=functools.partial(parts.mlp, dropout_rate=self.dropout_rate),
             norm=parts.norm,
             dropout_rate=self.dropout_rate,
@@ -445,15 +515,38 @@ class VisionTransformer(nn.Module):
             num_layers=self.num_layers,
             block=block,
             norm=parts.norm,
-            position_embedding=functools.partial(
-                POSITION_EMBEDDINGS[self.posemb], dtype=self.dtype, param_dtype=self.param_dtype
-            ),
+            position_embedding=self._position_embedding(),
             dropout_rate=self.dropout_rate,
             stochastic_depth_rate=self.stochastic_depth_rate,
             scan=self.scan,
             remat=self.remat,
             remat_policy=self.remat_policy,
             name="Transformer",
+        )
+
+    @nn.nowrap
+    def _position_embedding(self) -> ModuleDef:
+        """`POSITION_EMBEDDINGS[posemb]`, with the learned table's grid / prefix / resampling."""
+        options = {}
+        if (self.posemb_grid, self.posemb_covers_prefix, self.posemb_antialias) != (
+            None,
+            True,
+            False,
+        ):
+            if self.posemb != "learn":
+                raise ValueError(
+                    "posemb_grid / posemb_covers_prefix / posemb_antialias apply to posemb "
+                    f"'learn' only, got posemb {self.posemb!r}"
+                )
+            grid = None if self.posemb_grid is None else tuple(self.posemb_grid)
+            options = dict(
+                grid=grid, covers_prefix=self.posemb_covers_prefix, antialias=self.posemb_antialias
+            )
+        return functools.partial(
+            POSITION_EMBEDDINGS[self.posemb],
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            **options,
         )
 
     @nn.compact
@@ -471,9 +564,19 @@ class VisionTransformer(nn.Module):
         x = x.reshape(n, gh * gw, c)
         out = {"stem": x}
         x, prefix = self._add_prefix_tokens(x)
-        x, aux = self.encoder(parts, return_intermediates)(x, grid=(gh, gw), train=train)
+        registers = None
+        if self.num_registers:  # DINOv2 initialises them normal(1e-6), as timm does
+            init = nn.initializers.normal(stddev=1e-6)
+            shape = (1, self.num_registers, c)
+            registers = self.param("registers", init, shape, self.param_dtype)
+        encoder = self.encoder(parts, return_intermediates)
+        x, aux = encoder(x, grid=(gh, gw), train=train, registers=registers)
         out.update(aux or {})
         out["encoded"] = x
+        if self.num_registers:  # dropped before pooling
+            end = prefix + self.num_registers
+            out["registers"] = x[:, prefix:end]
+            x = jnp.concatenate([x[:, :prefix], x[:, end:]], axis=1)
         x = POOLINGS[self.classifier](parts)()(x, prefix)
         if self.representation_size is not None:
             x = jnp.tanh(parts.dense(self.representation_size, name="pre_logits")(x))
@@ -571,12 +674,18 @@ CONFIG_DEFAULTS = dict(
         attention_dropout_rate=0.0,
         stochastic_depth_rate=0.0,
         layer_scale_init=None,  # a float: per-channel residual scales (LayerScale) at this value
+        qk_norm=False,  # LayerNorm over head_dim on queries and keys (`query_norm`, `key_norm`)
+        mlp_type="gelu",  # gelu | swiglu (packed `Dense_0` (D, 2 * mlp_dim); DINOv2-g)
     ),
     resnet=None,  # or {num_layers: (3, 4, 9), width_factor: 1}
     classifier="token",  # token | gap | map | unpooled | token_unpooled
     representation_size=None,
     posemb="learn",  # learn | sincos2d | none
     distillation_token=False,  # DeiT: a second token `dist` with its own head `head_dist`
+    num_registers=0,  # register tokens `registers` after the class token (DINOv2 -reg4)
+    posemb_grid=None,  # (gh, gw): the learned table's grid, resampled for other inputs
+    posemb_covers_prefix=True,  # False: no position rows for cls / dist (DeiT-III, timm)
+    posemb_antialias=False,  # the on-the-fly resampling antialiased (HF Dinov2WithRegisters)
     attention_implementation=None,  # None | "xla" | "cudnn" (jax.nn.dot_product_attention)
 )
 
@@ -598,6 +707,7 @@ NO_DECAY = (
     r"(^|/)pos_embedding$",
     r"(^|/)cls$",
     r"(^|/)dist$",
+    r"(^|/)registers$",
     r"(^|/)probe$",
 )
 
@@ -609,7 +719,17 @@ def config_stride(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def config_num_prefix_tokens(config: ml_collections.ConfigDict) -> int:
-    """Tokens before the patch tokens: the class token, plus DeiT's distillation token."""
+    """Tokens before the patch tokens in the sequence: class, DeiT's distillation, registers."""
+    return num_prefix_tokens(config.classifier, bool(config.distillation_token)) + int(
+        config.num_registers
+    )
+
+
+def config_num_posemb_prefix_tokens(config: ml_collections.ConfigDict) -> int:
+    """Rows of the position table before the grid: class (+ distillation) token, unless the
+    table does not cover them (`posemb_covers_prefix=False`); registers never have one."""
+    if not config.posemb_covers_prefix:
+        return 0
     return num_prefix_tokens(config.classifier, bool(config.distillation_token))
 
 
@@ -633,6 +753,14 @@ def build(config: ml_collections.ConfigDict, num_classes: int | None, **override
         representation_size=config.representation_size,
         posemb=config.posemb,
         distillation_token=bool(config.distillation_token),
+        num_registers=int(config.num_registers),
+        qk_norm=bool(t.qk_norm),
+        mlp_type=t.mlp_type,
+        posemb_grid=None
+        if config.posemb_grid is None
+        else families.pair(config.posemb_grid, "posemb_grid"),
+        posemb_covers_prefix=bool(config.posemb_covers_prefix),
+        posemb_antialias=bool(config.posemb_antialias),
         attention_implementation=config.attention_implementation,
         gelu_approximate=bool(config.gelu_approximate),
         layernorm_epsilon=float(config.layernorm_epsilon),
@@ -653,11 +781,18 @@ FAMILY = families.register_family(
         builder=build,
         stride=config_stride,
         num_prefix_tokens=config_num_prefix_tokens,
+        num_posemb_prefix_tokens=config_num_posemb_prefix_tokens,
         scan_block="encoderblock",
         no_decay=NO_DECAY,
         logical_axes=LOGICAL_AXES,
         optional=frozenset(
-            {"resnet", "representation_size", "attention_implementation", "layer_scale_init"}
+            {
+                "resnet",
+                "representation_size",
+                "attention_implementation",
+                "layer_scale_init",
+                "posemb_grid",
+            }
         ),
         templates={"resnet": dict(num_layers=None, width_factor=1)},
     )

@@ -37,7 +37,9 @@ __all__ = [
     "list_models",
     "logical_axes",
     "no_decay_patterns",
+    "num_posemb_prefix_tokens",
     "num_prefix_tokens",
+    "position_table_grid",
     "scan_block",
     "stride",
     "token_grid",
@@ -108,6 +110,63 @@ MODEL_CONFIGS["R50+ViT-L_32"] = _hybrid(MODEL_CONFIGS["ViT-L_32"], "R50+ViT-L_32
 MODEL_CONFIGS["Mixer-B_16"] = _mixer("Mixer-B_16", 16, 768, 12, 384, 3072)
 MODEL_CONFIGS["Mixer-B_32"] = _mixer("Mixer-B_32", 32, 768, 12, 384, 3072)
 MODEL_CONFIGS["Mixer-L_16"] = _mixer("Mixer-L_16", 16, 1024, 24, 512, 4096)
+
+_SIGLIP = {  # SigLIP image towers (big_vision / HF SiglipVisionModel): no class token, MAP head
+    "B_16": dict(patch=16, hidden=768, mlp=3072, heads=12, layers=12),
+    "L_16": dict(patch=16, hidden=1024, mlp=4096, heads=16, layers=24),
+    "So400m_14": dict(patch=14, hidden=1152, mlp=4304, heads=16, layers=27),
+}
+for _size, _res in (
+    ("B_16", 224), ("B_16", 256), ("B_16", 384), ("B_16", 512),
+    ("L_16", 256), ("L_16", 384), ("So400m_14", 224), ("So400m_14", 384),
+):  # fmt: skip
+    _name = f"SigLIP-{_size}-{_res}"
+    _dims = _SIGLIP[_size]
+    MODEL_CONFIGS[_name] = _vit(
+        _name,
+        **_dims,
+        classifier="map",
+        posemb_grid=(_res // _dims["patch"],) * 2,
+        gelu_approximate=True,
+        layernorm_epsilon=1e-6,
+    )
+_DINOV2 = {  # DINOv2 (HF Dinov2Model / Dinov2WithRegistersModel): 518 px, patch 14
+    "S": dict(hidden=384, mlp=1536, heads=6, layers=12),
+    "B": dict(hidden=768, mlp=3072, heads=12, layers=12),
+    "L": dict(hidden=1024, mlp=4096, heads=16, layers=24),
+    "g": dict(hidden=1536, mlp=4096, heads=24, layers=40),  # SwiGLU: 4096 after the gate
+}
+for _size, _dims in _DINOV2.items():
+    for _registers in (0, 4):
+        _name = f"DINOv2-{_size}_14" + (f"-reg{_registers}" if _registers else "")
+        _config = _vit(
+            _name,
+            14,
+            **_dims,
+            classifier="token",
+            posemb_grid=(37, 37),
+            gelu_approximate=False,
+            layernorm_epsilon=1e-6,
+            num_registers=_registers,
+            posemb_antialias=bool(_registers),  # Dinov2WithRegisters resamples antialiased
+        )
+        _config["transformer"].update(
+            layer_scale_init=1e-5, mlp_type="swiglu" if _size == "g" else "gelu"
+        )
+        MODEL_CONFIGS[_name] = _config
+for _size, _dims in (("S", _S), ("B", _B), ("L", _L)):  # DeiT-III (timm deit3_*_patch16_224)
+    _name = f"DeiT3-{_size}_16"
+    MODEL_CONFIGS[_name] = _vit(
+        _name,
+        16,
+        **_dims,
+        posemb_grid=(14, 14),
+        posemb_covers_prefix=False,  # timm no_embed_class: cls has no position row
+        posemb_antialias=True,  # timm's dynamic_img_size resampling (antialias=True)
+        gelu_approximate=False,
+        layernorm_epsilon=1e-6,
+    )
+    MODEL_CONFIGS[_name]["transformer"]["layer_scale_init"] = 1e-6
 
 # AugReg ("How to train your ViT") short names -> zoo names.
 AUGREG_NAMES = {
@@ -212,15 +271,35 @@ def stride(config: str | ConfigLike) -> tuple[int, int]:
 
 
 def num_prefix_tokens(config: str | ConfigLike) -> int:
-    """Tokens before the patch tokens: class (+ DeiT distillation) token; 0 for gap/map/Mixer."""
+    """Tokens before the patch tokens in the sequence: class (+ DeiT distillation) token and
+    register tokens; 0 for gap/map/Mixer (what visualize and the probe skip)."""
     c = get_config(config)
     return families.get_family(c.model_type).num_prefix_tokens(c)
+
+
+def num_posemb_prefix_tokens(config: str | ConfigLike) -> int:
+    """Rows of the position table before the grid: class (+ distillation) token when the table
+    covers them; never the registers (what fitting / converting a position table needs)."""
+    c = get_config(config)
+    return families.get_family(c.model_type).posemb_prefix_tokens(c)
 
 
 def token_grid(config: str | ConfigLike, image_size: int | tuple[int, int]) -> tuple[int, int]:
     """(grid_h, grid_w) of patch tokens at `image_size`; an error naming it when not divisible."""
     c = get_config(config)
     return families.get_family(c.model_type).token_grid(c, image_size)
+
+
+def position_table_grid(
+    config: str | ConfigLike, image_size: int | tuple[int, int]
+) -> tuple[int, int]:
+    """The grid of the learned position table a model of `config` stores for `image_size`:
+    its fixed `posemb_grid` when set (other inputs resample it on the fly), else `token_grid`."""
+    c = get_config(config)
+    fixed = c.get("posemb_grid")
+    if fixed is not None:
+        return families.pair(fixed, "posemb_grid")
+    return token_grid(c, image_size)
 
 
 def scan_block(config: str | ConfigLike) -> str:

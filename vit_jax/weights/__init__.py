@@ -87,7 +87,7 @@ def _square_image_size(params: Mapping[str, Any], config: Any) -> list[int] | No
     flat = flatten(models.unstack_layers(params))
     posemb = flat.get(npz.POSEMB_KEY)
     if posemb is not None:
-        tokens = posemb.shape[1] - models.num_prefix_tokens(config)
+        tokens = posemb.shape[1] - models.num_posemb_prefix_tokens(config)
     else:
         kernel = flat.get("MixerBlock_0/token_mixing/Dense_0/kernel")
         tokens = None if kernel is None else kernel.shape[0]
@@ -182,12 +182,15 @@ def save(
     *,
     source: str = "params",
     overwrite: bool = False,
+    layout: str = "vit_jax",
 ) -> tuple[epath.Path, str]:
     """Writes `params` in the format `path` names; returns (path, 'npz' | 'hf' | 'timm').
 
     `.npz`: ours, with the JSON sidecar from `metadata`; `.safetensors`: a timm state dict;
     anything else: a transformers directory. `metadata` needs `model` (a config dict) for the
     PyTorch formats. `source` names where the parameters came from in error messages.
+    `layout='big_vision'` writes an `.npz` as a big_vision image tower (`params/img/...`,
+    `npz.save_big_vision`).
     """
     p = str(path)
     if p.endswith(TORCH_FILES) and not p.endswith(".safetensors"):
@@ -195,6 +198,10 @@ def save(
     kind = "timm" if p.endswith(".safetensors") else "npz" if p.endswith(".npz") else "hf"
     keys = ("model", "class_names", "image_size", "normalization")
     sidecar = {k: metadata.get(k) for k in keys if metadata.get(k) is not None}
+    if layout not in ("vit_jax", "big_vision") or (layout == "big_vision" and kind != "npz"):
+        raise ConversionError(f"{p}: layout {layout!r}; big_vision is an .npz layout")
+    if kind == "npz" and layout == "big_vision":
+        return npz.save_big_vision(params, p, metadata=sidecar, overwrite=overwrite), kind
     if kind == "npz":
         return npz.save_npz(params, p, metadata=sidecar, overwrite=overwrite), kind
     if not metadata.get("model"):

@@ -119,7 +119,7 @@ def vit_facts(
         )
     patch = tuple(int(p) for p in config.patches.size)
     hidden = int(config.hidden_size)
-    prefix = models.num_prefix_tokens(config)
+    prefix = models.num_posemb_prefix_tokens(config)
     posemb = flat.get("Transformer/posembed_input/pos_embedding")
     if posemb is None:
         raise ConversionError("params have no Transformer/posembed_input/pos_embedding")

@@ -139,7 +139,7 @@ def _prefix_tokens(model_config: Any, targets: Mapping[str, Any]) -> int:
     """The model's tokens before the grid (the family's count; its parameters without a config)."""
     if model_config is None:
         return sum(k in targets for k in ("cls", "dist"))
-    return models.num_prefix_tokens(models.get_config(model_config))
+    return models.num_posemb_prefix_tokens(models.get_config(model_config))
 
 
 def _as_arrays(tree: Mapping[str, Any]) -> Any:

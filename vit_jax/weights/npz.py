@@ -10,7 +10,12 @@ variants in the wild and returns them in that one layout:
   adds `cls` after the position embeddings, so the slot we insert is zero: the same function),
   Linen auto-named block children (`MultiHeadDotProductAttention_0`, `LayerNorm_1`,
   `MlpBlock_0`), `MAPHead_0`, and scanned `encoderblock` with a leading depth axis (kept scanned;
-  `load_pretrained` and `vit_jax.models.unstack_layers` convert).
+  `load_pretrained` and `vit_jax.models.unstack_layers` convert);
+- big_vision two-tower files (SigLIP): `params/img/...` is the image tower (`img/pos_embedding`
+  (1, N, D) without a class slot, `img/MAPHead_0`, the `img/head` projection as our `head`); the
+  text tower `params/txt/...` and the scalars `t`, `b` are left out with one log line.
+  `save_big_vision` writes an image tower back in that layout (`params/img/`, root
+  `pos_embedding`, Linen block names, blocks scanned), bit for bit what `load` read.
 
 Files are never unpickled (`allow_pickle=False`); remote files (`gs://`, `https://`, anything
 `tf.io.gfile` opens) are copied once into a local cache (`$VIT_JAX_CACHE`, default
@@ -40,16 +45,20 @@ from vit_jax.weights.errors import CheckpointError, CheckpointNotFoundError
 from vit_jax.weights.tree import flatten, unflatten
 
 __all__ = [
+    "BIG_VISION_IMAGE",
     "POSEMB_KEY",
+    "big_vision_layout",
     "load",
     "metadata_path",
     "normalise",
     "read_metadata",
     "read_npz",
+    "save_big_vision",
     "save_npz",
 ]
 
 POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
+BIG_VISION_IMAGE = "img/"
 # Linen auto-names of a ViT block's children (big_vision, Linen ports) -> the published names.
 _LINEN_BLOCK_NAMES = {
     "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
@@ -124,11 +133,32 @@ def _select_subtree(flat: dict[str, np.ndarray], prefix: str, path: str) -> dict
     return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
 
 
+def _select_image_tower(flat: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    """A big_vision two-tower file (SigLIP, LiT): the image tower `img/` (the text tower
+    `txt/` and the scalars `t` / `b` are left out, with one log line)."""
+    if not any(k.startswith(BIG_VISION_IMAGE) for k in flat):
+        return flat
+    rest = sorted(k for k in flat if not k.startswith(BIG_VISION_IMAGE))
+    if rest:
+        towers = sorted({k.split("/")[0] for k in rest})
+        logging.info(
+            "%s: reading the image tower %s; leaving out %d entries (%s)",
+            path,
+            BIG_VISION_IMAGE,
+            len(rest),
+            ", ".join(f"{t}/" if any(k.startswith(f"{t}/") for k in rest) else t for t in towers),
+        )
+    return {
+        k[len(BIG_VISION_IMAGE) :]: v for k, v in flat.items() if k.startswith(BIG_VISION_IMAGE)
+    }
+
+
 def normalise(flat: Mapping[str, np.ndarray], path: str = "checkpoint") -> dict[str, np.ndarray]:
     """Published-layout keys and shapes from every variant (see the module docstring)."""
     flat = dict(flat)
     for prefix in ("opt/target/", "params/"):
         flat = _select_subtree(flat, prefix, path)
+    flat = _select_image_tower(flat, path)
     if "pos_embedding" in flat:  # big_vision: at the root, without the class-token slot
         if POSEMB_KEY in flat:
             raise CheckpointError(f"{path}: holds both 'pos_embedding' and {POSEMB_KEY!r}")
@@ -248,4 +278,70 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-# ----------------------------------------------------------------------------- fine-tuning
+# ----------------------------------------------------------------------------- big_vision
+
+_TO_LINEN = {v: k for k, v in _LINEN_BLOCK_NAMES.items()}
+_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/(.*)$")
+# (parameter-name test, what) for what big_vision's ViT has no parameter for
+_NOT_BIG_VISION = (
+    (lambda part: part.startswith("LayerScale_"), "LayerScale"),
+    (lambda part: part == "registers", "register tokens"),
+    (lambda part: part in ("query_norm", "key_norm"), "query/key norms"),
+    (lambda part: part in ("dist", "head_dist"), "a distillation token"),
+)
+
+
+def big_vision_layout(params: Mapping[str, Any], *, scan: bool = True) -> dict[str, np.ndarray]:
+    """Our ViT parameters as a big_vision image tower's flat dict (`params/img/...`).
+
+    The position table moves to `pos_embedding` at the tower's root without class-token slots
+    (which must be zero: big_vision adds the class token after the position embeddings), block
+    children take Linen's names (`MultiHeadDotProductAttention_0`, `LayerNorm_1`,
+    `MlpBlock_0`) and, with `scan`, the blocks are stacked into one `encoderblock` with a
+    leading depth axis. Parameters big_vision's ViT lacks are an error naming them.
+    """
+    flat = {k: np.asarray(v) for k, v in flatten(models.unstack_layers(params)).items()}
+    for test, what in _NOT_BIG_VISION:
+        found = [k for k in flat if any(test(part) for part in k.split("/"))]
+        if found:
+            raise CheckpointError(f"big_vision's ViT has no {what}: {found[0]}")
+    out: dict[str, np.ndarray] = {}
+    blocks: dict[str, dict[int, np.ndarray]] = {}
+    for key, value in flat.items():
+        if key == POSEMB_KEY:
+            prefix = int("cls" in flat)
+            if prefix and value[:, :prefix].any():
+                raise CheckpointError(
+                    f"{POSEMB_KEY}: a nonzero class-token slot, which big_vision's "
+                    "pos_embedding (patches only) cannot hold"
+                )
+            out["pos_embedding"] = value[:, prefix:]
+            continue
+        m = _BLOCK.match(key)
+        if not m:
+            out[key] = value
+            continue
+        child, _, rest = m.group(2).partition("/")
+        name = f"{_TO_LINEN.get(child, child)}/{rest}"
+        if scan:
+            blocks.setdefault(name, {})[int(m.group(1))] = value
+        else:
+            out[f"Transformer/encoderblock_{m.group(1)}/{name}"] = value
+    for name, layers in blocks.items():
+        out[f"Transformer/encoderblock/{name}"] = np.stack([layers[i] for i in sorted(layers)])
+    return {f"params/{BIG_VISION_IMAGE}{k}": v for k, v in out.items()}
+
+
+def save_big_vision(
+    params: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    scan: bool = True,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> epath.Path:
+    """Writes an image tower as a big_vision `.npz` (`big_vision_layout`); `load` reads it back
+    bit for bit. Atomic and never overwriting unless asked, as `save_npz`."""
+    return save_npz(
+        big_vision_layout(params, scan=scan), path, metadata=metadata, overwrite=overwrite
+    )

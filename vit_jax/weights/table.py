@@ -17,9 +17,10 @@ key on either side is reported, all of them in one error.
 Transforms are named pairs (to ours, to theirs) with the shape rule between them: `IDENTITY`,
 `CONV` (OIHW <-> HWIO), `DENSE` ((out, in) <-> (in, out)), `HEADS_IN` (q/k/v kernels,
 (H*hd, D) <-> (D, H, hd)), `HEADS_OUT` (attention output, (D, H*hd) <-> (H, hd, D)), `HEADS_BIAS`
-((H*hd,) <-> (H, hd)). A row with several of our keys is *fused*: their array is the
-concatenation of the transformed parts along the first axis (timm's `attn.qkv`), split again when
-reading. Adding a parameter to a format is one row.
+((H*hd,) <-> (H, hd)), `UNBATCHED` ((1, N, D) <-> (N, D): an `nn.Embedding` position table).
+A row with several of our keys is *fused*: their array is the concatenation of the transformed
+parts along the first axis (timm's `attn.qkv`, torch `nn.MultiheadAttention`'s `in_proj_weight`),
+split again when reading. Adding a parameter to a format is one row.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "Row",
     "Table",
     "Transform",
+    "UNBATCHED",
 ]
 
 Shape = tuple[int, ...]
@@ -82,6 +84,12 @@ HEADS_OUT = Transform(
     lambda s: (s[2], s[0] * s[1]),
     lambda a, s: pt.out_from_torch(a, s[0]),
     pt.out_to_torch,
+)
+UNBATCHED = Transform(
+    "leading unit axis (1, *s)<->s",
+    lambda s: s[1:],
+    lambda a, s: a.reshape(s),
+    lambda a: a.reshape(a.shape[1:]),
 )
 HEADS_BIAS = Transform(
     "head bias (H*hd,)<->(H, hd)",

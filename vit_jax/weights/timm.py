@@ -29,7 +29,7 @@ from absl import logging
 from etils import epath
 
 from vit_jax import models
-from vit_jax.weights import npz
+from vit_jax.weights import npz, options
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import ConversionError
 from vit_jax.weights.facts import (
@@ -69,15 +69,15 @@ _FEATURE_KEYS = {
     "distillation": "dist_token",
     "head": "head.weight",
     "head_dist": "head_dist.weight",
+    "registers": "reg_token",
+    "map": "attn_pool.latent",
+    "qk_norm": "blocks.0.attn.q_norm.weight",
 }
 _LAYER_SCALE = re.compile(r"^blocks\.\d+\.ls[12]\.gamma$")
 _UNSUPPORTED = {
     "norm_pre.": "a pre-norm (CLIP-style norm_pre)",
-    "reg_token": "register tokens",
-    "attn_pool.": "attention pooling (attn_pool)",
     "patch_embed.backbone.": "a CNN backbone (hybrid)",
     "patch_embed.norm.": "a patch-embedding norm",
-    ".q_norm.": "query/key norms",
     ".attn.norm.": "attention scale-norm",
     ".mlp.norm.": "MLP scale-norm",
     "fc_norm.": "a LayerNorm after pooling (fc_norm)",
@@ -108,6 +108,45 @@ def _timm_hub_config(path: epath.Path) -> dict[str, Any]:
 _L = "Transformer/encoderblock_{i}/"
 _A = f"{_L}MultiHeadDotProductAttention_1/"
 _B = "blocks.{i}."
+_M = "MAPHead_0/"
+_MA = f"{_M}MultiHeadDotProductAttention_0/"
+
+
+def _rows(ours: str, theirs: str, transform, shape: str, **kw) -> tuple[Row, Row]:
+    """(weight, bias) rows: `kernel` (Dense / attention) or `scale` (norms), and `bias`."""
+    first = "scale" if transform is IDENTITY else "kernel"
+    bias = HEADS_BIAS if transform is HEADS_IN else IDENTITY
+    bias_shape = "H hd" if transform is HEADS_IN else shape.split()[-1]
+    return (
+        Row(f"{ours}/{first}", f"{theirs}.weight", transform, shape, **kw),
+        Row(f"{ours}/bias", f"{theirs}.bias", bias, bias_shape, **kw),
+    )
+
+
+# timm's AttentionPoolLatent (`global_pool='map'`): a latent query, `q` and a fused `kv`.
+_MAP_ROWS = (
+    Row(f"{_M}probe", "attn_pool.latent", IDENTITY, "1 1 D", when="map"),
+    *_rows(f"{_MA}query", "attn_pool.q", HEADS_IN, "D H hd", when="map"),
+    Row(
+        tuple(f"{_MA}{n}/kernel" for n in ("key", "value")),
+        "attn_pool.kv.weight",
+        HEADS_IN,
+        "D H hd",
+        when="map",
+    ),
+    Row(
+        tuple(f"{_MA}{n}/bias" for n in ("key", "value")),
+        "attn_pool.kv.bias",
+        HEADS_BIAS,
+        "H hd",
+        when="map",
+    ),
+    Row(f"{_MA}out/kernel", "attn_pool.proj.weight", HEADS_OUT, "H hd D", when="map"),
+    Row(f"{_MA}out/bias", "attn_pool.proj.bias", IDENTITY, "D", when="map"),
+    *_rows(f"{_M}LayerNorm_0", "attn_pool.norm", IDENTITY, "D", when="map"),
+    *_rows(f"{_M}MlpBlock_0/Dense_0", "attn_pool.mlp.fc1", DENSE, "D M", when="map"),
+    *_rows(f"{_M}MlpBlock_0/Dense_1", "attn_pool.mlp.fc2", DENSE, "M D", when="map"),
+)
 
 TABLE = Table(
     rows=(
@@ -115,6 +154,7 @@ TABLE = Table(
         Row("embedding/bias", "patch_embed.proj.bias", IDENTITY, "D", optional=True),
         Row("cls", "cls_token", IDENTITY, "1 1 D", when="class_token"),
         Row("dist", "dist_token", IDENTITY, "1 1 D", when="distillation"),
+        Row("registers", "reg_token", IDENTITY, "1 NR D", when="registers"),
         Row(npz.POSEMB_KEY, "pos_embed", IDENTITY, "1 T D"),
         Row("Transformer/encoder_norm/scale", "norm.weight", IDENTITY, "D"),
         Row("Transformer/encoder_norm/bias", "norm.bias", IDENTITY, "D"),
@@ -122,6 +162,7 @@ TABLE = Table(
         Row("head/bias", "head.bias", IDENTITY, "N", when="head"),
         Row("head_dist/kernel", "head_dist.weight", DENSE, "D N", when="head_dist"),
         Row("head_dist/bias", "head_dist.bias", IDENTITY, "N", when="head_dist"),
+        *_MAP_ROWS,
     ),
     block=(
         Row(f"{_L}LayerNorm_0/scale", f"{_B}norm1.weight", IDENTITY, "D"),
@@ -134,13 +175,16 @@ TABLE = Table(
             "H hd",
             optional=True,
         ),
+        *_rows(f"{_A}query_norm", f"{_B}attn.q_norm", IDENTITY, "hd", when="qk_norm"),
+        *_rows(f"{_A}key_norm", f"{_B}attn.k_norm", IDENTITY, "hd", when="qk_norm"),
         Row(f"{_A}out/kernel", f"{_B}attn.proj.weight", HEADS_OUT, "H hd D"),
         Row(f"{_A}out/bias", f"{_B}attn.proj.bias", IDENTITY, "D"),
         Row(f"{_L}LayerScale_1/scale", f"{_B}ls1.gamma", IDENTITY, "D", when="layer_scale"),
         Row(f"{_L}LayerNorm_2/scale", f"{_B}norm2.weight", IDENTITY, "D"),
         Row(f"{_L}LayerNorm_2/bias", f"{_B}norm2.bias", IDENTITY, "D"),
-        Row(f"{_L}MlpBlock_3/Dense_0/kernel", f"{_B}mlp.fc1.weight", DENSE, "D M"),
-        Row(f"{_L}MlpBlock_3/Dense_0/bias", f"{_B}mlp.fc1.bias", IDENTITY, "M"),
+        *_rows(f"{_L}MlpBlock_3/Dense_0", f"{_B}mlp.fc1", DENSE, "D M", when="gelu_mlp"),
+        # SwiGLUPacked (DINOv2-g): fc1 holds [x1 | x2] rows, hidden = silu(x1) * x2
+        *_rows(f"{_L}MlpBlock_3/Dense_0", f"{_B}mlp.fc1", DENSE, "D M2", when="swiglu"),
         Row(f"{_L}MlpBlock_3/Dense_1/kernel", f"{_B}mlp.fc2.weight", DENSE, "M D"),
         Row(f"{_L}MlpBlock_3/Dense_1/bias", f"{_B}mlp.fc2.bias", IDENTITY, "D"),
         Row(f"{_L}LayerScale_3/scale", f"{_B}ls2.gamma", IDENTITY, "D", when="layer_scale"),
@@ -171,8 +215,18 @@ def from_timm(
     transformer = dict(mlp_dim=dims["M"], num_heads=dims["H"], num_layers=f["layers"])
     if "layer_scale" in f["features"]:
         transformer["layer_scale_init"] = _layer_scale_init(stored, meta, hub)
+    if "qk_norm" in f["features"]:
+        transformer["qk_norm"] = True
+    if "swiglu" in f["features"]:
+        transformer["mlp_type"] = "swiglu"
+    extra: dict[str, Any] = {}
+    if dims["NR"]:
+        extra["num_registers"] = dims["NR"]
+    if not f["covers_prefix"]:
+        extra["posemb_covers_prefix"] = False
     model_config = models.get_config(
         dict(
+            **extra,
             name=str(stored.get("name") or model or hub.get("architecture") or path.stem),
             patches=dict(size=(dims["ph"], dims["pw"])),
             hidden_size=dims["D"],
@@ -201,8 +255,8 @@ def from_timm(
 def _read_facts(path, state, meta, hub, *, model, num_heads, size) -> dict[str, Any]:
     """The table's dims and features, the pooling and the image size of a timm state dict.
 
-    The state comes back with `pos_embed` given zero prefix slots when it has none
-    (`no_embed_class`). Checks run in the order their errors are most useful.
+    `pos_embed` without rows for the prefix tokens (`no_embed_class`) is our
+    `posemb_covers_prefix=False`. Checks run in the order their errors are most useful.
     """
     stored = meta.get("model") or {}
     zoo = models.get_config(model) if model else None
@@ -227,18 +281,28 @@ def _read_facts(path, state, meta, hub, *, model, num_heads, size) -> dict[str, 
             f"({zoo.hidden_size}, {zoo.transformer.num_layers})"
         )
     prefix = sum(k in state for k in ("cls_token", "dist_token"))
-    classifier = _classifier(path, stored, hub, has_class_token=bool(prefix))
+    pooling = _classifier(
+        path, stored, hub, has_class_token=bool(prefix), has_map="attn_pool.latent" in state
+    )
     if "dist_token" in state and "cls_token" not in state:
         raise ConversionError(f"{path}: dist_token without cls_token")
     h, w = _image_size(path, state, meta, hub, size, prefix=prefix, d=d, patch=(ph, pw))
     grid_tokens = (h // ph) * (w // pw)
-    posemb = state["pos_embed"]
-    if prefix and posemb.shape[1] == grid_tokens:  # no_embed_class: no slot for the prefix
-        posemb = np.concatenate([np.zeros((1, prefix, d), posemb.dtype), posemb], axis=1)
-        state = {**state, "pos_embed": posemb}
-    dims = dict(D=d, H=heads, hd=d // heads, M=0 if fc1 is None else int(fc1.shape[0]))
-    dims.update(ph=ph, pw=pw, T=grid_tokens + prefix)
+    registers = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
+    rows = state["pos_embed"].shape[1]
+    if registers and rows == grid_tokens + prefix + registers:
+        raise ConversionError(
+            f"{path}: pos_embed {tuple(state['pos_embed'].shape)} has rows for the register "
+            "tokens, which our position table (class token and patches) does not"
+        )
+    covers_prefix = not (prefix and rows == grid_tokens)  # no_embed_class: patches only
+    fc2 = state.get("blocks.0.mlp.fc2.weight")
+    mlp = 0 if fc2 is None else int(fc2.shape[1])
+    swiglu = fc1 is not None and int(fc1.shape[0]) == 2 * mlp != 0
+    dims = dict(D=d, H=heads, hd=d // heads, M=mlp, M2=2 * mlp, NR=registers)
+    dims.update(ph=ph, pw=pw, T=grid_tokens + (prefix if covers_prefix else 0))
     features = {name for name, key in _FEATURE_KEYS.items() if key in state}
+    features.add("swiglu" if swiglu else "gelu_mlp")
     if any(_LAYER_SCALE.match(k) for k in state):
         features.add("layer_scale")
     for head in ("head_dist", "head"):  # the class count: head's, else head_dist's
@@ -249,8 +313,9 @@ def _read_facts(path, state, meta, hub, *, model, num_heads, size) -> dict[str, 
         dims=dims,
         layers=layers,
         features=features,
-        classifier=classifier,
+        classifier=pooling,
         image_size=(h, w),
+        covers_prefix=covers_prefix,
     )
 
 
@@ -285,22 +350,25 @@ def _layer_scale_init(stored, meta, hub) -> float:
     return float(recorded) if recorded else 1e-5
 
 
-def _classifier(path, stored, hub, *, has_class_token: bool) -> str:
-    """'token' or 'gap': from our sidecar, the hub config's global_pool, or the class token."""
+def _classifier(path, stored, hub, *, has_class_token: bool, has_map: bool) -> str:
+    """'token', 'gap' or 'map': from our sidecar, the hub config's global_pool, or the keys."""
     if stored.get("classifier"):
         pool = {"token": "token", "gap": "avg"}.get(stored["classifier"], stored["classifier"])
     elif hub.get("global_pool") is not None:
         pool = hub["global_pool"]
     else:
-        pool = "token" if has_class_token else "avg"
+        pool = "map" if has_map else "token" if has_class_token else "avg"
         logging.info("%s: no pooling recorded; assuming global_pool=%r", path, pool)
-    if pool == "token" and has_class_token:
+    if pool == "map" and has_map and not has_class_token:
+        return "map"
+    if pool == "token" and has_class_token and not has_map:
         return "token"
-    if pool == "avg" and not has_class_token:
+    if pool == "avg" and not has_class_token and not has_map:
         return "gap"
     raise ConversionError(
-        f"{path}: global_pool {pool!r} with class_token={has_class_token}; our ViT supports "
-        "'token' (class token) and 'avg' without a class token"
+        f"{path}: global_pool {pool!r} with class_token={has_class_token}, attn_pool={has_map}; "
+        "our ViT supports "
+        "'token' (class token), 'avg' without a class token and 'map' (attn_pool)"
     )
 
 
@@ -341,22 +409,32 @@ def to_timm(
         model_config,
         image_size=image_size,
         target="timm VisionTransformer",
-        classifiers=("token", "gap"),
+        classifiers=("token", "gap", "map"),
         features_representation=False,
         distillation=True,
         layer_scale=True,
     )
+    options.check_options(
+        f.config, "timm VisionTransformer", registers=True, query_key_norm=True, swiglu_mlp=True
+    )
     names = class_names_for(f.num_classes, class_names)
     distilled = bool(f.config.distillation_token)
     layer_scale = uses_layer_scale(f.config) or LAYER_SCALE_KEY in f.flat
+    swiglu = options.swiglu(f.config)
     on = {
-        "class_token": bool(f.num_prefix_tokens),
+        "class_token": f.config.classifier == "token",
         "distillation": distilled,
         "head": bool(f.num_classes),
         "head_dist": bool(f.num_classes) and distilled,
         "layer_scale": layer_scale,
+        "registers": bool(options.num_registers(f.config)),
+        "map": f.config.classifier == "map",
+        "qk_norm": options.qk_norm(f.config),
+        "swiglu": swiglu,
+        "gelu_mlp": not swiglu,
     }
-    keys = TABLE.at(layers=f.layers, dims=f.dims, features=[k for k, v in on.items() if v])
+    dims = {**f.dims, "M2": 2 * f.mlp, "NR": options.num_registers(f.config)}
+    keys = TABLE.at(layers=f.layers, dims=dims, features=[k for k, v in on.items() if v])
     state = keys.to_theirs(f.flat, source=source, what=f"a {f.config.name or 'ViT'} of this config")
     kwargs = _timm_kwargs(f, layer_scale=layer_scale)
     if float(f.config.layernorm_epsilon) != 1e-6:
@@ -388,8 +466,8 @@ def _timm_kwargs(f: VitFacts, *, layer_scale: bool) -> dict[str, Any]:
         "num_heads": f.heads,
         "mlp_ratio": f.mlp / d,
         "qkv_bias": True,
-        "class_token": bool(f.num_prefix_tokens),
-        "global_pool": "token" if f.num_prefix_tokens else "avg",
+        "class_token": f.config.classifier == "token",
+        "global_pool": {"token": "token", "gap": "avg"}.get(f.config.classifier, "map"),
         "fc_norm": False,
         "num_classes": f.num_classes or 0,
     }
@@ -397,4 +475,13 @@ def _timm_kwargs(f: VitFacts, *, layer_scale: bool) -> dict[str, Any]:
         kwargs["act_layer"] = "gelu_tanh"
     if layer_scale:
         kwargs["init_values"] = float(f.config.transformer.get("layer_scale_init") or 1e-5)
+    if options.num_registers(f.config):
+        kwargs["reg_tokens"] = options.num_registers(f.config)
+    if not f.config.get("posemb_covers_prefix", True):
+        kwargs["no_embed_class"] = True
+    if options.qk_norm(f.config):
+        kwargs["qk_norm"] = True
+    if options.swiglu(f.config):
+        kwargs["mlp_layer"] = "SwiGLUPacked"
+        kwargs["mlp_ratio"] = f.mlp * 2 / d
     return kwargs

@@ -1,0 +1,179 @@
+"""What every Hugging Face transformers family shares: the model directory, read and written.
+
+A model directory holds `config.json` and `model.safetensors` (or shards listed in
+`model.safetensors.index.json`, or a `pytorch_model.bin` read with `weights_only=True`).
+`read_files` returns its config and raw state dict; each family (`hf` for ViT / DeiT,
+`hf_siglip`, `hf_dinov2`) renames and converts it with its own key table, and `write_dir`
+writes a family's state dict and config back. `hf.from_hf` / `hf.to_hf` are the one entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from absl import logging
+from etils import epath
+
+from vit_jax.weights import pytorch as pt
+from vit_jax.weights.errors import CheckpointNotFoundError, ConversionError
+
+__all__ = [
+    "CONFIG",
+    "GELU",
+    "WEIGHTS",
+    "check_channels_and_heads",
+    "class_names",
+    "gelu_approximate",
+    "labels_config",
+    "read_files",
+    "shard_files",
+    "strip_prefix",
+    "write_dir",
+]
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+# transformers `hidden_act` -> our `gelu_approximate`
+GELU = {"gelu": False, "gelu_python": False, "gelu_pytorch_tanh": True, "gelu_new": True}
+
+
+def read_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config.json as a dict, the raw state dict) of a transformers model directory."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise CheckpointNotFoundError(f"{path}: no such directory")
+    if not (p / CONFIG).exists():
+        raise ConversionError(f"{path}: no {CONFIG}; expected a transformers model directory")
+    try:
+        config = json.loads((p / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{p / CONFIG}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{p / CONFIG}: expected a JSON object")
+    index = p / f"{WEIGHTS}.index.json"
+    if (p / WEIGHTS).exists():
+        raw = pt.read_safetensors(p / WEIGHTS)
+    elif index.exists():
+        raw = {}
+        for shard in shard_files(p, index):
+            raw.update(pt.read_safetensors(shard))
+    elif (p / "pytorch_model.bin").exists():
+        raw = pt.read_torch_bin(p / "pytorch_model.bin")
+    else:
+        raise ConversionError(
+            f"{path}: no weights ({WEIGHTS}, {WEIGHTS}.index.json or pytorch_model.bin)"
+        )
+    return config, raw
+
+
+def shard_files(folder: epath.Path, index: epath.Path) -> list[epath.Path]:
+    """The shard files a sharded checkpoint's index names, each confined to `folder`.
+
+    A name must be a plain relative path (no absolute path, no '..') and, symlinks resolved,
+    stay inside the folder, so a crafted index cannot make us read a file elsewhere. The one
+    exception is the Hugging Face hub cache, whose `snapshots/<rev>/` files are symlinks into
+    the same repository's `blobs/`.
+    """
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(
+            f"{index}: not a sharded-checkpoint index (expected JSON with a 'weight_map' of "
+            f"parameter name -> shard file; {type(e).__name__}: {e})"
+        ) from None
+    root = os.path.realpath(folder)
+    allowed = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":  # hub cache: <repo>/snapshots/<rev>
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    shards = []
+    for name in names:
+        parts = name.replace("\\", "/").split("/") if isinstance(name, str) else []
+        if (
+            not parts
+            or os.path.isabs(name)
+            or name.startswith(("/", "\\"))
+            or any(part in ("", ".", "..") for part in parts)
+            or ":" in parts[0]
+        ):
+            raise ConversionError(
+                f"{index}: shard {name!r} is not a file name inside {folder} (refused)"
+            )
+        target = os.path.realpath(folder / name)
+        if not any(os.path.commonpath([target, a]) == a for a in allowed):
+            raise ConversionError(
+                f"{index}: shard {name!r} resolves to {target}, outside {folder} (refused)"
+            )
+        shards.append(folder / name)
+    return shards
+
+
+def strip_prefix(path: Any, state: Mapping[str, np.ndarray], prefix: str) -> dict[str, Any]:
+    """`state` with a leading `prefix` removed where present; a clash is an error."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        name = key.removeprefix(prefix)
+        if name in out:
+            raise ConversionError(f"{path}: {key!r} and another key both mean {name!r}")
+        out[name] = value
+    return out
+
+
+def gelu_approximate(path: Any, config: Mapping[str, Any], default: str) -> bool:
+    """Our `gelu_approximate` from `hidden_act` ('gelu' exact, 'gelu_pytorch_tanh' tanh)."""
+    act = config.get("hidden_act", default)
+    if act not in GELU:
+        raise ConversionError(f"{path}: hidden_act {act!r}; supported: {', '.join(GELU)}")
+    return GELU[act]
+
+
+def check_channels_and_heads(path: Any, config: Mapping[str, Any]) -> tuple[int, int]:
+    """(hidden_size, heads), after checking 3 input channels and heads x head_dim = width."""
+    if int(config.get("num_channels", 3)) != 3:
+        raise ConversionError(f"{path}: num_channels {config['num_channels']}, expected 3")
+    d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    if d % heads or int(config.get("head_dim") or d // heads) * heads != d:
+        raise ConversionError(f"{path}: num_attention_heads {heads} x head_dim != hidden_size {d}")
+    return d, heads
+
+
+def class_names(config: Mapping[str, Any], num_classes: int | None) -> list[str] | None:
+    """The `id2label` names, or None when absent or transformers' placeholders (LABEL_i)."""
+    id2label = config.get("id2label") or {}
+    if not num_classes or not id2label:
+        return None
+    try:
+        names = [str(id2label.get(str(i), id2label.get(i))) for i in range(num_classes)]
+    except (TypeError, AttributeError):
+        return None
+    if any(n == "None" for n in names) or names == [f"LABEL_{i}" for i in range(num_classes)]:
+        return None
+    return names
+
+
+def labels_config(names: list[str] | None, num_classes: int | None) -> dict[str, Any]:
+    """`id2label` / `label2id` of a config.json (label2id left out for duplicate names)."""
+    labels = names or [f"LABEL_{i}" for i in range(num_classes or 0)]
+    out: dict[str, Any] = {"id2label": {str(i): n for i, n in enumerate(labels)}}
+    if len(set(labels)) == len(labels):
+        out["label2id"] = {n: i for i, n in enumerate(labels)}
+    return out
+
+
+def write_dir(
+    state: Mapping[str, np.ndarray], config: Mapping[str, Any], path: str | os.PathLike
+) -> epath.Path:
+    """Writes a transformers model directory: `model.safetensors` (float32) + `config.json`."""
+    out = epath.Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{path}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {k: np.asarray(v).astype(np.float32) for k, v in state.items()}
+    pt.write_safetensors(arrays, out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps(dict(config), indent=2))
+    logging.info("wrote transformers %s to %s", config["architectures"][0], out)
+    return out
