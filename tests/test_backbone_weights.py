@@ -408,6 +408,14 @@ def test_big_vision_siglip_file_loads_matches_hf_and_round_trips(tmp_path, caplo
     assert sorted(back) == sorted(image) and fmt == "npz"
     for key, value in image.items():
         np.testing.assert_array_equal(back[key], value, err_msg=key)
+    # ... and through the converter (python -m vit_jax.convert ... --layout big_vision)
+    from vit_jax import convert
+
+    *_, again, _ = convert.convert(
+        tmp_path / "siglip.npz", tmp_path / "again.npz", model=BV_SPEC, layout="big_vision"
+    )
+    with np.load(again) as written:
+        assert sorted(written.files) == sorted(image)
     with pytest.raises(
         ConversionError, match="SiglipVisionModel has no classifier.*head/kernel \\(16, 8\\)"
     ):

@@ -30,6 +30,7 @@ def convert(
     model: str | None = None,
     num_heads: int | None = None,
     image_size: int | tuple[int, int] | None = None,
+    layout: str = "vit_jax",
 ) -> tuple[dict[str, Any], dict[str, Any], epath.Path, str]:
     """Reads `src`, writes `dst`; returns (params, metadata, written path, its format)."""
     if os.path.abspath(str(src)) == os.path.abspath(str(dst)):
@@ -40,7 +41,7 @@ def convert(
             f"{src}: the file does not say which model it holds (no JSON sidecar); "
             "pass --model NAME (e.g. ViT-B_16)"
         )
-    out, kind = weights.save(params, meta, dst, source=str(src))
+    out, kind = weights.save(params, meta, dst, source=str(src), layout=layout)
     return params, meta, out, kind
 
 

@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="zoo name, for an .npz without sidecar / a timm file")
     parser.add_argument("--image-size", type=_size, help="H or HxW (non-square grids)")
     parser.add_argument("--num-heads", type=int, help="attention heads of a timm state dict")
+    parser.add_argument(
+        "--layout",
+        choices=("vit_jax", "big_vision"),
+        default="vit_jax",
+        help="the .npz layout to write: ours (the published one) or big_vision's (SigLIP towers)",
+    )
     parser.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     args = parser.parse_args(argv)
     try:
@@ -52,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model,
             num_heads=args.num_heads,
             image_size=args.image_size,
+            layout=args.layout,
         )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         return cli.fail(e, cli.EXIT_CONFIG)
