@@ -387,3 +387,22 @@ def test_position_table_grid_is_the_fixed_grid_when_set():
     assert models.position_table_grid("DINOv2-S_14", 224) == (37, 37)
     assert models.position_table_grid("SigLIP-So400m_14-224", 448) == (16, 16)
     assert models.position_table_grid("ViT-B_16", (384, 224)) == (24, 14)
+
+
+def test_a_fixed_table_model_loads_at_any_resolution(tmp_path):
+    """predict / evaluate / the teacher read a `posemb_grid` model at another size: the stored
+    table is kept (fit does not resample it), the model resamples it on the fly."""
+    from vit_jax import inference, weights
+
+    config = dict(TINY, name="tiny-fixed", posemb_grid=(4, 4), num_registers=2)
+    model = models.get_model(config, num_classes=3)
+    params = _randomize(model.init(jax.random.key(0), _images(16, 16), train=False)["params"])
+    params = jax.tree.map(np.asarray, params)
+    meta = {"model": models.get_config(config).to_dict(), "image_size": [16, 16]}
+    weights.save(params, meta, tmp_path / "fixed.npz")
+    at_24 = inference.load_model(str(tmp_path / "fixed.npz"), resolution=24)
+    table = at_24.params["Transformer"]["posembed_input"]["pos_embedding"]
+    np.testing.assert_array_equal(table, params["Transformer"]["posembed_input"]["pos_embedding"])
+    images = np.asarray(_images(24, 24))
+    expected, _ = model.apply({"params": params}, images, train=False)
+    np.testing.assert_allclose(at_24.logits(images), expected, atol=1e-5)

@@ -84,6 +84,15 @@ def token_grid(model_config: Any, image_size: int | tuple[int, int]) -> tuple[in
         raise CheckpointError(str(e)) from None
 
 
+def _table_grid(model_config: Any, image_size: Any) -> tuple[int, int]:
+    """The grid of the position table the model stores for `image_size`: its fixed
+    `posemb_grid` when set (other inputs resample it on the fly), else the token grid."""
+    try:
+        return models.position_table_grid(models.get_config(model_config), image_size)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def _model_grid(tokens: int, model_config: Any, image_size: Any) -> tuple[int, int]:
     if image_size is None:
         side = math.isqrt(tokens)
@@ -93,7 +102,7 @@ def _model_grid(tokens: int, model_config: Any, image_size: Any) -> tuple[int, i
                 "so the position embeddings can be resampled"
             )
         return side, side
-    grid = token_grid(model_config, image_size)
+    grid = _table_grid(model_config, image_size)
     if grid[0] * grid[1] != tokens:
         raise CheckpointError(
             f"image_size {image_size} gives a {grid} token grid, but the model's "
@@ -107,7 +116,7 @@ def _stored_grid(what: str, metadata: Mapping[str, Any]) -> tuple[int, int] | No
     if not (metadata.get("image_size") and metadata.get("model")):
         return None
     try:
-        return token_grid(metadata["model"], tuple(metadata["image_size"]))
+        return _table_grid(metadata["model"], tuple(metadata["image_size"]))
     except (ValueError, TypeError) as e:
         logging.warning("%s: ignoring the recorded model/image_size (%s)", what, e)
         return None
