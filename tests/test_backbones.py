@@ -365,6 +365,7 @@ def test_visualize_hides_registers_and_shows_them_on_request(tmp_path):
     params = _randomize(model.init(jax.random.key(0), x, train=False)["params"])
     trained = SimpleNamespace(
         model_config=config,
+        normalization=None,
         crop=16,
         intermediates=lambda images: model.apply(
             {"params": params}, images, train=False, return_intermediates=True

@@ -187,7 +187,7 @@ def _maps(
     return images
 
 
-def main(argv: list[str] | None = None) -> int:
+def _flags(argv: list[str] | None):
     p = cli.ArgumentParser(
         prog="python -m vit_jax.visualize",
         description=__doc__,
@@ -206,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=int, default=0, help="output size in pixels (default: >= 224)")
     p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     p.add_argument("images", nargs="+")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _flags(argv)
     out_dir = pathlib.Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         return cli.fail(f"--out {out_dir}: is an existing file, expected a directory")

@@ -252,14 +252,8 @@ def from_timm(
     return Converted(params, model_config, list(names) if names else None, f["image_size"])
 
 
-def _read_facts(path, state, meta, hub, *, model, num_heads, size) -> dict[str, Any]:
-    """The table's dims and features, the pooling and the image size of a timm state dict.
-
-    `pos_embed` without rows for the prefix tokens (`no_embed_class`) is our
-    `posemb_covers_prefix=False`. Checks run in the order their errors are most useful.
-    """
-    stored = meta.get("model") or {}
-    zoo = models.get_config(model) if model else None
+def _patch_and_depth(path, state) -> tuple[int, int, int, int]:
+    """(width, patch height, patch width, blocks) of a timm ViT state dict; errors otherwise."""
     if "patch_embed.proj.weight" not in state:
         raise ConversionError(
             f"{path}: no patch_embed.proj.weight; not a timm VisionTransformer state dict "
@@ -273,6 +267,18 @@ def _read_facts(path, state, meta, hub, *, model, num_heads, size) -> dict[str, 
     )
     if not layers:
         raise ConversionError(f"{path}: no blocks.{{i}} entries; not a timm VisionTransformer")
+    return d, ph, pw, layers
+
+
+def _read_facts(path, state, meta, hub, *, model, num_heads, size) -> dict[str, Any]:
+    """The table's dims and features, the pooling and the image size of a timm state dict.
+
+    `pos_embed` without rows for the prefix tokens (`no_embed_class`) is our
+    `posemb_covers_prefix=False`. Checks run in the order their errors are most useful.
+    """
+    stored = meta.get("model") or {}
+    zoo = models.get_config(model) if model else None
+    d, ph, pw, layers = _patch_and_depth(path, state)
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     heads = _num_heads(path, num_heads, stored, zoo, hub, d)
     if zoo is not None and (zoo.hidden_size, zoo.transformer.num_layers) != (d, layers):
@@ -420,19 +426,7 @@ def to_timm(
     names = class_names_for(f.num_classes, class_names)
     distilled = bool(f.config.distillation_token)
     layer_scale = uses_layer_scale(f.config) or LAYER_SCALE_KEY in f.flat
-    swiglu = options.swiglu(f.config)
-    on = {
-        "class_token": f.config.classifier == "token",
-        "distillation": distilled,
-        "head": bool(f.num_classes),
-        "head_dist": bool(f.num_classes) and distilled,
-        "layer_scale": layer_scale,
-        "registers": bool(options.num_registers(f.config)),
-        "map": f.config.classifier == "map",
-        "qk_norm": options.qk_norm(f.config),
-        "swiglu": swiglu,
-        "gelu_mlp": not swiglu,
-    }
+    on = _features_on(f, layer_scale=layer_scale)
     dims = {**f.dims, "M2": 2 * f.mlp, "NR": options.num_registers(f.config)}
     keys = TABLE.at(layers=f.layers, dims=dims, features=[k for k, v in on.items() if v])
     state = keys.to_theirs(f.flat, source=source, what=f"a {f.config.name or 'ViT'} of this config")
@@ -453,6 +447,24 @@ def to_timm(
     npz.metadata_path(out).write_text(json.dumps(meta, indent=2))
     logging.info("wrote timm %s state dict to %s", timm_class, out)
     return out
+
+
+def _features_on(f: VitFacts, *, layer_scale: bool) -> dict[str, bool]:
+    """Which of the table's optional rows a model of these facts has."""
+    distilled = bool(f.config.distillation_token)
+    swiglu = options.swiglu(f.config)
+    return {
+        "class_token": f.config.classifier == "token",
+        "distillation": distilled,
+        "head": bool(f.num_classes),
+        "head_dist": bool(f.num_classes) and distilled,
+        "layer_scale": layer_scale,
+        "registers": bool(options.num_registers(f.config)),
+        "map": f.config.classifier == "map",
+        "qk_norm": options.qk_norm(f.config),
+        "swiglu": swiglu,
+        "gelu_mlp": not swiglu,
+    }
 
 
 def _timm_kwargs(f: VitFacts, *, layer_scale: bool) -> dict[str, Any]:
