@@ -146,6 +146,7 @@ def test_stablehlo_runs_with_jax_export_alone(cases):
         "shape": ["batch", 16, 16, 3],
         "dtype": "float32",
         "range": [-1.0, 1.0],
+        "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},  # = the range
         "layout": "NHWC",
     }
     assert meta["platforms"] == ["cpu", "cuda", "tpu"] and meta["model"]["hidden_size"] == 16

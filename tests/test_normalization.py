@@ -135,3 +135,24 @@ def test_hf_image_processor_normalisation_is_read_and_applied_by_predict(tmp_pat
     with torch.no_grad():
         theirs = hf(pixel_values=pixel_values).logits.numpy()
     np.testing.assert_allclose(trained.logits(ours[None]), theirs, atol=1e-4)
+
+
+def test_saved_model_applies_the_recorded_normalisation(tmp_path):
+    """The exported SavedModel normalises uint8 images as the checkpoint records (ImageNet's
+    mean/std here), so it answers what predict answers."""
+    from vit_jax import export
+
+    _save_tiny(tmp_path / "w.npz", IMAGENET)
+    trained = inference.load_model(str(tmp_path / "w.npz"))
+    meta = export.export(trained, "saved_model", tmp_path / "sm", platforms=("cpu",))
+    assert meta["preprocessing"]["normalization"] == IMAGENET
+    image = _pixels(2, size=(13, 9))
+    Image.fromarray(image).save(tmp_path / "x.png")
+    expected = trained.logits(trained.preprocess_file(str(tmp_path / "x.png"))[None])
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    got = loaded.signatures["serving_default"](images=tf.constant(image[None]))["logits"]
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-4)
+    plain = trained.logits(
+        inference.preprocess_file(str(tmp_path / "x.png"), resize=8, crop=8)[None]
+    )
+    assert not np.allclose(plain, expected, atol=1e-3)  # the normalisation matters here
