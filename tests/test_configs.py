@@ -103,3 +103,24 @@ def test_misspelt_config_key_exits_2_with_one_line_listing_the_valid_keys(
         f"error: unknown config key {message}; valid keys: {', '.join(sorted(keys.keys()))}"
     ]
     assert not (tmp_path / "config.json").exists()
+
+
+def test_optional_model_fields_can_be_set_from_the_command_line(tmp_path):
+    """Fields that default to None (LayerScale, the fixed position grid, the representation
+    layer) are typed, so `--config.model.X=...` sets them instead of failing to parse."""
+    out = tiny.run(
+        [
+            sys.executable,
+            "-m",
+            "vit_jax.train",
+            f"--config={tiny.ROOT}/configs/default.py",
+            f"--workdir={tmp_path}",
+            "--config.model.transformer.layer_scale_init=0.1",
+            "--config.model.posemb_grid=(4, 4)",
+            "--config.model.representation_size=32",
+            "--config.total_steps=0",  # parsed, then refused: nothing is trained
+        ],
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.splitlines()[-1] == "error: total_steps must be at least 1, got 0"

@@ -79,6 +79,9 @@ class Family:
     no_decay: tuple[str, ...]
     logical_axes: LogicalAxes
     optional: frozenset[str] = frozenset()
+    # Types of the optional fields whose default is None, so `--config.model.X=...` can set them
+    # (ml_collections overrides only typed fields).
+    optional_types: Mapping[str, type] = dataclasses.field(default_factory=dict)
     templates: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     num_posemb_prefix_tokens: Callable[[ml_collections.ConfigDict], int] | None = None
 

@@ -794,6 +794,12 @@ FAMILY = families.register_family(
                 "posemb_grid",
             }
         ),
+        optional_types={
+            "representation_size": int,
+            "attention_implementation": str,
+            "layer_scale_init": float,
+            "posemb_grid": tuple,
+        },
         templates={"resnet": dict(num_layers=None, width_factor=1)},
     )
 )

@@ -248,7 +248,18 @@ def get_config(name_or_config: str | ConfigLike, **overrides: Any) -> ml_collect
     _merge(config, spec, "", family.templates)
     _merge(config, overrides, "", family.templates)
     _check_required(config, "", family.optional)
+    _typed_nones(config, family.optional_types)
     return config
+
+
+def _typed_nones(config: ml_collections.ConfigDict, types: Mapping[str, type]) -> None:
+    """Optional fields left None become typed placeholders (still None), so command-line
+    overrides (`--config.model.transformer.layer_scale_init=1e-5`) can set them."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            _typed_nones(value, types)
+        elif value is None and key in types:
+            config[key] = ml_collections.config_dict.placeholder(types[key])
 
 
 def _check_required(config: ml_collections.ConfigDict, where: str, optional: frozenset) -> None:
