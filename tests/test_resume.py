@@ -174,3 +174,52 @@ def test_step_randomness_depends_on_the_step_only():
     first = loss(7)
     assert loss(7) == first
     assert loss(8) != first
+
+
+# A distillation run: the same random sources, a teacher read from a file at every start.
+DISTILL = {
+    **RANDOM,
+    "total_steps": 12,
+    "eval_every": 12,
+    "checkpoint_every": 4,
+    "objective": "distillation",
+    "alpha": 0.5,
+    "temperature": 2.0,
+    "distill_type": "soft",
+}
+DISTILL_STOP_AT = 10
+
+
+@pytest.mark.slow
+def test_distillation_run_resumed_after_sigterm_is_bit_exact(tmp_path):
+    import ml_collections
+    from sharded_steps import write_teacher
+
+    from vit_jax import distill, models, objectives, sharding
+
+    teacher = write_teacher(tmp_path)
+    config = tiny.tiny_config(**DISTILL)
+    config.teacher = ml_collections.ConfigDict(dict(checkpoint=teacher, model="", dtype=""))
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    trainer.train_and_evaluate(config, str(straight))
+    with pytest.MonkeyPatch.context() as mp:
+        _sigterm_at(mp, DISTILL_STOP_AT)
+        out = trainer.train_and_evaluate(config, str(stopped))
+    assert out["step"] == DISTILL_STOP_AT, out
+    assert _checkpoint_steps(stopped) == [8, DISTILL_STOP_AT]
+    out = trainer.train_and_evaluate(config, str(stopped))
+    assert out["step"] == 12 and out["steps_run"] == 12 - DISTILL_STOP_AT, out
+
+    a, meta_a = _flat(straight)
+    b, meta_b = _flat(stopped)
+    assert meta_a["step"] == meta_b["step"] == 12 and a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    rows_a, rows_b = _rows(straight), _rows(stopped)
+    assert [r["step"] for r in rows_a if "train_loss" in r] == [5, 10, 12]
+    assert rows_a == rows_b
+    # Really a distillation run: the config the workdir records builds a teacher objective.
+    recorded = ml_collections.ConfigDict(json.loads((stopped / "config.json").read_text()))
+    model = models.get_model(recorded.model, num_classes=10)
+    objective = objectives.build(recorded, model, sharding.make_mesh(devices=jax.devices()[:1]))
+    assert isinstance(objective, distill.DistillationObjective) and objective.frozen, objective

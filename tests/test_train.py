@@ -13,6 +13,8 @@ import tiny
 
 from vit_jax import workdir as workdir_lib
 
+QKV = "MultiHeadDotProductAttention_1/query/kernel"
+
 pytestmark = pytest.mark.slow
 
 
@@ -93,6 +95,31 @@ def test_meshes_agree_fsdp_saves_memory_and_accumulation_matches(tmp_path):
     assert scan["qkv_spec"] == "P(None, 'fsdp', 'model', None)"
     assert scan["mlp_spec"] == "P(None, 'fsdp', 'model')"
     assert len(scan["opt_qkv_specs"]) >= 2 and set(scan["opt_qkv_specs"]) == {scan["qkv_spec"]}
+
+    # Hybrid, Mixer, MAP pooling and a distilled student (its teacher on the mesh, `frozen`):
+    # data=2 x fsdp=2 x model=2 agrees with one device, losses and parameters after 3 steps.
+    for kind in ("hybrid", "mixer", "map", "distill"):
+        one = res[f"{kind}_single"]
+        assert one["losses"][2] < one["losses"][0], kind
+        agree(f"{kind}_mesh", one)
+    assert len({tuple(res[f"{k}_single"]["losses"]) for k in ("hybrid", "mixer", "map")}) == 3
+    hybrid, mixer, pooled = (res[f"{k}_mesh"]["specs"] for k in ("hybrid", "mixer", "map"))
+    assert hybrid["conv_root/kernel"] == "P(None, None, None, 'fsdp')"
+    assert hybrid["block1/unit1/conv2/kernel"] == "P(None, None, 'fsdp', None)"
+    for mixing in ("token_mixing", "channel_mixing"):
+        assert mixer[f"MixerBlock_1/{mixing}/Dense_0/kernel"] == "P('fsdp', 'model')", mixing
+        assert mixer[f"MixerBlock_1/{mixing}/Dense_1/kernel"] == "P('model', 'fsdp')", mixing
+    assert pooled["MAPHead_0/MultiHeadDotProductAttention_0/query/kernel"] == (
+        "P('fsdp', 'model', None)"
+    )
+    assert pooled["MAPHead_0/MlpBlock_0/Dense_0/kernel"] == "P('fsdp', 'model')"
+    # The distillation term is really in the loss (alpha=0.5 vs plain cross-entropy), and the
+    # teacher's parameters are sharded over the mesh by the student's rules.
+    assert res["distill_single"]["losses"][0] != ref["losses"][0]
+    frozen = res["distill_mesh"]["frozen_specs"]
+    teacher_qkv = f"teacher/Transformer/encoderblock_1/{QKV}"
+    assert frozen[teacher_qkv] == "P('fsdp', 'model', None)", frozen
+    assert res["distill_single"]["frozen_specs"][teacher_qkv] == "P(None, None, None)"
 
     # 2 heads cannot be split over a model axis of 4: one ValueError naming both numbers.
     error = res["heads_error"]
