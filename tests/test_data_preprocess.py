@@ -294,3 +294,102 @@ def test_randaugment_every_op_and_determinism(photo):
     assert strong.dtype == np.uint8 and strong.shape == photo.shape
     with pytest.raises(ValueError, match="randaugment_magnitude=31"):
         randaugment.randaugment(image, seed, 1, 31)
+
+
+def _np_warp(image: np.ndarray, source) -> np.ndarray:
+    """Bilinear resampling in float64: output pixel (x, y) reads input `source(x, y)`; each of
+    the four neighbours outside the image reads gray 128 (constant fill)."""
+    h, w, _ = image.shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    sx, sy = source(x, y)
+    x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    out = np.zeros(image.shape, np.float64)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            xi, yi = x0 + dx, y0 + dy
+            weight = (1 - np.abs(sx - xi)) * (1 - np.abs(sy - yi))
+            inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+            value = np.where(
+                inside[..., None], image[np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1)], 128.0
+            )
+            out += weight[..., None] * value
+    return np.clip(np.round(out), 0, 255)
+
+
+def _published(name: str, image: np.ndarray, magnitude: int, sign: float) -> np.ndarray:
+    """The op at `magnitude` by the module's stated mapping (magnitude 10 = rotate 30 deg, shear
+    0.3, translate 30% of the width, enhance 1 +- 0.9, posterize to 4 bits; linear in the
+    magnitude), computed with numpy / PIL only. Solarize inverts values >= 256 (1 - m / 10)."""
+    m = magnitude / 10
+    h, w, _ = image.shape
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    pil = Image.fromarray(image)
+    if name == "rotate":  # counter-clockwise on screen: output offset (u, v) reads R(-t)(u, v)
+        t = np.deg2rad(sign * 30 * m)
+        return _np_warp(
+            image,
+            lambda x, y: (
+                cx + np.cos(t) * (x - cx) - np.sin(t) * (y - cy),
+                cy + np.sin(t) * (x - cx) + np.cos(t) * (y - cy),
+            ),
+        )
+    if name == "shear_x":
+        return _np_warp(image, lambda x, y: (x + sign * 0.3 * m * y, y))
+    if name == "translate_x":
+        return _np_warp(image, lambda x, y: (x - sign * 0.3 * m * w, y))
+    if name == "posterize":
+        return np.asarray(ImageOps.posterize(pil, max(1, 8 - int(4 * m))))
+    if name == "solarize":
+        return np.asarray(ImageOps.solarize(pil, max(0, round(256 * (1 - m)))))
+    factor = max(0.0, 1 + sign * 0.9 * m)
+    enhance = {"contrast": ImageEnhance.Contrast, "brightness": ImageEnhance.Brightness}[name]
+    return np.asarray(enhance(pil).enhance(factor))
+
+
+MAGNITUDE_OPS = (
+    "rotate",
+    "shear_x",
+    "translate_x",
+    "posterize",
+    "solarize",
+    "contrast",
+    "brightness",
+)
+
+
+@pytest.mark.parametrize("magnitude", [5, 10, 15])
+def test_randaugment_magnitudes_match_the_published_mapping(photo, magnitude):
+    """Each op at `magnitude` against numpy / PIL; then `randaugment` (one layer) must return
+    one of the ops at exactly that magnitude, for every seed."""
+    image = tf.constant(photo)
+    level = magnitude / 10
+    for name in MAGNITUDE_OPS:
+        for sign in (-1.0, 1.0):
+            got = randaugment.OPS[name](image, level, tf.constant(sign)).numpy().astype(int)
+            expected = _published(name, photo, magnitude, sign).astype(int)
+            tolerance = 2 if name == "contrast" else 1
+            assert np.abs(got - expected).max() <= tolerance, (name, sign, magnitude)
+    candidates = {
+        (name, sign): op(image, level, tf.constant(sign)).numpy()
+        for name, op in randaugment.OPS.items()
+        for sign in (-1.0, 1.0)
+    }
+    drawn = set()
+    for s in range(12):
+        out = randaugment.randaugment(image, tf.constant([s, 7], tf.int64), 1, magnitude).numpy()
+        matches = [key for key, c in candidates.items() if np.array_equal(out, c)]
+        assert matches, f"seed {s}: no op at magnitude {magnitude} gives randaugment's output"
+        drawn.update(name for name, _ in matches)
+    assert drawn & {
+        "rotate",
+        "shear_x",
+        "shear_y",
+        "translate_x",
+        "translate_y",
+        "color",
+        "contrast",
+        "brightness",
+        "sharpness",
+        "posterize",
+        "solarize",
+    }

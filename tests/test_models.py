@@ -444,3 +444,59 @@ def test_layers_are_bound_once_and_the_block_is_pluggable():
         block = params["Transformer"]["encoderblock" if scan else "encoderblock_1"]
         assert set(block) == {"LayerNorm_2", "MlpBlock_3"}
         assert _logits(custom, _randomize(params), _images(), train=False).shape == (2, 5)
+
+
+def _np_layernorm(x, p, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _np_gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _np_map_head(tokens, p):
+    """big_vision's MAP head in float64 numpy: probe attends over tokens, then + MLP(LN(x))."""
+    a = p["MultiHeadDotProductAttention_0"]
+    probe = np.broadcast_to(p["probe"], (tokens.shape[0], 1, tokens.shape[-1]))
+    q, k, v = (
+        np.einsum("bld,dhk->blhk", z, a[n]["kernel"]) + a[n]["bias"]
+        for z, n in ((probe, "query"), (tokens, "key"), (tokens, "value"))
+    )
+    logits = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(q.shape[-1])
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    heads = np.einsum("bhqt,bthk->bqhk", weights, v)
+    x = np.einsum("bqhk,hkd->bqd", heads, a["out"]["kernel"]) + a["out"]["bias"]
+    m = p["MlpBlock_0"]
+    h = _np_gelu_tanh(
+        _np_layernorm(x, p["LayerNorm_0"]) @ m["Dense_0"]["kernel"] + m["Dense_0"]["bias"]
+    )
+    return (x + h @ m["Dense_1"]["kernel"] + m["Dense_1"]["bias"])[:, 0]
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap", "map"])
+def test_pooling_arithmetic_against_numpy(classifier):
+    """pre_logits from the normed encoder output, recomputed independently: the class token,
+    the mean of the patch tokens (registers excluded), or the MAP probe's attention (4 heads)."""
+    x = _images()
+    model = models.get_model(TINY, num_classes=5, classifier=classifier, num_registers=2)
+    params = _randomize(_init(model, x))
+    _, out = _apply(model, params, x, train=False, return_intermediates=True)
+    last_block = np.asarray(out["tokens"][-1], np.float64)  # before Transformer/encoder_norm
+    norm = jax.tree.map(np.asarray, params["Transformer"]["encoder_norm"])
+    encoded = _np_layernorm(last_block, norm)
+    np.testing.assert_allclose(out["encoded"], encoded, rtol=1e-4, atol=1e-5)
+    prefix = int(classifier == "token")
+    assert encoded.shape == (2, prefix + 2 + 16, 32)
+    np.testing.assert_allclose(out["registers"], encoded[:, prefix : prefix + 2], atol=1e-6)
+    patches = encoded[:, prefix + 2 :]
+    if classifier == "token":
+        expected = encoded[:, 0]
+    elif classifier == "gap":
+        expected = patches.mean(axis=1)
+    else:
+        p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["MAPHead_0"])
+        expected = _np_map_head(patches, p)
+    np.testing.assert_allclose(out["pre_logits"], expected, rtol=1e-4, atol=1e-5)
