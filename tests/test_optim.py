@@ -25,6 +25,8 @@ def _config(**overrides):
             grad_norm_clip=0.0,
         )
     )
+    if "model" in overrides:  # assigned: a model config is replaced, not merged field by field
+        c.model = overrides.pop("model")
     c.update(overrides)
     return c
 

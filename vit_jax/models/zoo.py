@@ -254,7 +254,9 @@ def get_config(name_or_config: str | ConfigLike, **overrides: Any) -> ml_collect
 
 def _typed_nones(config: ml_collections.ConfigDict, types: Mapping[str, type]) -> None:
     """Optional fields left None become typed placeholders (still None), so command-line
-    overrides (`--config.model.transformer.layer_scale_init=1e-5`) can set them."""
+    overrides (`--config.model.transformer.layer_scale_init=1e-5`) can set them. Replace a model
+    config by assignment (`config.model = get_config(...)`): ml_collections' `update` cannot
+    merge one placeholder into another."""
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
             _typed_nones(value, types)
