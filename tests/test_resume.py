@@ -55,8 +55,8 @@ def _checkpoint_steps(workdir):
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def _sigterm_at(monkeypatch, step: int) -> None:
-    """Raises a real SIGTERM in this process as the trainer finishes `step` (a fresh run)."""
+def _signal_at(monkeypatch, step: int, sig=signal.SIGTERM, times: int = 1) -> None:
+    """Raises a real `sig` (`times` times) in this process as the trainer finishes `step`."""
 
     class StopAt(trainer.StopRequest):
         polls = 0
@@ -64,7 +64,8 @@ def _sigterm_at(monkeypatch, step: int) -> None:
         def poll(self, save_failed=False):
             self.polls += 1  # once per step, after its eval / checkpoint
             if self.polls == step:
-                signal.raise_signal(signal.SIGTERM)  # the handler runs before this returns
+                for _ in range(times):
+                    signal.raise_signal(sig)  # the handler runs before this returns
             return super().poll(save_failed)
 
     monkeypatch.setattr(trainer, "StopRequest", StopAt)
@@ -79,7 +80,7 @@ def straight_and_stopped(tmp_path_factory):
     trainer.train_and_evaluate(config, str(straight))
 
     with pytest.MonkeyPatch.context() as mp:
-        _sigterm_at(mp, STOP_AT)
+        _signal_at(mp, STOP_AT)
         out = trainer.train_and_evaluate(config, str(stopped))
     assert out["step"] == STOP_AT, out
     assert _checkpoint_steps(stopped) == [12, STOP_AT]
@@ -93,23 +94,76 @@ def straight_and_stopped(tmp_path_factory):
 
 def test_sigterm_then_resume_with_every_random_source_is_bit_exact(straight_and_stopped):
     straight, _, resumed = straight_and_stopped
-    a, meta_a = _flat(straight)
-    b, meta_b = _flat(resumed)
-    assert meta_a["step"] == meta_b["step"] == 20
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    # Every progress and eval row, before and after the stop, is replayed identically.
-    rows_a, rows_b = _rows(straight), _rows(resumed)
-    assert [r["step"] for r in rows_a if "train_loss" in r] == [5, 10, 15, 20]
-    assert [r["step"] for r in rows_a if "test_accuracy" in r] == [10, 20]
-    assert rows_a == rows_b
+    assert _flat(straight)[1]["step"] == _flat(resumed)[1]["step"] == 20
+    rows = _rows(straight)
+    assert [r["step"] for r in rows if "train_loss" in r] == [5, 10, 15, 20]
+    assert [r["step"] for r in rows if "test_accuracy" in r] == [10, 20]
+    # Every parameter, and every progress and eval row before and after the stop, identical.
+    _assert_same_run(straight, resumed)
 
 
 def test_max_to_keep_leaves_only_the_newest_checkpoints(straight_and_stopped):
     straight, _, resumed = straight_and_stopped
     assert _checkpoint_steps(straight) == [16, 20]  # 4, 8, 12 removed: max_to_keep=2
     assert _checkpoint_steps(resumed) == [16, 20]  # 12 and the stop's 15 removed
+
+
+def _assert_same_run(straight, other):
+    a, b = _flat(straight)[0], _flat(other)[0]
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert _rows(straight) == _rows(other)
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_then_resume_is_bit_exact(straight_and_stopped, tmp_path, presses):
+    """Ctrl-C once: the step finishes and is saved, as for SIGTERM. Twice before then: the run
+    stops at once (`Interrupted`), the step in flight unsaved, the lock and the signal handlers
+    released; the restart resumes from the newest complete checkpoint. Both end bit-exact."""
+    from vit_jax import train
+
+    straight = straight_and_stopped[0]
+    config, wd = tiny.tiny_config(**RANDOM), tmp_path / "w"
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.MonkeyPatch.context() as mp:
+        _signal_at(mp, 10, signal.SIGINT, times=presses)  # checkpoints at 4 and 8
+        if presses == 1:
+            assert trainer.train_and_evaluate(config, str(wd))["step"] == 10
+        else:
+            with pytest.raises(trainer.Interrupted) as stopped:
+                trainer.train_and_evaluate(config, str(wd))
+            assert train.exit_for(stopped.value, wd) == (
+                130,
+                "interrupted by a second Ctrl-C before the step in flight was saved; "
+                "a restart resumes from checkpoint 8",
+            )
+    assert signal.getsignal(signal.SIGINT) is before
+    assert _checkpoint_steps(wd) == ([8, 10] if presses == 1 else [4, 8])
+    assert not (wd / workdir_lib.FINAL_NPZ).exists()
+    out = trainer.train_and_evaluate(config, str(wd))  # the lock was released
+    assert out["step"] == 20 and out["steps_run"] == (10 if presses == 1 else 12), out
+    _assert_same_run(straight, wd)
+
+
+def test_exit_codes_of_the_train_cli(tmp_path):
+    from vit_jax import data, run_lock, train
+
+    assert train.exit_for(KeyboardInterrupt(), tmp_path) == (
+        130,
+        "interrupted by Ctrl-C; a restart resumes from the start (no checkpoint)",
+    )
+    for error, code in [
+        (trainer.NonFiniteLossError("nan"), 1),
+        (workdir_lib.CheckpointSaveError("disk"), 1),
+        (data.BadImageError("x.png: not an image", "x.png"), 1),
+        (OSError("mount"), 1),
+        (run_lock.WorkdirLockedError("held"), 2),
+        (trainer.ConfigError("total_steps"), 2),
+        (FileNotFoundError("dataset"), 2),
+    ]:
+        assert train.exit_for(error, tmp_path) == (code, str(error)), error
+    assert train.exit_for(RuntimeError("a bug"), tmp_path) is None  # a traceback
 
 
 @pytest.mark.slow
@@ -203,7 +257,7 @@ def test_distillation_run_resumed_after_sigterm_is_bit_exact(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     trainer.train_and_evaluate(config, str(straight))
     with pytest.MonkeyPatch.context() as mp:
-        _sigterm_at(mp, DISTILL_STOP_AT)
+        _signal_at(mp, DISTILL_STOP_AT)
         out = trainer.train_and_evaluate(config, str(stopped))
     assert out["step"] == DISTILL_STOP_AT, out
     assert _checkpoint_steps(stopped) == [8, DISTILL_STOP_AT]

@@ -7,7 +7,8 @@ cluster JAX detects by itself (TPU pods, SLURM), and run the same command on eve
 Exit codes: 0 done (or nothing to do); 1 the run failed (non-finite loss, a checkpoint that
 could not be saved, no checkpoint that restores, an unreadable image, an I/O error); 2 it
 cannot run as asked (a bad flag or config value, the workdir held by another trainer, a
-restart that changes what the checkpoints depend on). Errors are one `error: ...` line.
+restart that changes what the checkpoints depend on); 130 a second Ctrl-C stopped it before
+the step in flight was saved. Errors are one `error: ...` line.
 
 The console: one `HH:MM:SS message` line per event on stderr (a progress bar on a terminal),
 then a summary on stdout (test accuracy, steps, wall time, img/s, where final.npz, the
@@ -41,6 +42,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 
 EXIT_RUN_FAILED = 1  # the run failed: NaN loss, a save, no checkpoint restores, bad data, I/O
 EXIT_CONFIG = 2  # it cannot run as asked: bad flag or config value, workdir in use, config change
+EXIT_INTERRUPTED = 130  # a second Ctrl-C (128 + SIGINT, the shell's convention)
 
 
 def _fail(error: BaseException | str, code: int) -> None:
@@ -86,7 +88,7 @@ def main(argv: list[str]) -> None:
     initialize_distributed()
     import jax
 
-    from vit_jax import data, run_lock, trainer
+    from vit_jax import trainer
     from vit_jax import workdir as workdir_lib
 
     logging.info(
@@ -97,25 +99,51 @@ def main(argv: list[str]) -> None:
         jax.device_count(),
         jax.devices()[0].device_kind,
     )
+    wd = workdir_lib.resolve(_WORKDIR.value)
     try:
         results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (
+    except (Exception, KeyboardInterrupt) as e:
+        known = exit_for(e, wd)
+        if known is None:
+            raise  # a bug: its traceback
+        _fail(known[1], known[0])
+    if console is not None:
+        console.close_bar()
+    if jax.process_index() == 0:
+        wall = time.perf_counter() - started
+        print(summary(results, wd, _CONFIG.value, wall))
+
+
+def exit_for(error: BaseException, wd) -> tuple[int, str] | None:
+    """(exit code, the one error line) for an exception that ends a run; None for a bug."""
+    from vit_jax import data, run_lock, trainer
+    from vit_jax import workdir as workdir_lib
+
+    failed = (
         trainer.NonFiniteLossError,
         trainer.OtherProcessError,
         workdir_lib.CheckpointSaveError,
         workdir_lib.CheckpointDamagedError,
         data.BadImageError,
-    ) as e:
-        _fail(e, EXIT_RUN_FAILED)
-    except (run_lock.WorkdirLockedError, ValueError, FileNotFoundError) as e:
-        _fail(e, EXIT_CONFIG)
-    except OSError as e:  # a full disk or a lost mount while writing metrics, events, final.npz
-        _fail(e, EXIT_RUN_FAILED)
-    if console is not None:
-        console.close_bar()
-    if jax.process_index() == 0:
-        wall = time.perf_counter() - started
-        print(summary(results, workdir_lib.resolve(_WORKDIR.value), _CONFIG.value, wall))
+    )
+    if isinstance(error, failed):
+        return EXIT_RUN_FAILED, str(error)
+    if isinstance(error, (run_lock.WorkdirLockedError, ValueError, FileNotFoundError)):
+        return EXIT_CONFIG, str(error)
+    if isinstance(error, OSError):  # a full disk or a lost mount: metrics, events, final.npz
+        return EXIT_RUN_FAILED, str(error)
+    if isinstance(error, KeyboardInterrupt):
+        from vit_jax.weights import run
+
+        steps = run.step_dirs(wd / run.CHECKPOINTS)
+        resumes = f"from checkpoint {steps[0].name}" if steps else "from the start (no checkpoint)"
+        how = (
+            "a second Ctrl-C before the step in flight was saved"
+            if isinstance(error, trainer.Interrupted)
+            else "Ctrl-C"
+        )
+        return EXIT_INTERRUPTED, f"interrupted by {how}; a restart resumes {resumes}"
+    return None
 
 
 def _best_accuracy(metrics_jsonl) -> tuple[float, int] | None:

@@ -42,6 +42,7 @@ __all__ = [
     "ConfigError",
     "create_state",
     "evaluate",
+    "Interrupted",
     "load_pretrained_params",
     "make_eval_step",
     "make_train_step",
@@ -56,6 +57,7 @@ __all__ = [
 
 
 Params = Any
+UNREPORTED = "unreported_train_metrics"  # checkpoint meta: rows since the last progress row
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -68,6 +70,11 @@ class ConfigError(ValueError):
 
 class OtherProcessError(RuntimeError):
     """Process 0 stopped before training with an error (its own log has the details)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second Ctrl-C before the stop the first one asked for: the run ends at once, without
+    saving the step in flight; the newest complete checkpoint is where a restart resumes."""
 
 
 # ----------------------------------------------------------------------------- state
@@ -242,7 +249,9 @@ class MetricsLog:
 
 
 class StopRequest:
-    """SIGTERM / SIGINT (preemption): finish the step, save, exit cleanly. Agreed across hosts."""
+    """SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, save, exit cleanly. Agreed across
+    hosts. A second SIGINT before then raises `Interrupted` (a user who will not wait for a slow
+    step, eval or save); a repeated SIGTERM changes nothing."""
 
     def __init__(self):
         self.requested = False
@@ -252,7 +261,10 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         del frame
-        logging.warning("received signal %d: saving a checkpoint after this step", signum)
+        if signum == signal.SIGINT and self.requested:
+            raise Interrupted()
+        again = " (Ctrl-C again: stop at once, without saving)" if signum == signal.SIGINT else ""
+        logging.warning("received signal %d: saving a checkpoint after this step%s", signum, again)
         self.requested = True
 
     def poll(self, save_failed: bool = False) -> tuple[bool, bool]:
@@ -411,7 +423,7 @@ def _train(
             logging.info("removed %s, left by an unfinished save", name)
     with contextlib.ExitStack() as cleanup:
         writer = _open_checkpoints(config, wd, cleanup)
-        start_step = _restore(config, writer, state)
+        start_step, unreported = _restore(config, writer, state)
         meta = functools.partial(_meta, config, info, state)
         total = int(config.total_steps)
         if start_step >= total:
@@ -423,7 +435,7 @@ def _train(
         if is_main:
             _record_start(config, wd, changed, start_step)
         loop = _Loop(config, wd, mesh, state, writer, meta, start_step, cleanup)
-        return loop.run()
+        return loop.run(unreported)
 
 
 def _init_state(config: ml_collections.ConfigDict, mesh, info: data.DatasetInfo) -> _State:
@@ -465,9 +477,10 @@ def _open_checkpoints(
 
 def _restore(
     config: ml_collections.ConfigDict, writer: workdir_lib.CheckpointWriter, state: _State
-) -> int:
+) -> tuple[int, list[dict[str, float]]]:
     """Loads the newest checkpoint that restores (else pretrained weights) into `state`; the
-    data step to start from (0 for a fresh run)."""
+    data step to start from (0 for a fresh run) and the train metrics of the checkpoint's steps
+    after its last progress row (so the next row averages the same steps as without a stop)."""
     abstract = lambda t, s: jax.tree.map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s
     )
@@ -480,11 +493,11 @@ def _restore(
         state.params, state.opt_state, restored_meta, latest = restored
         start_step = int(restored_meta["data_step"])
         logging.info("resumed from %s at step %d", writer.directory / str(latest), start_step)
-        return start_step
+        return start_step, list(restored_meta.get(UNREPORTED, []))  # absent before 2026-11-29
     if config.pretrained_path or config.pretrained_dir:
         host = load_pretrained_params(config, to_host(state.params))
         state.params = put_sharded(host, state.param_sh)
-    return 0
+    return 0, []
 
 
 def _meta(
@@ -542,8 +555,9 @@ class _Loop:
         cleanup.callback(self.stop.restore_handlers)
         self.per_device = config.batch / jax.device_count()
 
-    def save(self, step: int) -> None:
-        self.writer.save(step, self.state.params, self.state.opt_state, self.meta(step))
+    def save(self, step: int, window: _Window) -> None:
+        meta = {**self.meta(step), UNREPORTED: window.unreported()}
+        self.writer.save(step, self.state.params, self.state.opt_state, meta)
         self.saved_step = step
         where = self.writer.directory / str(step)
         if self.writer.async_save:
@@ -597,8 +611,9 @@ class _Loop:
             },
         )
 
-    def run(self) -> dict[str, float]:
-        """Steps from `start_step` to `total_steps` (or a stop request); the final metrics."""
+    def run(self, unreported: list[dict[str, float]]) -> dict[str, float]:
+        """Steps from `start_step` to `total_steps` (or a stop request); the final metrics.
+        `unreported`: the restored checkpoint's train metrics not yet in a progress row."""
         n = jax.device_count()
         logging.info(
             "training steps %d-%d, batch %d over %d device%s",
@@ -611,7 +626,7 @@ class _Loop:
         )
         loop_start = time.perf_counter()
         try:
-            step, results = self._steps(_Window(self.start_step))
+            step, results = self._steps(_Window(self.start_step, unreported))
         except _NonFiniteLoss as e:
             raise NonFiniteLossError(
                 f"training loss is {e.loss} at step {e.step}; stopping (last good checkpoint: "
@@ -649,7 +664,7 @@ class _Loop:
             if step % config.eval_every == 0 or done:
                 results = self.run_eval(step)
             if step % config.checkpoint_every == 0 or done:
-                self.save(step)
+                self.save(step, window)
             local_failure = self.writer.poll()
             stop_requested, save_failed = self.stop.poll(local_failure is not None)
             if save_failed:
@@ -667,7 +682,7 @@ class _Loop:
         if host:  # the progress row of the steps since the last report
             self.report(step, host, steps_per_sec)
         if self.saved_step != step:
-            self.save(step)
+            self.save(step, window)
         self.writer.wait()
         logging.warning("stopped at step %d on request; checkpoint saved", step)
 
@@ -681,15 +696,25 @@ class _NonFiniteLoss(Exception):
 
 
 class _Window:
-    """Train metrics of the steps since the last report, fetched one step late (no stall).
+    """Train metrics of the steps since the last report, fetched one step late (no stall; a
+    checkpoint step reads its own).
 
     A NaN/Inf loss raises `_NonFiniteLoss`; the step itself left the state unchanged.
     """
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, rows: list[dict[str, float]] = ()):
         self.pending: tuple[int, dict] | None = None
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[dict[str, float]] = [dict(r) for r in rows]
         self.start_time, self.start_step = time.perf_counter(), step
+        self.last_step = step
+
+    def unreported(self) -> list[dict[str, float]]:
+        """The rows since the last flush, the pending step's included (a checkpoint keeps them:
+        the first progress row after a resume then averages the same steps)."""
+        if self.pending is not None:
+            self._read(*self.pending)
+            self.pending = None
+        return [dict(r) for r in self.rows]
 
     def push(self, step: int, metrics: dict) -> None:
         if self.pending is not None:
@@ -701,16 +726,16 @@ class _Window:
         if not np.isfinite(row["train_loss"]):
             raise _NonFiniteLoss(step, row["train_loss"])
         self.rows.append(row)
+        self.last_step = step
 
     def flush(self) -> tuple[dict[str, float], float]:
         """Mean loss / grad norm and the last learning rate since the last flush; steps/s."""
         if self.pending is not None:
-            step, metrics = self.pending
-            self._read(step, metrics)
+            self._read(*self.pending)
             self.pending = None
         if not self.rows:
             return {}, 0.0
-        now = time.perf_counter()
+        step, now = self.last_step, time.perf_counter()
         steps_per_sec = (step - self.start_step) / max(now - self.start_time, 1e-9)
         rows, self.rows = self.rows, []
         self.start_time, self.start_step = now, step
