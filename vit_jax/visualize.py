@@ -102,16 +102,19 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> Image.Image:
 
 
 def rollout_unsupported(model_config) -> str | None:
-    """Why attention rollout cannot be drawn for this model (no class token), None if it can."""
+    """Why attention rollout cannot be drawn for this model (no class token), None if it can.
+
+    Names the model type, and the classifier only for families that have one (a Mixer has none,
+    so none is claimed for it). A family without a classifier setting is drawn when it has
+    prefix tokens."""
     from vit_jax import models
 
-    classifier = model_config.get("classifier", "token")
-    if models.num_prefix_tokens(model_config) == 0 or classifier != "token":
-        return (
-            f"attention rollout needs a ViT with a class token (classifier 'token'), got "
-            f"{model_config.get('model_type')} / {classifier!r}"
-        )
-    return None
+    classifier = model_config.get("classifier")
+    if models.num_prefix_tokens(model_config) and classifier in ("token", None):
+        return None
+    got = f"model_type {model_config.get('model_type')!r}"
+    got += f" with classifier {classifier!r}" if classifier is not None else " (no class token)"
+    return f"attention rollout needs a ViT with a class token (classifier 'token'), got {got}"
 
 
 def token_grid(trained) -> tuple[int, int]:
