@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import tiny
+from test_models import PUBLISHED_COUNTS
 
 from configs import augreg, common, default, mixer, transfer, vit
 from vit_jax import benchmark, configs, models
@@ -28,19 +29,110 @@ def test_vit_config_has_reference_finetune_recipe():
         vit.get_config("ViT-B16,cifar10")
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        default.get_config(),
-        vit.get_config("ti16,cifar100"),
-        mixer.get_config("b32,cifar10"),
-        augreg.get_config("R26_S_32,cifar100"),
-        transfer.get_config("finetune"),
-    ],
+def _vit_count(*, patch, width, mlp, depth, tokens, classes):
+    """Parameters of a class-token ViT, counted layer by layer from the published architecture.
+
+    Patch embedding (a p x p x 3 -> D conv with bias), `cls`, a position table with a row per
+    patch and one for `cls`; per block two LayerNorms (scale, bias), query/key/value/out
+    projections (D x D and D each) and the MLP (D x M, M, M x D, D); the final norm; the head.
+    """
+    d = width
+    block = 2 * 2 * d + 4 * (d * d + d) + (d * mlp + mlp + mlp * d + d)
+    return (
+        patch * patch * 3 * d
+        + d
+        + d
+        + (tokens + 1) * d
+        + depth * block
+        + 2 * d
+        + d * classes
+        + classes
+    )
+
+
+def _mixer_count(*, patch, width, tokens_mlp, channels_mlp, depth, tokens, classes):
+    """Parameters of an MLP-Mixer: stem conv, per block two LayerNorms, the token MLP (S x T, T,
+    T x S, S) and the channel MLP (D x C, C, C x D, D), the pre-head norm, the head."""
+    d = width
+    token_mlp = tokens * tokens_mlp + tokens_mlp + tokens_mlp * tokens + tokens
+    channel_mlp = d * channels_mlp + channels_mlp + channels_mlp * d + d
+    block = 2 * 2 * d + token_mlp + channel_mlp
+    return patch * patch * 3 * d + d + depth * block + 2 * d + d * classes + classes
+
+
+def _hybrid_count(published, *, width, tokens_at_224, tokens, classes):
+    """A hybrid's count from its published one (224 px, 1000 classes): only the position table
+    (one row per token and one for `cls`) and the head depend on the crop and the classes."""
+    head = lambda c: width * c + c
+    return (
+        published - (tokens_at_224 + 1) * width + (tokens + 1) * width - head(1000) + head(classes)
+    )
+
+
+VIT = dict(
+    Ti_16=dict(patch=16, width=192, mlp=768, depth=12),
+    S_16=dict(patch=16, width=384, mlp=1536, depth=12),
+    B_16=dict(patch=16, width=768, mlp=3072, depth=12),
+    L_16=dict(patch=16, width=1024, mlp=4096, depth=24),
+    H_14=dict(patch=14, width=1280, mlp=5120, depth=32),
+    B_8=dict(patch=8, width=768, mlp=3072, depth=12),
+    S_32=dict(patch=32, width=384, mlp=1536, depth=12),
+    B_32=dict(patch=32, width=768, mlp=3072, depth=12),
+    L_32=dict(patch=32, width=1024, mlp=4096, depth=24),
 )
-def test_configs_build_their_model(config):
+MIXER = dict(
+    B_16=dict(patch=16, width=768, tokens_mlp=384, channels_mlp=3072, depth=12),
+    L_16=dict(patch=16, width=1024, tokens_mlp=512, channels_mlp=4096, depth=24),
+    B_32=dict(patch=32, width=768, tokens_mlp=384, channels_mlp=3072, depth=12),
+)
+
+
+def test_count_formulas_reproduce_the_published_counts():
+    """At 224 px and 1000 classes the formulas give every published ViT and Mixer count."""
+    for name, arch in VIT.items():
+        tokens = (224 // arch["patch"]) ** 2
+        count = _vit_count(**arch, tokens=tokens, classes=1000)
+        assert count == PUBLISHED_COUNTS[f"ViT-{name}"], name
+    for name, arch in MIXER.items():
+        tokens = (224 // arch["patch"]) ** 2
+        count = _mixer_count(**arch, tokens=tokens, classes=1000)
+        assert count == PUBLISHED_COUNTS[f"Mixer-{name}"], name
+
+
+DIGITS_VIT = dict(patch=4, width=64, mlp=128, depth=4, tokens=(16 // 4) ** 2, classes=10)
+
+
+@pytest.mark.parametrize(
+    "config,expected",
+    [
+        (default.get_config(), _vit_count(**DIGITS_VIT)),  # 138,954
+        (
+            vit.get_config("ti16,cifar100"),
+            _vit_count(**VIT["Ti_16"], tokens=(384 // 16) ** 2, classes=10),  # 5,599,306
+        ),
+        (
+            mixer.get_config("b32,cifar10"),
+            _mixer_count(**MIXER["B_32"], tokens=(384 // 32) ** 2, classes=10),  # 60,408,778
+        ),
+        (
+            augreg.get_config("R26_S_32,cifar100"),
+            _hybrid_count(
+                PUBLISHED_COUNTS["R26+ViT-S_32"],
+                width=384,
+                tokens_at_224=(224 // 32) ** 2,
+                tokens=(384 // 32) ** 2,
+                classes=10,
+            ),  # 36,087,242
+        ),
+        (transfer.get_config("finetune"), _vit_count(**DIGITS_VIT)),  # 138,954
+    ],
+    ids=["default", "vit-ti16", "mixer-b32", "augreg-r26-s32", "transfer-finetune"],
+)
+def test_configs_build_their_model_with_the_expected_parameter_count(config, expected):
+    """Each config's model at its crop with 10 classes has exactly the independently counted
+    parameters (the position table follows the crop, the head the classes)."""
     model = models.get_model(config.model, num_classes=10)
-    assert models.count_params(model, image_size=config.pp.crop) > 0
+    assert models.count_params(model, image_size=config.pp.crop) == expected
     assert set(common.get_config().keys()) <= set(config.keys())
 
 

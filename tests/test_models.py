@@ -304,6 +304,8 @@ def test_drop_path_keeps_expectation():
 
 
 def test_hybrid_and_mixer_forward():
+    """Every family runs and returns its outputs; the values are checked against independent
+    forwards in test_hybrid_reference.py and test_mixer_reference.py."""
     x = _images(size=64)
     small = dict(hidden_size=32, transformer=dict(num_layers=1, mlp_dim=32, num_heads=2))
     hybrid = models.get_model("R+ViT-Ti_16", num_classes=3, **small)
