@@ -45,14 +45,6 @@ def _npz(path, params, *, model=TINY, class_names=DIGITS, image_size=(8, 8), sid
     return str(checkpoint.save_npz(params, path, metadata=meta))
 
 
-def _error_line(capsys) -> str:
-    """stderr of an in-process CLI run: exactly one line, an `error:`."""
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("error: "), err
-    return err[0]
-
-
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "x.png"
@@ -96,31 +88,31 @@ def _assert_names_file_and_keys(line: str, path: str) -> None:
 
 def test_predict_unfit_checkpoint_is_one_line_exit_2(unfit, image, capsys):
     assert predict.main(["--checkpoint", unfit, image]) == 2
-    _assert_names_file_and_keys(_error_line(capsys), unfit)
+    _assert_names_file_and_keys(tiny.error_line(capsys), unfit)
     assert capsys.readouterr().out == ""
 
 
 def test_visualize_unfit_checkpoint_is_one_line_exit_2(unfit, image, tmp_path, capsys):
     assert visualize.main(["--checkpoint", unfit, "--out", str(tmp_path / "maps"), image]) == 2
-    _assert_names_file_and_keys(_error_line(capsys), unfit)
+    _assert_names_file_and_keys(tiny.error_line(capsys), unfit)
     assert not (tmp_path / "maps").exists() or not any((tmp_path / "maps").iterdir())
 
 
 def test_evaluate_unfit_checkpoint_is_one_line_exit_2(unfit, capsys):
     argv = ["--checkpoint", unfit, f"--config={tiny.ROOT}/configs/default.py"]
     assert evaluate.main([*argv, *tiny.flags()]) == 2
-    _assert_names_file_and_keys(_error_line(capsys), unfit)
+    _assert_names_file_and_keys(tiny.error_line(capsys), unfit)
 
 
 def test_wrong_model_name_for_a_file_is_exit_2(tmp_path, image, capsys):
     bare = _npz(tmp_path / "bare.npz", _params(), sidecar=False)
     assert predict.main(["--checkpoint", bare, image]) == 2
-    assert "pass --model" in _error_line(capsys)
+    assert "pass --model" in tiny.error_line(capsys)
     assert predict.main(["--checkpoint", bare, "--model", "ViT-Ti_16", image]) == 2
-    line = _error_line(capsys)
+    line = tiny.error_line(capsys)
     assert bare in line and "embedding/kernel: stored (4, 4, 3, 16)" in line
     assert predict.main(["--checkpoint", bare, "--model", "ViT-B_61", image]) == 2
-    assert "unknown model name 'ViT-B_61'" in _error_line(capsys)
+    assert "unknown model name 'ViT-B_61'" in tiny.error_line(capsys)
 
 
 def test_resolution_resamples_the_position_embeddings(tmp_path, image, capsys):
@@ -130,7 +122,7 @@ def test_resolution_resamples_the_position_embeddings(tmp_path, image, capsys):
     assert trained.params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 10, 16)
     assert predict.main(["--checkpoint", model, "--resolution", "12", image]) == 0
     assert predict.main(["--checkpoint", model, "--resolution", "10", image]) == 2
-    assert "10x10 is not divisible by the model's patch stride 4x4" in _error_line(capsys)
+    assert "10x10 is not divisible by the model's patch stride 4x4" in tiny.error_line(capsys)
 
 
 def test_bad_flags_are_one_line_exit_2(unfit, image, capsys):
@@ -142,15 +134,15 @@ def test_bad_flags_are_one_line_exit_2(unfit, image, capsys):
         with pytest.raises(SystemExit) as e:
             argv[0]([*argv[1:], "--no-such-flag"])
         assert e.value.code == 2
-        assert "unrecognized arguments: --no-such-flag" in _error_line(capsys)
+        assert "unrecognized arguments: --no-such-flag" in tiny.error_line(capsys)
     with pytest.raises(SystemExit) as e:
         predict.main([image])
     assert e.value.code == 2
-    assert "required: --checkpoint" in _error_line(capsys)
+    assert "required: --checkpoint" in tiny.error_line(capsys)
     assert evaluate.main(["--checkpoint", unfit, "--bogus"]) == 2
-    assert "bogus" in _error_line(capsys)
+    assert "bogus" in tiny.error_line(capsys)
     assert evaluate.main(["--checkpoint", unfit]) == 2
-    assert "--config are required" in _error_line(capsys)
+    assert "--config are required" in tiny.error_line(capsys)
 
 
 def test_unreadable_image_is_a_runtime_failure_exit_1(tmp_path, image, capsys):
@@ -168,7 +160,7 @@ def test_convert_errors_exit_2_one_line(tmp_path, capsys):
     params = _params(size=8)
     bare = _npz(tmp_path / "p.npz", params, sidecar=False)
     assert convert_main([bare, str(tmp_path / "hf"), "--model", "ViT-Ti_16"]) == 2
-    line = _error_line(capsys)
+    line = tiny.error_line(capsys)
     assert bare in line and "embedding/kernel: found (4, 4, 3, 16)" in line
 
 
@@ -219,14 +211,14 @@ def test_predict_skips_a_damaged_newest_checkpoint(run_dir, tmp_path, image, cap
     # When no checkpoint reads: one line naming the run, exit 2.
     (wd / "checkpoints" / step / "meta" / "metadata").write_bytes(b"{")
     assert predict.main(["--checkpoint", str(wd), image]) == 2
-    assert str(wd) in _error_line(capsys)
+    assert str(wd) in tiny.error_line(capsys)
 
 
 def test_workdir_without_checkpoint_is_exit_2(tmp_path, image, capsys):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "config.json").write_text("{}")
     assert predict.main(["--checkpoint", str(tmp_path), image]) == 2
-    assert str(tmp_path) in _error_line(capsys)
+    assert str(tmp_path) in tiny.error_line(capsys)
 
 
 # ----------------------------------------------------------------------------- item 8
@@ -236,7 +228,7 @@ def test_evaluate_class_count_mismatch_needs_the_flag(tmp_path, capsys):
     two = _npz(tmp_path / "two.npz", _params(num_classes=2), class_names=["a", "b"])
     argv = ["--checkpoint", two, f"--config={tiny.ROOT}/configs/default.py", *tiny.flags()]
     assert evaluate.main(argv) == 2
-    line = _error_line(capsys)
+    line = tiny.error_line(capsys)
     assert two in line and "predicts 2 classes" in line and "has 10" in line
     assert "--allow-class-mismatch" in line
     assert evaluate.main([*argv, "--allow-class-mismatch", "--json"]) == 0
@@ -248,7 +240,7 @@ def test_evaluate_class_name_mismatch_is_an_error(tmp_path, capsys):
     letters = _npz(tmp_path / "letters.npz", _params(), class_names=list("abcdefghij"))
     argv = ["--checkpoint", letters, f"--config={tiny.ROOT}/configs/default.py", *tiny.flags()]
     assert evaluate.main(argv) == 2
-    line = _error_line(capsys)
+    line = tiny.error_line(capsys)
     assert "class 0 is 'a' in the checkpoint, '0' in digits" in line
 
 
@@ -262,7 +254,7 @@ def test_evaluate_npz_without_sidecar_uses_the_configs_model(tmp_path, capsys):
     # ... and when it does not fit the config's model, that is the one-line report.
     other = _npz(tmp_path / "other.npz", _params(), sidecar=False)  # hidden 16, config 32
     assert evaluate.main(["--checkpoint", other, *argv[2:]]) == 2
-    assert other in _error_line(capsys)
+    assert other in tiny.error_line(capsys)
 
 
 def test_evaluate_uses_the_checkpoints_image_size(tmp_path, capsys):
@@ -307,7 +299,7 @@ def test_visualize_out_is_an_existing_file(tmp_path, image, capsys):
     taken = tmp_path / "taken.txt"
     taken.write_text("keep me")
     assert visualize.main(["--checkpoint", model, "--out", str(taken), image]) == 2
-    line = _error_line(capsys)
+    line = tiny.error_line(capsys)
     assert str(taken) in line and "existing file" in line
     assert taken.read_text() == "keep me"
 
@@ -373,7 +365,7 @@ def test_hf_index_outside_the_folder_is_refused(hf_sharded, shard, tmp_path, cap
         shard = str(tmp_path / "evil.safetensors")
     _point_shards(index, weight_map, "b.safetensors", shard)
     assert convert_main([str(model_dir), str(tmp_path / "out.npz")]) == 2
-    line = _error_line(capsys)
+    line = tiny.error_line(capsys)
     assert str(index) in line and repr(shard) in line and "refused" in line
     assert not (tmp_path / "out.npz").exists()
 
@@ -383,7 +375,7 @@ def test_hf_index_symlink_escaping_the_folder_is_refused(hf_sharded, tmp_path, c
     os.symlink(tmp_path / "evil.safetensors", model_dir / "link.safetensors")
     _point_shards(index, weight_map, "b.safetensors", "link.safetensors")
     assert convert_main([str(model_dir), str(tmp_path / "out.npz")]) == 2
-    line = _error_line(capsys)
+    line = tiny.error_line(capsys)
     assert "'link.safetensors'" in line and "outside" in line
 
 
@@ -404,4 +396,4 @@ def test_hf_index_that_is_not_an_index(hf_sharded, tmp_path, capsys):
     model_dir, index, _ = hf_sharded
     index.write_text('{"weights": []}')
     assert convert_main([str(model_dir), str(tmp_path / "out.npz")]) == 2
-    assert "not a sharded-checkpoint index" in _error_line(capsys)
+    assert "not a sharded-checkpoint index" in tiny.error_line(capsys)

@@ -7,6 +7,7 @@ from fractions import Fraction
 import jax
 import numpy as np
 import pytest
+import tiny
 from PIL import Image
 
 from vit_jax import checkpoint, inference, models, visualize
@@ -43,13 +44,6 @@ def _npz(path, spec, seed=0) -> str:
         "image_size": [SIZE, SIZE],
     }
     return str(checkpoint.save_npz(params, path, metadata=meta))
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("error: "), err
-    return err[0]
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -175,7 +169,7 @@ def test_models_without_a_class_token_are_refused_exit_2(spec, named, tmp_path, 
     model = _npz(tmp_path / "m.npz", spec)
     out = tmp_path / "maps"
     assert visualize.main(["--checkpoint", model, "--out", str(out), "missing.png"]) == 2
-    line = _error_line(capsys)
+    line = tiny.error_line(capsys)
     needed, got = line.split(", got ")
     assert model in needed and needed.endswith(
         "needs a ViT with a class token (classifier 'token')"

@@ -30,6 +30,14 @@ OVERRIDES = {
 }
 
 
+def error_line(capsys) -> str:
+    """stderr of an in-process CLI run: exactly one line, an `error:` (returned)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: "), err
+    return err[0]
+
+
 def tiny_config(**changes):
     config = default.get_config()
     for key, value in {**OVERRIDES, **changes}.items():
