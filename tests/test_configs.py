@@ -142,6 +142,12 @@ def test_one_schema_for_recipes_benchmark_and_tests():
     assert common.with_dataset is configs.with_dataset and common.with_model is configs.with_model
     schema = configs.get_config()
     bench = benchmark.train_config(batch=8)
+    # A zoo model's config replaces the schema's (its None fields are typed placeholders, which
+    # ml_collections' update cannot merge); a dict merges.
+    dino = benchmark.train_config(model=models.get_config("DINOv2-S_14-reg4"), pp=dict(crop=8))
+    assert dino.model.num_registers == 4 and dino.model.transformer.mlp_type == "gelu"
+    assert dino.model.to_dict() == models.get_config("DINOv2-S_14-reg4").to_dict()
+    assert (dino.pp.crop, dino.pp.resize) == (8, schema.pp.resize)
     assert set(bench.keys()) == set(schema.keys())
     assert (bench.optimizer, bench.momentum, bench.base_lr, bench.batch) == ("sgd", 0.9, 0.01, 8)
     assert (schema.objective, schema.wd_mults, schema.lion_b1, schema.lion_b2) == (

@@ -74,10 +74,15 @@ def _peak_memory(compiled) -> int:
 
 def train_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The trainer's config (`vit_jax.configs`) with the reference fine-tuning recipe (SGD
-    momentum 0.9, grad clip 1) at lr 0.01 with a short warmup; `overrides` set any key."""
+    momentum 0.9, grad clip 1) at lr 0.01 with a short warmup; `overrides` set any key. A
+    ConfigDict value (a model's config) replaces the key's sub-config, a dict is merged into it."""
     c = configs.get_config()
     c.update(dict(base_lr=0.01, warmup_steps=10, total_steps=1000))
-    c.update(overrides)
+    for key, value in overrides.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            c[key] = value  # whole: `update` would merge, and cannot merge typed placeholders
+        else:
+            c.update({key: value})
     return c
 
 
