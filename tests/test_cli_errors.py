@@ -196,6 +196,32 @@ def test_unchanged_config_json_supplies_the_eval_resize(run_dir, tmp_path):
     assert (inference.load_model(str(wd)).resize, inference.load_model(str(wd)).crop) == (10, 8)
 
 
+@pytest.mark.parametrize("antialias", [False, True, "no"])
+def test_a_runs_pp_antialias_reaches_predict(run_dir, tmp_path, image, capsys, antialias):
+    """A run evaluated with plain bilinear downscaling (`pp.antialias=False`) is read with it by
+    predict (and serve / visualize / export, through the same TrainedModel); a value that is not
+    a boolean is ignored with a warning, as any unreadable config.json."""
+    wd = tmp_path / "run"
+    shutil.copytree(run_dir, wd)
+    config = json.loads((wd / "config.json").read_text())
+    config["pp"]["antialias"] = antialias  # the fixture's image is 12 px, downscaled to 8
+    (wd / "config.json").write_text(json.dumps(config))
+    trained = inference.load_model(str(wd))
+    assert trained.antialias is (antialias is not False)
+    chosen = trained.preprocess_file(image)
+    plain = inference.preprocess_file(image, resize=8, crop=8, antialias=False)
+    smooth = inference.preprocess_file(image, resize=8, crop=8, antialias=True)
+    assert np.abs(plain - smooth).max() > 0.1  # the two resizes really differ here
+    np.testing.assert_array_equal(chosen, plain if antialias is False else smooth)
+    assert predict.main(["--checkpoint", str(wd), "--json", image]) == 0
+    row = json.loads(capsys.readouterr().out)
+    logits = trained.logits(chosen[None])[0].astype(np.float64)
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    got = {r["index"]: r["probability"] for r in row["top_k"]}
+    for index, probability in got.items():
+        assert probability == pytest.approx(expected[index], abs=1e-5)
+
+
 def test_predict_skips_a_damaged_newest_checkpoint(run_dir, tmp_path, image, capsys, caplog):
     wd = tmp_path / "run"
     shutil.copytree(run_dir, wd)

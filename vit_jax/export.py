@@ -327,7 +327,9 @@ def _parser() -> argparse.ArgumentParser:
         "--no-antialias",
         dest="antialias",
         action="store_false",
-        help="saved_model: plain bilinear downscaling (the reference pipeline's) in serving",
+        default=None,
+        help="saved_model: plain bilinear downscaling (the reference pipeline's) in serving "
+        "(default: as the run was evaluated, `pp.antialias`; antialiased for weights files)",
     )
     p.add_argument(
         "--platforms",
@@ -357,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         return cli.fail(e, cli.EXIT_CONFIG)
     try:
-        meta = export(trained, args.format, out, antialias=args.antialias, platforms=platforms)
+        antialias = trained.antialias if args.antialias is None else args.antialias
+        meta = export(trained, args.format, out, antialias=antialias, platforms=platforms)
     except ExportError as e:
         return cli.fail(e, cli.EXIT_CONFIG)
     except Exception as e:  # a converter's failure: one line, not a traceback

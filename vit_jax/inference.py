@@ -46,17 +46,28 @@ class TrainedModel:
     crop: int
     recorded_class_names: list[str] | None = None  # what the checkpoint says, None if nothing
     normalization: dict | None = None  # {'mean', 'std'} the model's inputs were normalised with
+    antialias: bool = True  # eval downscaling: a run's `pp.antialias`, else on
 
-    def preprocess_file(self, path: str, *, antialias: bool = True) -> np.ndarray:
-        """An image file -> this model's input (eval resize and crop, its normalisation)."""
+    def preprocess_file(self, path: str, *, antialias: bool | None = None) -> np.ndarray:
+        """An image file -> this model's input (eval resize and crop, its normalisation;
+        `antialias` None: the model's)."""
         return preprocess_file(
-            path, resize=self.resize, crop=self.crop, antialias=antialias, norm=self.normalization
+            path,
+            resize=self.resize,
+            crop=self.crop,
+            antialias=self.antialias if antialias is None else antialias,
+            norm=self.normalization,
         )
 
     def preprocess_bytes(self, encoded: bytes, *, what: str = "image") -> np.ndarray:
         """Encoded image bytes -> this model's input (see `preprocess_file`)."""
         return preprocess_bytes(
-            encoded, resize=self.resize, crop=self.crop, what=what, norm=self.normalization
+            encoded,
+            resize=self.resize,
+            crop=self.crop,
+            what=what,
+            antialias=self.antialias,
+            norm=self.normalization,
         )
 
     def logits(self, images: np.ndarray) -> np.ndarray:
@@ -109,9 +120,9 @@ def load_model(
     """Loads anything `vit_jax.weights.open` reads (a run, `.npz`, transformers dir, timm file).
 
     What the checkpoint records wins: a run's model config, image size and class names are used
-    even when the workdir's `config.json` says otherwise (it only supplies the eval resize, when
-    its crop agrees). For files: `model` (zoo name or config) overrides what the file records;
-    `default_model` is used only when the file records nothing. `resolution` runs the model at
+    even when the workdir's `config.json` says otherwise (it only supplies the eval resize and
+    `pp.antialias`, when its crop agrees). For files: `model` (zoo name or config) overrides
+    what the file records; `default_model` is used only when the file records nothing. `resolution` runs the model at
     another input size (position embeddings resampled by `vit_jax.weights.fit`).
 
     Raises `CheckpointError` (a ValueError) naming the file for anything that cannot be read or
@@ -135,7 +146,7 @@ def load_model(
     recorded = list(meta.get("class_names") or [])
     stored = _pair(meta.get("image_size"))
     crop = (stored or (models.DEFAULT_RESOLUTION,) * 2)[0]
-    resize = _run_resize(path, crop) if is_run else crop
+    resize, antialias = _run_eval_geometry(path, crop) if is_run else (crop, True)
     if resolution:
         crop = resize = int(resolution)
     num_classes = _num_classes(params)
@@ -149,7 +160,9 @@ def load_model(
     target = models.init_shapes(module, (crop, crop))
     params = weights.fit(params, meta, config, target, image_size=(crop, crop), what=what)
     norm = meta.get("normalization")
-    return TrainedModel(module, params, config, names, resize, crop, recorded or None, norm)
+    return TrainedModel(
+        module, params, config, names, resize, crop, recorded or None, norm, antialias
+    )
 
 
 def _pair(size: Any) -> tuple[int, int] | None:
@@ -160,10 +173,10 @@ def _pair(size: Any) -> tuple[int, int] | None:
     return int(size[0]), int(size[-1])
 
 
-def _run_resize(path: str, crop: int) -> int:
-    """The eval resize of the run: config.json's `pp.resize` when its `pp.crop` is the
-    checkpoint's image size, otherwise the image size itself (config.json may have been
-    changed after the checkpoint was written)."""
+def _run_eval_geometry(path: str, crop: int) -> tuple[int, bool]:
+    """The run's eval (resize, antialias): config.json's `pp.resize` and `pp.antialias` when its
+    `pp.crop` is the checkpoint's image size, otherwise (the image size, True) (config.json may
+    have been changed after the checkpoint was written)."""
     p = epath.Path(path)
     for candidate in (p, p.parent, p.parent.parent):
         f = candidate / workdir_lib.CONFIG_JSON
@@ -172,11 +185,14 @@ def _run_resize(path: str, crop: int) -> int:
         try:
             pp = json.loads(f.read_text()).get("pp") or {}
             stored_crop, resize = int(pp["crop"]), int(pp["resize"])
+            antialias = pp.get("antialias", True)  # absent: a run from before the key
+            if not isinstance(antialias, bool):
+                raise TypeError(f"pp.antialias must be true or false, got {antialias!r}")
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
             logging.warning("%s: ignored (%s); evaluating at the checkpoint's size", f, e)
-            return crop
+            return crop, True
         if stored_crop == crop:
-            return resize
+            return resize, antialias
         logging.warning(
             "%s says pp.crop=%d, but the checkpoint was trained at %d: using the checkpoint's "
             "size (resize and crop %d)",
@@ -185,8 +201,8 @@ def _run_resize(path: str, crop: int) -> int:
             crop,
             crop,
         )
-        return crop
-    return crop
+        return crop, True
+    return crop, True
 
 
 def preprocess_file(
