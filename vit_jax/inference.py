@@ -122,8 +122,9 @@ def load_model(
     What the checkpoint records wins: a run's model config, image size and class names are used
     even when the workdir's `config.json` says otherwise (it only supplies the eval resize and
     `pp.antialias`, when its crop agrees). For files: `model` (zoo name or config) overrides
-    what the file records; `default_model` is used only when the file records nothing. `resolution` runs the model at
-    another input size (position embeddings resampled by `vit_jax.weights.fit`).
+    what the file records; `default_model` is used only when the file records nothing.
+    `resolution` runs the model at another input size (position embeddings resampled by
+    `vit_jax.weights.fit`).
 
     Raises `CheckpointError` (a ValueError) naming the file for anything that cannot be read or
     does not fit the model, `CheckpointNotFoundError` when there is nothing at `path`.
