@@ -46,9 +46,6 @@ from vit_jax.weights.hf_common import CONFIG, WEIGHTS, read_files, shard_files
 from vit_jax.weights.table import (
     CONV,
     DENSE,
-    HEADS_BIAS,
-    HEADS_IN,
-    HEADS_OUT,
     IDENTITY,
     Row,
     Table,
@@ -106,22 +103,7 @@ def _hub_state(path: Any, config: Mapping[str, Any], raw: Mapping[str, Any]) -> 
     return state
 
 
-_L = "Transformer/encoderblock_{i}/"
-_A = f"{_L}MultiHeadDotProductAttention_1/"
-_E = "encoder.layer.{i}."
-
-
-def _qkv(name: str, theirs: str) -> tuple[Row, Row]:
-    return (
-        Row(f"{_A}{name}/kernel", f"{_E}attention.attention.{theirs}.weight", HEADS_IN, "D H hd"),
-        Row(
-            f"{_A}{name}/bias",
-            f"{_E}attention.attention.{theirs}.bias",
-            HEADS_BIAS,
-            "H hd",
-            when="qkv_bias",
-        ),
-    )
+_L, _E = hf_common.BLOCK, hf_common.LAYER
 
 
 # Hub names without `vit.` / `deit.`; `to_hf` adds the prefix when the model has a classifier.
@@ -149,11 +131,7 @@ TABLE = Table(
         Row(f"{_L}LayerNorm_0/bias", f"{_E}layernorm_before.bias", IDENTITY, "D"),
         Row(f"{_L}LayerNorm_2/scale", f"{_E}layernorm_after.weight", IDENTITY, "D"),
         Row(f"{_L}LayerNorm_2/bias", f"{_E}layernorm_after.bias", IDENTITY, "D"),
-        *_qkv("query", "query"),
-        *_qkv("key", "key"),
-        *_qkv("value", "value"),
-        Row(f"{_A}out/kernel", f"{_E}attention.output.dense.weight", HEADS_OUT, "H hd D"),
-        Row(f"{_A}out/bias", f"{_E}attention.output.dense.bias", IDENTITY, "D"),
+        *hf_common.attention_rows(),
         Row(f"{_L}MlpBlock_3/Dense_0/kernel", f"{_E}intermediate.dense.weight", DENSE, "D M"),
         Row(f"{_L}MlpBlock_3/Dense_0/bias", f"{_E}intermediate.dense.bias", IDENTITY, "M"),
         Row(f"{_L}MlpBlock_3/Dense_1/kernel", f"{_E}output.dense.weight", DENSE, "M D"),

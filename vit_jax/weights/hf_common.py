@@ -20,11 +20,16 @@ from etils import epath
 
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import CheckpointNotFoundError, ConversionError
+from vit_jax.weights.table import HEADS_BIAS, HEADS_IN, HEADS_OUT, IDENTITY, Row
 
 __all__ = [
+    "ATTENTION",
+    "BLOCK",
     "CONFIG",
     "GELU",
+    "LAYER",
     "WEIGHTS",
+    "attention_rows",
     "check_channels_and_heads",
     "class_names",
     "gelu_approximate",
@@ -39,6 +44,27 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 # transformers `hidden_act` -> our `gelu_approximate`
 GELU = {"gelu": False, "gelu_python": False, "gelu_pytorch_tanh": True, "gelu_new": True}
+# Per-block names: our encoder block and its attention, transformers' ViT-layout layer.
+BLOCK = "Transformer/encoderblock_{i}/"
+ATTENTION = f"{BLOCK}MultiHeadDotProductAttention_1/"
+LAYER = "encoder.layer.{i}."
+
+
+def attention_rows() -> tuple[Row, ...]:
+    """Self-attention rows of transformers' ViT layout (ViT, DeiT, DINOv2): per layer
+    `attention.attention.{query,key,value}` (biases when `qkv_bias`), `attention.output.dense`."""
+    rows = []
+    for name in ("query", "key", "value"):
+        theirs = f"{LAYER}attention.attention.{name}"
+        rows.append(Row(f"{ATTENTION}{name}/kernel", f"{theirs}.weight", HEADS_IN, "D H hd"))
+        rows.append(
+            Row(f"{ATTENTION}{name}/bias", f"{theirs}.bias", HEADS_BIAS, "H hd", when="qkv_bias")
+        )
+    return (
+        *rows,
+        Row(f"{ATTENTION}out/kernel", f"{LAYER}attention.output.dense.weight", HEADS_OUT, "H hd D"),
+        Row(f"{ATTENTION}out/bias", f"{LAYER}attention.output.dense.bias", IDENTITY, "D"),
+    )
 
 
 def read_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

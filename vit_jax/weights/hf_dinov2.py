@@ -32,15 +32,13 @@ from vit_jax.weights import hf_common, npz, options
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import ConversionError
 from vit_jax.weights.facts import LAYER_SCALE_KEY, Converted, uses_layer_scale, vit_facts
-from vit_jax.weights.table import CONV, DENSE, HEADS_BIAS, HEADS_IN, HEADS_OUT, IDENTITY, Row, Table
+from vit_jax.weights.table import CONV, DENSE, IDENTITY, Row, Table
 from vit_jax.weights.tree import unflatten
 
 __all__ = ["MODEL_TYPES", "TABLE", "from_state", "mlp_width", "to_dir"]
 
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
-_L = "Transformer/encoderblock_{i}/"
-_A = f"{_L}MultiHeadDotProductAttention_1/"
-_E = "encoder.layer.{i}."
+_L, _E = hf_common.BLOCK, hf_common.LAYER
 # transformers 5 in-memory names -> hub names
 _V5_NAMES = (
     (re.compile(r"\.attention\.q_proj\."), ".attention.attention.query."),
@@ -60,19 +58,6 @@ def _pair(ours: str, theirs: str, transform=IDENTITY, shape: str = "D", **kw) ->
     )
 
 
-def _projection(ours: str, theirs: str) -> tuple[Row, Row]:
-    return (
-        Row(f"{_A}{ours}/kernel", f"{_E}attention.attention.{theirs}.weight", HEADS_IN, "D H hd"),
-        Row(
-            f"{_A}{ours}/bias",
-            f"{_E}attention.attention.{theirs}.bias",
-            HEADS_BIAS,
-            "H hd",
-            when="qkv_bias",
-        ),
-    )
-
-
 TABLE = Table(
     rows=(
         Row("cls", "embeddings.cls_token", IDENTITY, "1 1 D"),
@@ -84,11 +69,7 @@ TABLE = Table(
     ),
     block=(
         *_pair(f"{_L}LayerNorm_0", f"{_E}norm1"),
-        *_projection("query", "query"),
-        *_projection("key", "key"),
-        *_projection("value", "value"),
-        Row(f"{_A}out/kernel", f"{_E}attention.output.dense.weight", HEADS_OUT, "H hd D"),
-        Row(f"{_A}out/bias", f"{_E}attention.output.dense.bias", IDENTITY, "D"),
+        *hf_common.attention_rows(),
         Row(f"{_L}LayerScale_1/scale", f"{_E}layer_scale1.lambda1", IDENTITY, "D"),
         *_pair(f"{_L}LayerNorm_2", f"{_E}norm2"),
         *_pair(f"{_L}MlpBlock_3/Dense_0", f"{_E}mlp.fc1", DENSE, "D M", when="mlp"),
