@@ -21,10 +21,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 import ml_collections
 
 __all__ = [
     "COMMON_DEFAULTS",
+    "common_fields",
     "Family",
     "LogicalAxes",
     "get_family",
@@ -48,6 +50,23 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     dtype="float32",  # compute dtype, e.g. "bfloat16"
     param_dtype="float32",
 )
+
+
+def common_fields(config: ml_collections.ConfigDict, num_classes: int | None) -> dict[str, Any]:
+    """The module fields every family takes from its config: the `COMMON_DEFAULTS` (typed),
+    the patch size and the number of classes."""
+    return dict(
+        num_classes=num_classes,
+        patch_size=pair(config.patches.size, "patches.size"),
+        gelu_approximate=bool(config.gelu_approximate),
+        layernorm_epsilon=float(config.layernorm_epsilon),
+        head_bias_init=float(config.head_bias_init),
+        scan=bool(config.scan),
+        remat=bool(config.remat),
+        remat_policy=config.remat_policy,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+    )
 
 
 def pair(value: Any, field: str) -> tuple[int, int]:

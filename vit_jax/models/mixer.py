@@ -164,20 +164,11 @@ NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$")  # LayerNorm scales, all biases
 def build(config: ml_collections.ConfigDict, num_classes: int | None, **overrides: Any):
     """`MlpMixer` for a complete Mixer config; `overrides` replace derived fields."""
     kwargs = dict(
-        num_classes=num_classes,
-        patch_size=families.pair(config.patches.size, "patches.size"),
+        families.common_fields(config, num_classes),
         hidden_dim=config.hidden_dim,
         num_blocks=config.num_blocks,
         tokens_mlp_dim=config.tokens_mlp_dim,
         channels_mlp_dim=config.channels_mlp_dim,
-        gelu_approximate=bool(config.gelu_approximate),
-        layernorm_epsilon=float(config.layernorm_epsilon),
-        head_bias_init=float(config.head_bias_init),
-        scan=bool(config.scan),
-        remat=bool(config.remat),
-        remat_policy=config.remat_policy,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
     )
     return MlpMixer(**{**kwargs, **overrides})
 

@@ -737,8 +737,7 @@ def build(config: ml_collections.ConfigDict, num_classes: int | None, **override
     """`VisionTransformer` for a complete ViT config; `overrides` replace derived fields."""
     t = config.transformer
     kwargs = dict(
-        num_classes=num_classes,
-        patch_size=families.pair(config.patches.size, "patches.size"),
+        families.common_fields(config, num_classes),
         hidden_size=config.hidden_size,
         mlp_dim=t.mlp_dim,
         num_heads=t.num_heads,
@@ -762,14 +761,6 @@ def build(config: ml_collections.ConfigDict, num_classes: int | None, **override
         posemb_covers_prefix=bool(config.posemb_covers_prefix),
         posemb_antialias=bool(config.posemb_antialias),
         attention_implementation=config.attention_implementation,
-        gelu_approximate=bool(config.gelu_approximate),
-        layernorm_epsilon=float(config.layernorm_epsilon),
-        head_bias_init=float(config.head_bias_init),
-        scan=bool(config.scan),
-        remat=bool(config.remat),
-        remat_policy=config.remat_policy,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
     )
     return VisionTransformer(**{**kwargs, **overrides})
 
