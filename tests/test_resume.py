@@ -72,24 +72,28 @@ def _signal_at(monkeypatch, step: int, sig=signal.SIGTERM, times: int = 1) -> No
 
 
 @pytest.fixture(scope="module")
-def straight_and_stopped(tmp_path_factory):
-    """(straight workdir, stopped-at-STOP_AT workdir, resumed workdir)."""
-    config = tiny.tiny_config(**RANDOM)
-    base = tmp_path_factory.mktemp("resume")
-    straight, stopped, resumed = base / "straight", base / "stopped", base / "resumed"
-    trainer.train_and_evaluate(config, str(straight))
+def straight_and_stopped(build_once):
+    """(straight workdir, stopped-at-STOP_AT workdir, resumed workdir), built once per session
+    (the tests only read them or copy them)."""
 
-    with pytest.MonkeyPatch.context() as mp:
-        _signal_at(mp, STOP_AT)
-        out = trainer.train_and_evaluate(config, str(stopped))
-    assert out["step"] == STOP_AT, out
-    assert _checkpoint_steps(stopped) == [12, STOP_AT]
-    assert not (stopped / workdir_lib.FINAL_NPZ).exists()
-    shutil.copytree(stopped, resumed)
+    def build(base):
+        config = tiny.tiny_config(**RANDOM)
+        straight, stopped, resumed = base / "straight", base / "stopped", base / "resumed"
+        trainer.train_and_evaluate(config, str(straight))
 
-    out = trainer.train_and_evaluate(config, str(resumed))
-    assert out["step"] == 20 and out["steps_run"] == 20 - STOP_AT, out
-    return straight, stopped, resumed
+        with pytest.MonkeyPatch.context() as mp:
+            _signal_at(mp, STOP_AT)
+            out = trainer.train_and_evaluate(config, str(stopped))
+        assert out["step"] == STOP_AT, out
+        assert _checkpoint_steps(stopped) == [12, STOP_AT]
+        assert not (stopped / workdir_lib.FINAL_NPZ).exists()
+        shutil.copytree(stopped, resumed)
+
+        out = trainer.train_and_evaluate(config, str(resumed))
+        assert out["step"] == 20 and out["steps_run"] == 20 - STOP_AT, out
+
+    base = build_once("resume-every-random-source", build)
+    return base / "straight", base / "stopped", base / "resumed"
 
 
 def test_sigterm_then_resume_with_every_random_source_is_bit_exact(straight_and_stopped):

@@ -27,11 +27,12 @@ RUN = dict(total_steps=40, checkpoint_every=20, eval_every=40, progress_every=10
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A finished tiny run: checkpoints 20 and 40, metrics, config history, final.npz."""
-    wd = tmp_path_factory.mktemp("run")
-    trainer.train_and_evaluate(tiny.tiny_config(**RUN), str(wd))
-    return wd
+def run(build_once):
+    """A finished tiny run: checkpoints 20 and 40, metrics, config history, final.npz (built
+    once per session; tests change only their copies)."""
+    return build_once(
+        "integrity-run", lambda wd: trainer.train_and_evaluate(tiny.tiny_config(**RUN), str(wd))
+    )
 
 
 def _copy(run, tmp_path, name="run"):
