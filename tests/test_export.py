@@ -212,6 +212,40 @@ def test_bad_input_is_one_line_and_exit_2(cases, tmp_path, capsys):
     assert not (tmp_path / "new").exists() and list(taken.iterdir()) == [taken / "x"]
 
 
+def test_onnx_opset_is_chosen_and_checked(cases, tmp_path, capsys):
+    """`--opset 20` (the lowest the graph allows: it uses Gelu) writes an opset-20 model that
+    onnxruntime runs to the same logits; one it cannot write, or an opset for another format,
+    is one line, exit 2, before the checkpoint is read."""
+    import onnx
+    import onnxruntime
+
+    case = cases["trained"]
+    out = tmp_path / "opset20"
+    assert export.main(["--checkpoint", str(case["checkpoint"]), "--format", "onnx",
+                        "--opset", "20", "--out", str(out)]) == 0  # fmt: skip
+    model = onnx.load(str(out / export.ONNX_FILE))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 20
+    assert json.loads((out / "model.json").read_text())["opset"] == 20
+    default = json.loads((case["dir"] / "trained_onnx" / "model.json").read_text())
+    assert default["opset"] == export.ONNX_OPSET == 23
+    session = onnxruntime.InferenceSession(str(out / export.ONNX_FILE))
+    with np.load(case["dir"] / "trained_inputs.npz") as f:
+        logits = session.run(["logits"], {"images": f["x"]})[0]
+    np.testing.assert_allclose(logits, case["expected"]["logits"], atol=TOL, rtol=0)
+    capsys.readouterr()
+    missing = str(tmp_path / "no-such-run")  # never read: the opset is refused first
+    line = _cli_error(capsys, ["--checkpoint", missing, "--format", "onnx", "--opset", "17",
+                               "--out", str(tmp_path / "a")])  # fmt: skip
+    assert line == (
+        "error: --opset 17: the onnx export writes opsets 20 to 23 (the graph uses Gelu, an "
+        "ONNX op from opset 20)"
+    )
+    line = _cli_error(capsys, ["--checkpoint", missing, "--format", "stablehlo", "--opset",
+                               "21", "--out", str(tmp_path / "b")])  # fmt: skip
+    assert line == "error: --opset 21: an opset applies to --format onnx only"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_benchmark_times_exported_artifacts(cases, tmp_path, capsys):
     from vit_jax import benchmark
 

@@ -13,9 +13,10 @@ resolution, the eval preprocessing, the model config):
   `vit_jax.data.preprocess`: bilinear resize, antialiased unless `--no-antialias`, central crop,
   [-1, 1]), returning `logits` and `probabilities`; `preprocessed(inputs)` takes the model's
   float32 input; `class_names()` returns them, also in `assets/class_names.txt`.
-- `onnx`: `model.onnx` (jax2onnx), input `images` float32 [batch, res, res, 3] (NHWC) in
-  [-1, 1], output `logits`; class names (a JSON list) and `model.json`'s content in its
-  `metadata_props` (`class_names`, `vit_jax`). Needs `pip install 'vit_jax[export]'`.
+- `onnx`: `model.onnx` (jax2onnx; ONNX opset 23, `--opset 20`-`22` for older runtimes), input
+  `images` float32 [batch, res, res, 3] (NHWC) in [-1, 1], output `logits`; class names (a JSON
+  list) and `model.json`'s content in its `metadata_props` (`class_names`, `vit_jax`). Needs
+  `pip install 'vit_jax[export]'`.
 
 The model's parameters are constants inside each artifact. Exit status: 0 written; 1 the
 conversion failed; 2 a configuration error before any work (bad flag, unknown format, DIR exists
@@ -56,6 +57,10 @@ FORMATS = ("stablehlo", "saved_model", "onnx")
 METADATA_JSON = "model.json"
 STABLEHLO_FILE = "model.jax_exported"
 ONNX_FILE = "model.onnx"
+# ONNX opsets the onnx export writes: the graph uses Gelu (an ONNX op from opset 20); 23 is
+# jax2onnx 0.12's newest.
+ONNX_OPSETS = range(20, 24)
+ONNX_OPSET = 23
 CLASS_NAMES_ASSET = "class_names.txt"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 ONNX_INSTALL_HINT = "the onnx format needs jax2onnx and onnx: pip install 'vit_jax[export]'"
@@ -233,9 +238,9 @@ def _check_onnx_installed() -> None:
         raise ExportError(ONNX_INSTALL_HINT) from None
 
 
-def export_onnx(trained: Any, out: Path, *, meta: dict) -> list[str]:
-    """Writes `model.onnx` (dynamic batch `batch`), `meta` and the class names in its
-    metadata_props."""
+def export_onnx(trained: Any, out: Path, *, meta: dict, opset: int = ONNX_OPSET) -> list[str]:
+    """Writes `model.onnx` (dynamic batch `batch`, ONNX `opset`), `meta` and the class names in
+    its metadata_props."""
     _check_onnx_installed()
     import onnx
     from jax2onnx import to_onnx
@@ -246,6 +251,7 @@ def export_onnx(trained: Any, out: Path, *, meta: dict) -> list[str]:
             _logits_fn(trained),
             [("batch", res, res, 3)],
             model_name="vit_jax",
+            opset=opset,
             input_names=["images"],
             output_names=["logits"],
         )
@@ -268,21 +274,26 @@ def export(
     *,
     antialias: bool = True,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    opset: int | None = None,
 ) -> dict:
     """Exports `trained` (a `vit_jax.inference.TrainedModel`) as `fmt` into the new directory
-    `out`; returns `model.json`'s content (with `files`: what was written).
+    `out`; returns `model.json`'s content (with `files`: what was written). `opset`: the ONNX
+    opset of an onnx export (`ONNX_OPSETS`, default `ONNX_OPSET`).
 
     The artifact is built in a temporary directory beside `out` and renamed into place, so a
-    failed export leaves nothing behind. Raises ExportError for an unknown format or an `out`
-    that exists and is not empty.
+    failed export leaves nothing behind. Raises ExportError for an unknown format, an opset
+    that is not available, or an `out` that exists and is not empty.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    opset = _onnx_opset(fmt, opset)
     out = Path(out)
     check_out(out)
     if fmt == "onnx":
         _check_onnx_installed()
     meta = describe(trained, fmt, antialias=antialias, platforms=platforms)
+    if fmt == "onnx":
+        meta["opset"] = opset
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
@@ -294,7 +305,7 @@ def export(
         elif fmt == "saved_model":
             files = export_saved_model(trained, staging, antialias=antialias, platforms=platforms)
         else:
-            files = export_onnx(trained, staging, meta=meta)
+            files = export_onnx(trained, staging, meta=meta, opset=opset)
         meta["files"] = [*files, METADATA_JSON]
         (staging / METADATA_JSON).write_text(json.dumps(meta, indent=1) + "\n")
         if out.exists():
@@ -303,6 +314,22 @@ def export(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return meta
+
+
+def _onnx_opset(fmt: str, opset: int | None) -> int | None:
+    """The opset an export of `fmt` writes (None: not onnx); refuses one it cannot write."""
+    if fmt != "onnx":
+        if opset is not None:
+            raise ExportError(f"--opset {opset}: an opset applies to --format onnx only")
+        return None
+    if opset is None:
+        return ONNX_OPSET
+    if opset not in ONNX_OPSETS:
+        raise ExportError(
+            f"--opset {opset}: the onnx export writes opsets {ONNX_OPSETS[0]} to "
+            f"{ONNX_OPSETS[-1]} (the graph uses Gelu, an ONNX op from opset 20)"
+        )
+    return opset
 
 
 def check_out(out: Path) -> None:
@@ -336,6 +363,11 @@ def _parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_PLATFORMS),
         help="stablehlo / saved_model: platforms to lower for (comma-separated)",
     )
+    p.add_argument(
+        "--opset",
+        type=int,
+        help=f"onnx: the ONNX opset, {ONNX_OPSETS[0]}-{ONNX_OPSETS[-1]} (default {ONNX_OPSET})",
+    )
     p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     return p
 
@@ -346,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         check_out(out)
+        _onnx_opset(args.format, args.opset)
         if args.format == "onnx":
             _check_onnx_installed()
     except ExportError as e:
@@ -360,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(e, cli.EXIT_CONFIG)
     try:
         antialias = trained.antialias if args.antialias is None else args.antialias
-        meta = export(trained, args.format, out, antialias=antialias, platforms=platforms)
+        meta = export(
+            trained, args.format, out, antialias=antialias, platforms=platforms, opset=args.opset
+        )
     except ExportError as e:
         return cli.fail(e, cli.EXIT_CONFIG)
     except Exception as e:  # a converter's failure: one line, not a traceback
