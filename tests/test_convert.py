@@ -310,6 +310,44 @@ def test_timm_without_sidecar_needs_heads_and_reads_no_embed_class(tmp_path):
         np.testing.assert_array_equal(written[key], value, err_msg=key)
 
 
+@pytest.mark.parametrize(
+    "architecture,heads,classifier,gelu_tanh",
+    [
+        ("vit_base_patch16_224.augreg_in21k", 12, "token", False),
+        ("vit_base_patch16_gap_224", 16, "gap", False),  # 16 heads of 48, not 12 of 64
+        ("vit_base_patch32_siglip_gap_256", 12, "gap", True),  # timm builds it with gelu_tanh
+    ],
+)
+def test_timm_hub_architecture_gives_heads_and_gelu(
+    tmp_path, architecture, heads, classifier, gelu_tanh
+):
+    """A timm hub checkpoint (state dict + `config.json`, no sidecar): the heads and the GELU
+    come from the architecture's name (facts of timm's model definitions), and the model then
+    computes what timm's forward computes. Measured against timm 1.0.31 itself by
+    benchmarks/timm_parity.py (BENCHMARKS.md); before, these read as 12 heads / exact GELU."""
+    spec = dict(TINY, hidden_size=768, transformer=dict(mlp_dim=64, num_heads=heads, num_layers=1))
+    _, config, params = _ours(spec, classifier=classifier, gelu_approximate=gelu_tanh)
+    path = timm_format.to_timm(params, config, tmp_path / "model.safetensors", image_size=HW)
+    os.remove(tmp_path / "model.json")  # what the hub has: config.json beside the weights
+    hub = {"architecture": architecture, "pretrained_cfg": {"input_size": [3, *HW]}}
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    back = timm_format.from_timm(path)
+    assert back.model_config.transformer.num_heads == heads
+    assert back.model_config.gelu_approximate is gelu_tanh
+    assert back.model_config.classifier == classifier and back.image_size == HW
+    x = _images()
+    reference = _timm_reference(pytorch.read_safetensors(path), x, heads=heads, gelu_tanh=gelu_tanh)
+    ours = models.get_model(back.model_config, num_classes=5)
+    np.testing.assert_allclose(_apply(ours, back.params, x), reference, atol=1e-4, rtol=0)
+    hub["architecture"] = "vit_base_patch16_224_custom_width"  # ("base", 768) still says 12
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    assert timm_format.from_timm(path).model_config.transformer.num_heads == 12
+    hub["architecture"] = "vit_medium_patch16_224"  # medium is 512 wide: no guess at 768
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    with pytest.raises(ConversionError, match="number of attention heads; pass --model"):
+        timm_format.from_timm(path)
+
+
 def test_timm_features_timm_cannot_express_are_refused(tmp_path):
     _, config, params = _ours(hw=(8, 8))
     path = timm_format.to_timm(params, config, tmp_path / "m.safetensors")

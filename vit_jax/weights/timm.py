@@ -11,8 +11,9 @@ slots (`no_embed_class=True`) reads as a zero slot, which computes the same.
 A state dict does not say how many heads the model has, nor its image size, GELU kind or class
 names. Reading takes them from, in order: the arguments, our JSON sidecar (`x.safetensors` ->
 `x.json`, written by `to_timm`), a zoo model name, and a timm hub `config.json` beside the file
-(`architecture`, `pretrained_cfg.input_size`, `label_names`, `model_args.init_values`). timm
-uses exact GELU and LayerNorm epsilon 1e-6.
+(`architecture`, `pretrained_cfg.input_size`, `label_names`, `model_args.init_values`); the
+architecture's name gives the heads (its size word and the width) and the GELU (exact, but tanh
+for the SigLIP architectures timm builds with `gelu_tanh`). timm uses LayerNorm epsilon 1e-6.
 """
 
 from __future__ import annotations
@@ -60,8 +61,29 @@ __all__ = [
 ]
 
 
-# timm architecture size words -> heads (head_dim 64, ViT-H 80).
-_HEADS_BY_SIZE = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16}
+# Facts from timm 1.0.31's model definitions. Attention heads by (size word, width): the word
+# alone is ambiguous (a giant is 1408 wide with 16 heads, DINOv2's 1536 with 24).
+_HEADS = {
+    ("tiny", 192): 3, ("xsmall", 256): 4, ("wee", 256): 4, ("dwee", 256): 4, ("pwee", 256): 4,
+    ("dpwee", 256): 4, ("little", 320): 5, ("dlittle", 320): 5, ("small", 384): 6,
+    ("medium", 512): 8, ("mediumd", 512): 8, ("betwixt", 640): 10, ("base", 768): 12,
+    ("base", 896): 14, ("so150m2", 832): 13, ("so150m", 896): 14, ("large", 1024): 16,
+    ("so400m", 1152): 16, ("huge", 1280): 16, ("giant", 1408): 16, ("giant", 1536): 24,
+    ("giantopt", 1536): 16, ("gigantic", 1664): 16,
+}  # fmt: skip
+_HEADS_BY_ARCHITECTURE = {"vit_base_patch16_gap_224": 16}  # head_dim 48
+# Architectures built with act_layer='gelu_tanh' (the others use exact GELU).
+_GELU_TANH = frozenset(
+    f"vit_{size}_{patch}_siglip{gap}_{res}"
+    for size, patch, resolutions in (
+        ("base", "patch32", (256,)),
+        ("large", "patch16", (512,)),
+        ("so400m", "patch16", (256, 384, 512)),
+        ("giantopt", "patch16", (256, 384)),
+    )
+    for gap in ("", "_gap")
+    for res in resolutions
+)
 _QKV = ("query", "key", "value")
 # table features -> the key whose presence in a state dict turns them on
 _FEATURE_KEYS = {
@@ -233,7 +255,7 @@ def from_timm(
             transformer=transformer,
             classifier=f["classifier"],
             distillation_token="distillation" in f["features"],
-            gelu_approximate=bool(stored.get("gelu_approximate", False)),
+            gelu_approximate=bool(stored.get("gelu_approximate", _architecture(hub) in _GELU_TANH)),
             layernorm_epsilon=float(stored.get("layernorm_epsilon", 1e-6)),
         )
     )
@@ -378,13 +400,24 @@ def _classifier(path, stored, hub, *, has_class_token: bool, has_map: bool) -> s
     )
 
 
+def _architecture(hub: Mapping[str, Any]) -> str:
+    """The hub config's timm architecture without a pretrained tag (`name.tag`)."""
+    return str(hub.get("architecture") or "").split(".")[0]
+
+
+def _size_word(architecture: str) -> str:
+    """`vit_so400m_patch14_siglip_384` -> `so400m` (the word after the family's)."""
+    parts = architecture.split("_")
+    return parts[1] if len(parts) > 1 else ""
+
+
 def _num_heads(path, num_heads, stored, zoo, hub, d) -> int:
     heads = num_heads or (stored.get("transformer") or {}).get("num_heads")
     if not heads and zoo is not None:
         heads = zoo.transformer.num_heads
     if not heads and hub:
-        size = next((s for s in _HEADS_BY_SIZE if f"_{s}_" in f"_{hub['architecture']}_"), None)
-        heads = _HEADS_BY_SIZE.get(size)
+        arch = _architecture(hub)
+        heads = _HEADS_BY_ARCHITECTURE.get(arch) or _HEADS.get((_size_word(arch), d))
     if not heads:
         raise ConversionError(
             f"{path}: a timm state dict does not record its number of attention heads; "

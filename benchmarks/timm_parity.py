@@ -1,0 +1,130 @@
+"""Forward parity with timm itself: timm builds each architecture (2 blocks, small input,
+random weights), saves it as a hub checkpoint would look (`model.safetensors` + `config.json`)
+and runs it; vit_jax reads the files with `python -m vit_jax.predict`'s loader and runs the same
+inputs. Prints the largest differences of the logits and the pooled features.
+
+    python benchmarks/timm_parity.py --timm-python /work/timm-venv/bin/python [--archs a,b]
+
+timm runs in its own interpreter (it needs torchvision, which does not install beside the CPU
+torch of the test environment), so this is a script, not a test. Parameters are perturbed so
+that LayerScale gammas (initialised to 1e-5 / 1e-6) and zero biases cannot hide a wrong row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+# (timm architecture, input size): every layout our timm table reads.
+ARCHS = (
+    ("vit_small_patch16_224", 32),  # class token, exact GELU
+    ("deit_small_distilled_patch16_224", 32),  # class + distillation token, two heads
+    ("deit3_small_patch16_224", 32),  # LayerScale, position table without the class row
+    ("vit_small_patch14_dinov2", 28),  # LayerScale, class row in the table
+    ("vit_small_patch14_reg4_dinov2", 28),  # + 4 registers, no class row
+    ("vit_giant_patch14_dinov2", 28),  # SwiGLU (packed), LayerScale
+    ("vit_base_patch16_siglip_224", 32),  # MAP head, exact GELU
+    ("vit_base_patch32_siglip_256", 64),  # MAP head, tanh GELU
+    ("vit_base_patch16_siglip_gap_224", 32),  # average pooling, no class token
+    ("vit_base_patch16_gap_224", 32),  # 16 heads of 48 (not the base size's 12 of 64)
+    ("vit_so400m_patch14_siglip_224", 28),  # width 1152, MLP 4304
+)
+
+_TIMM_SIDE = r"""
+import json, sys, pathlib
+import numpy as np, torch, timm
+from safetensors.torch import save_file
+
+arch, size, out = sys.argv[1], int(sys.argv[2]), pathlib.Path(sys.argv[3])
+torch.manual_seed(0)
+model = timm.create_model(arch, pretrained=False, depth=2, img_size=size, num_classes=5).eval()
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if p.ndim == 1 or name.endswith("gamma"):  # norms, biases, LayerScale
+            p.add_(0.3 * torch.randn_like(p))
+        else:
+            p.add_(0.02 * torch.randn_like(p))
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+config = {
+    "architecture": arch,
+    "num_classes": 5,
+    "num_features": model.num_features,
+    "global_pool": getattr(model, "global_pool", None),
+    "pretrained_cfg": {"input_size": [3, size, size]},
+}
+(out / "config.json").write_text(json.dumps(config))
+x = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+with torch.no_grad():
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    features = model.forward_features(t)
+    pooled = model.forward_head(features, pre_logits=True)
+    logits = model(t)
+    if isinstance(logits, tuple):
+        logits = logits[0]
+np.savez(out / "timm.npz", x=x, logits=logits.numpy(), pooled=pooled.numpy())
+"""
+
+
+def _compare(timm_python: str, arch: str, size: int) -> dict:
+    from vit_jax import inference
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = pathlib.Path(tmp)
+        subprocess.run([timm_python, "-c", _TIMM_SIDE, arch, str(size), tmp], check=True)
+        ref = dict(np.load(d / "timm.npz"))
+        trained = inference.load_model(str(d / "model.safetensors"))
+        logits = trained.logits(ref["x"])
+        pooled = trained.intermediates(ref["x"])["pre_logits"]
+    if pooled.ndim == 3:  # a distillation token: timm's pre-logits are the two tokens' mean
+        pooled = pooled.mean(axis=1)
+    scale = float(np.abs(ref["logits"]).max())
+    return {
+        "arch": arch,
+        "input": size,
+        "gelu_approximate": bool(trained.model_config.gelu_approximate),
+        "classifier": trained.model_config.classifier,
+        "max_abs_logits": scale,
+        "logits_diff": float(np.abs(logits - ref["logits"]).max()),
+        "pooled_diff": float(np.abs(pooled - ref["pooled"]).max()),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--timm-python", required=True, help="a Python with timm installed")
+    p.add_argument("--archs", help="comma-separated subset of: " + ", ".join(a for a, _ in ARCHS))
+    args = p.parse_args()
+    chosen = set(args.archs.split(",")) if args.archs else None
+    rows = []
+    for arch, size in ARCHS:
+        if chosen and arch not in chosen:
+            continue
+        try:
+            rows.append(_compare(args.timm_python, arch, size))
+        except Exception as e:  # report and go on: one table of every architecture
+            rows.append({"arch": arch, "input": size, "error": f"{type(e).__name__}: {e}"})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(
+        "| timm architecture (2 blocks) | input | GELU | pooling | max abs logit | logits diff "
+        "| pooled diff |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| `{r['arch']}` | {r['input']} | | | | error: {r['error'][:80]} | |")
+            continue
+        gelu = "tanh" if r["gelu_approximate"] else "exact"
+        print(
+            f"| `{r['arch']}` | {r['input']} | {gelu} | {r['classifier']} | "
+            f"{r['max_abs_logits']:.3g} | {r['logits_diff']:.2g} | {r['pooled_diff']:.2g} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
