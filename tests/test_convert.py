@@ -348,6 +348,36 @@ def test_timm_hub_architecture_gives_heads_and_gelu(
         timm_format.from_timm(path)
 
 
+def test_a_timm_hub_folder_reads_as_its_weights_file(tmp_path):
+    """A downloaded timm hub folder (`config.json` naming an `architecture`, `model.safetensors`)
+    is a timm checkpoint, not a transformers directory; without weights it says what it wants."""
+    _, config, params = _ours()
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    path = timm_format.to_timm(params, config, folder / "model.safetensors", image_size=HW)
+    os.remove(folder / "model.json")
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    hub = {"architecture": "vit_tiny_patch4_8x12", "pretrained_cfg": {"input_size": [3, *HW]}}
+    hub["pretrained_cfg"].update(imagenet)
+    (folder / "config.json").write_text(json.dumps(hub))
+    assert weights.format_of(folder) == weights.format_of(path) == "timm"
+    from_folder, meta = weights.open(folder, num_heads=2)
+    from_file, file_meta = weights.open(path, num_heads=2)
+    _assert_same_tree(from_folder, params)
+    _assert_same_tree(from_file, params)
+    assert meta == file_meta and meta["format"] == "timm" and meta["image_size"] == list(HW)
+    assert meta["normalization"] == imagenet
+    hf_dir = hf_format.to_hf(params, config, tmp_path / "hf", image_size=HW)
+    assert weights.format_of(hf_dir) == "hf"  # its config.json has a model_type
+    path.unlink()
+    with pytest.raises(
+        ConversionError,
+        match=f"{folder}: a timm hub folder without weights; expected model.safetensors or "
+        "pytorch_model.bin",
+    ):
+        weights.open(folder, num_heads=2)
+
+
 def test_timm_features_timm_cannot_express_are_refused(tmp_path):
     _, config, params = _ours(hw=(8, 8))
     path = timm_format.to_timm(params, config, tmp_path / "m.safetensors")

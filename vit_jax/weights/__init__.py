@@ -8,7 +8,8 @@ Formats (`format_of`): a trainer run (`run`: a workdir, its `checkpoints/` or on
 directory; `vit_jax.weights.run`), our / the published `.npz` in every variant in the wild
 (`npz`, with a JSON sidecar; `vit_jax.weights.npz`), a Hugging Face transformers directory
 (`hf`) and a timm state dict (`timm`: `.safetensors`, or weights-only `.bin` / `.pth` / `.pt`
-read without unpickling). Remote files are cached locally (`vit_jax.weights.cache`).
+read without unpickling; or a timm hub folder, whose `config.json` names an `architecture`).
+Remote files are cached locally (`vit_jax.weights.cache`).
 
 `metadata` is a dict: `format`, `model` (a model config dict, or None when the file does not
 say), `class_names`, `image_size` ([h, w] the position embeddings were made for),
@@ -74,6 +75,8 @@ def format_of(path: str | os.PathLike) -> str:
         return "npz"
     if run.is_trained(local) or any((local / m).exists() for m in _RUN_MARKERS):
         return "run"
+    if timm.is_hub_dir(local):
+        return "timm"
     return "hf"
 
 
@@ -163,6 +166,7 @@ def _open(path, model, default_model, num_heads, image_size):
         meta["normalization"] = normalization.read_hf(path)
         return params, meta
     if fmt == "timm":
+        path = timm.weights_file(path)  # a timm hub folder: its weights file
         converted = timm.from_timm(path, model=model, num_heads=num_heads, image_size=image_size)
         params, meta = _unpack("timm", converted)
         recorded = npz.read_metadata(path).get("normalization")

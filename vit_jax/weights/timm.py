@@ -54,11 +54,17 @@ from vit_jax.weights.table import (
 from vit_jax.weights.tree import unflatten
 
 __all__ = [
+    "HUB_WEIGHTS",
     "TABLE",
     "from_timm",
+    "is_hub_dir",
     "read_state",
     "to_timm",
+    "weights_file",
 ]
+
+# What a timm hub folder holds beside its config.json, in the order they are looked for.
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 # Facts from timm 1.0.31's model definitions. Attention heads by (size word, width): the word
@@ -113,6 +119,32 @@ def read_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def is_hub_dir(path: str | os.PathLike) -> bool:
+    """A timm hub folder: its `config.json` names an `architecture` (and no transformers
+    `model_type`)."""
+    config = epath.Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        content = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(content, dict) and "architecture" in content and "model_type" not in content
+
+
+def weights_file(path: str | os.PathLike) -> epath.Path:
+    """The state-dict file of `path`: itself, or the weights of a timm hub folder."""
+    path = epath.Path(path)
+    if not path.is_dir():
+        return path
+    for name in HUB_WEIGHTS:
+        if (path / name).is_file():
+            return path / name
+    raise ConversionError(
+        f"{path}: a timm hub folder without weights; expected {' or '.join(HUB_WEIGHTS)}"
+    )
 
 
 def _timm_hub_config(path: epath.Path) -> dict[str, Any]:
@@ -221,8 +253,9 @@ def from_timm(
     num_heads: int | None = None,
     image_size: int | tuple[int, int] | None = None,
 ) -> Converted:
-    """Our parameters, model config, class names and image size from a timm ViT state dict."""
-    path = epath.Path(path)
+    """Our parameters, model config, class names and image size from a timm ViT state dict (a
+    file, or a timm hub folder holding one)."""
+    path = weights_file(path)
     state = read_state(path)
     for marker, feature in _UNSUPPORTED.items():
         if any(marker in f".{k}" for k in state):
