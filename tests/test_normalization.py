@@ -3,6 +3,7 @@ into the weights: (pixel / 255 - mean) / std, recorded by the trainer and the co
 back by `weights.open`, applied by the data pipeline, predict and the exported SavedModel."""
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -144,7 +145,10 @@ def test_saved_model_applies_the_recorded_normalisation(tmp_path):
 
     _save_tiny(tmp_path / "w.npz", IMAGENET)
     trained = inference.load_model(str(tmp_path / "w.npz"))
+    absl_logger = logging.getLogger("absl")
+    before = absl_logger.level
     meta = export.export(trained, "saved_model", tmp_path / "sm", platforms=("cpu",))
+    assert absl_logger.level == before  # TensorFlow's writer raises it; export puts it back
     assert meta["preprocessing"]["normalization"] == IMAGENET
     image = _pixels(2, size=(13, 9))
     Image.fromarray(image).save(tmp_path / "x.png")

@@ -214,19 +214,27 @@ def export_saved_model(
 
 
 @contextlib.contextmanager
-def _quiet_onnx_converter():
-    """jax2onnx prints conversion notes to stdout and warns about plugins for libraries we do not
-    use (and onnx_ir about shape-only helper values): within, those are dropped."""
-    loggers = [logging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
+def _levels_kept(*names: str):
+    """The named loggers (`""`: the root) with their levels restored on exit, whatever a
+    converter sets within (TensorFlow's SavedModel writer leaves absl's at WARNING)."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
+        yield loggers
     finally:
         for log, level in zip(loggers, levels, strict=True):
             log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_onnx_converter():
+    """jax2onnx prints conversion notes to stdout and warns about plugins for libraries we do not
+    use (and onnx_ir about shape-only helper values): within, those are dropped."""
+    with _levels_kept("jax2onnx", "onnx_ir") as loggers:
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
 
 
 def _check_onnx_installed() -> None:
@@ -300,12 +308,15 @@ def export(
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp's is 0700; the artifact is an ordinary directory
     try:
-        if fmt == "stablehlo":
-            files = export_stablehlo(trained, staging, platforms=platforms)
-        elif fmt == "saved_model":
-            files = export_saved_model(trained, staging, antialias=antialias, platforms=platforms)
-        else:
-            files = export_onnx(trained, staging, meta=meta, opset=opset)
+        with _levels_kept("", "absl", "tensorflow"):  # the caller's logging stays as it was
+            if fmt == "stablehlo":
+                files = export_stablehlo(trained, staging, platforms=platforms)
+            elif fmt == "saved_model":
+                files = export_saved_model(
+                    trained, staging, antialias=antialias, platforms=platforms
+                )
+            else:
+                files = export_onnx(trained, staging, meta=meta, opset=opset)
         meta["files"] = [*files, METADATA_JSON]
         (staging / METADATA_JSON).write_text(json.dumps(meta, indent=1) + "\n")
         if out.exists():
