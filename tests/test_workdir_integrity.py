@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -465,6 +466,41 @@ def test_cli_exit_codes(run, tmp_path):
     assert refused.returncode == 2, refused.stderr[-2000:]
     errors = [x for x in refused.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "model.hidden_size 32 -> 48" in errors[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_run_starts_is_one_line_exit_130(tmp_path):
+    """A real SIGINT from outside while the trainer sets up (data, model: before it takes over
+    SIGINT for a clean stop): one error line, exit 130, nothing half-written that a restart
+    trips over. (It once ended in a segfault at interpreter shutdown, not 130.)"""
+    wd = tmp_path / "run"
+    process = subprocess.Popen(
+        tiny.train_command(wd, total_steps=50),
+        cwd=tiny.ROOT,
+        env=tiny.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    )
+    lines = []
+    for line in process.stderr:  # the mesh line: set-up has begun, the loop not yet
+        lines.append(line)
+        if line.split(" ", 1)[-1].startswith("mesh {"):
+            time.sleep(1.0)  # into the data / model set-up (where the segfault was), ~2 s long
+            process.send_signal(signal.SIGINT)
+            break
+    out, err = process.communicate(timeout=300)
+    lines += err.splitlines(keepends=True)
+    assert process.returncode == 130, "".join(lines)[-3000:]
+    errors = [x.rstrip() for x in lines if x.startswith("error:")]
+    assert errors == [
+        "error: interrupted by Ctrl-C; a restart resumes from the start (no checkpoint)"
+    ], "".join(lines)[-3000:]
+    assert "Traceback" not in "".join(lines) and "Fatal" not in "".join(lines)
+    assert not (wd / "train.lock").exists()
+    again = tiny.run(tiny.train_command(wd, total_steps=50))
+    assert again.returncode == 0, again.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import os
 import sys
 import time
 
@@ -106,12 +107,24 @@ def main(argv: list[str]) -> None:
         known = exit_for(e, wd)
         if known is None:
             raise  # a bug: its traceback
+        if known[0] == EXIT_INTERRUPTED:
+            _interrupted_exit(known[1])
         _fail(known[1], known[0])
     if console is not None:
         console.close_bar()
     if jax.process_index() == 0:
         wall = time.perf_counter() - started
         print(summary(results, wd, _CONFIG.value, wall))
+
+
+def _interrupted_exit(line: str) -> None:
+    """Ctrl-C: the line, then exit at once. The trainer's own cleanup (lock, checkpoint writer)
+    already ran on the way out; the interpreter's is skipped, since threads that TensorFlow or
+    XLA were starting when the interrupt came can crash it (a segfault instead of exit 130)."""
+    print(f"error: {line}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def exit_for(error: BaseException, wd) -> tuple[int, str] | None:
