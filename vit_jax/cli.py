@@ -32,6 +32,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_RUNTIME",
     "VERBOSE_HELP",
+    "add_weights_flags",
     "ArgumentParser",
     "ConsoleHandler",
     "fail",
@@ -67,6 +68,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         sys.exit(fail(f"{message} (see {self.prog} --help)", EXIT_CONFIG))
+
+
+def add_weights_flags(p: argparse.ArgumentParser, *, resolution: bool = True) -> None:
+    """`--checkpoint`, `--model` and (with `resolution`) `--resolution`: what every CLI that
+    reads weights (`vit_jax.inference.load_model`) takes."""
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run (workdir, checkpoints/ or a step dir), an .npz, a transformers dir, "
+        "a timm file or hub folder",
+    )
+    p.add_argument("--model", help="zoo name, for files that don't record their model")
+    if resolution:
+        p.add_argument(
+            "--resolution", type=int, help="input size (default: what the weights were made for)"
+        )
 
 
 # ----------------------------------------------------------------------------- quiet libraries

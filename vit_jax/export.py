@@ -356,11 +356,9 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="workdir, checkpoint, .npz, HF dir, timm")
+    cli.add_weights_flags(p)
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="a new (or empty) directory")
-    p.add_argument("--model", help="zoo name, for files that don't record their model")
-    p.add_argument("--resolution", type=int, help="input size (default: the trained one)")
     p.add_argument(
         "--no-antialias",
         dest="antialias",

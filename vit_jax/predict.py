@@ -55,13 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--checkpoint", required=True, help="workdir, checkpoint, .npz or converted file"
-    )
-    p.add_argument("--model", help="zoo name, for files that don't record their model")
-    p.add_argument(
-        "--resolution", type=int, help="input size (default: what the model was trained at)"
-    )
+    cli.add_weights_flags(p)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")

@@ -402,8 +402,7 @@ def _parser() -> cli.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="workdir, checkpoint, .npz, HF dir, timm")
-    p.add_argument("--model", help="zoo name, for files that don't record their model")
+    cli.add_weights_flags(p, resolution=False)
     p.add_argument("--dataset", default="digits", help="digits, an image folder or a tfds name")
     p.add_argument("--data-dir", help="tfds data dir (config.tfds_data_dir)")
     p.add_argument(

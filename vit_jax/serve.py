@@ -456,11 +456,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--checkpoint", required=True, help="workdir, checkpoint, .npz or converted file"
-    )
-    p.add_argument("--model", help="zoo name, for files that don't record their model")
-    p.add_argument("--resolution", type=int, help="input size (default: the model's)")
+    cli.add_weights_flags(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
     p.add_argument("--top-k", type=int, default=5, help="classes per answer (default 5)")

@@ -196,9 +196,7 @@ def _flags(argv: list[str] | None):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--model", help="zoo name, for files that don't record their model")
-    p.add_argument("--resolution", type=int)
+    cli.add_weights_flags(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--heads", action="store_true", help="also the last layer's per-head maps")
     p.add_argument(
