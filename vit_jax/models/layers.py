@@ -78,17 +78,22 @@ class MlpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool) -> Array:
-        dense = functools.partial(
-            self.dense,
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.normal(stddev=1e-6),
-        )
+        dense = _mlp_dense(self.dense)
         out_dim = x.shape[-1]
         x = dense(self.mlp_dim, name="Dense_0")(x)
         x = self.act(x)
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
         x = dense(out_dim, name="Dense_1")(x)
         return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+
+
+def _mlp_dense(dense: ModuleDef) -> ModuleDef:
+    """`dense` with the published MLP initialisers: xavier-uniform kernels, normal(1e-6) biases."""
+    return functools.partial(
+        dense,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6),
+    )
 
 
 class SwiGLUMlpBlock(nn.Module):
@@ -105,11 +110,7 @@ class SwiGLUMlpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool) -> Array:
-        dense = functools.partial(
-            self.dense,
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.normal(stddev=1e-6),
-        )
+        dense = _mlp_dense(self.dense)
         out_dim = x.shape[-1]
         x1, x2 = jnp.split(dense(2 * self.mlp_dim, name="Dense_0")(x), 2, axis=-1)
         x = nn.silu(x1) * x2
