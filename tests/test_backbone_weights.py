@@ -8,6 +8,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import tiny
 import torch
 import transformers  # the `torch` extra: CI installs it, these tests never skip
 from safetensors.numpy import load_file, save_file
@@ -16,7 +17,6 @@ from vit_jax import models, weights
 from vit_jax.convert.__main__ import main as cli
 from vit_jax.weights import hf as hf_format
 from vit_jax.weights.errors import ConversionError
-from vit_jax.weights.tree import flatten
 
 ATOL = 1e-4
 
@@ -27,13 +27,6 @@ def _images(size, n=2, seed=0):
 
 def _nchw(x):
     return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-
-
-def _assert_same_tree(actual, expected):
-    a, e = flatten(actual), flatten(expected)
-    assert sorted(a) == sorted(e)
-    for key in e:
-        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(e[key]), err_msg=key)
 
 
 def _saved(model, tmp_path, name="hf"):
@@ -73,7 +66,7 @@ def _round_trip(tmp_path, src, params, config):
     back = tmp_path / "back"
     assert cli([str(tmp_path / "ours.npz"), str(back)]) == 0
     again = hf_format.from_hf(back)
-    _assert_same_tree(again.params, params)
+    tiny.assert_same_tree(again.params, params)
     assert again.model_config.to_dict() == {**config.to_dict(), "name": again.model_config.name}
     original, written = (
         load_file(str(src / "model.safetensors")),
@@ -248,7 +241,7 @@ def test_dinov2_transformers5_in_memory_names_read_the_same(tmp_path):
     v5.mkdir()
     save_file(state, str(v5 / "model.safetensors"), metadata={"format": "pt"})
     (v5 / "config.json").write_text((src / "config.json").read_text())
-    _assert_same_tree(hf_format.from_hf(v5).params, hf_format.from_hf(src).params)
+    tiny.assert_same_tree(hf_format.from_hf(v5).params, hf_format.from_hf(src).params)
 
 
 # ----------------------------------------------------------------------------- DeiT
@@ -436,7 +429,7 @@ def _timm_round_trip(tmp_path, params, config, expected_keys):
     for key, shape in expected_keys.items():
         assert state[key].shape == shape, key
     back = timm_format.from_timm(path)
-    _assert_same_tree(back.params, params)
+    tiny.assert_same_tree(back.params, params)
     again = pytorch.read_safetensors(
         timm_format.to_timm(back.params, back.model_config, tmp_path / "again.safetensors")
     )

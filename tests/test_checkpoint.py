@@ -11,6 +11,7 @@ import zipfile
 import jax
 import numpy as np
 import pytest
+import tiny
 
 from vit_jax import checkpoint, models, weights
 from vit_jax.weights.errors import CheckpointError
@@ -54,14 +55,6 @@ def _apply(model, params, size=8):
     return np.asarray(run({"params": params}, _images(size))[0])
 
 
-def _assert_same_tree(actual, expected):
-    a, e = flatten(actual), flatten(expected)
-    assert sorted(a) == sorted(e)
-    for key in e:
-        assert a[key].dtype == np.asarray(e[key]).dtype, key
-        np.testing.assert_array_equal(a[key], np.asarray(e[key]), err_msg=key)
-
-
 # ----------------------------------------------------------------------------- round trips
 
 
@@ -81,7 +74,8 @@ def test_save_npz_round_trip_is_bit_exact(tmp_path, spec, overrides, size):
     model, params = _model(spec, size=size, **overrides)
     path = checkpoint.save_npz(params, tmp_path / "x.npz")
     loaded = checkpoint.load(path)
-    _assert_same_tree(loaded, models.unstack_layers(params))  # published files are per-layer
+    # published files are per-layer
+    tiny.assert_same_tree(loaded, models.unstack_layers(params), dtypes=True)
     if overrides.get("scan"):
         loaded = models.stack_layers(loaded)
     np.testing.assert_array_equal(_apply(model, loaded, size), _apply(model, params, size))
@@ -131,7 +125,7 @@ def test_reference_and_opt_target_files_load_and_run(tmp_path):
     old = _write(tmp_path / "old.npz", wrapped)
     for path in (plain, old):
         loaded = checkpoint.load(path)
-        _assert_same_tree(loaded, params)
+        tiny.assert_same_tree(loaded, params, dtypes=True)
         np.testing.assert_array_equal(_apply(model, loaded), expected)
 
 
@@ -142,7 +136,7 @@ def test_hybrid_groupnorm_stored_4d_loads_and_runs(tmp_path):
     assert "gn_root/scale" in gn and "block1/unit1/gn_proj/bias" in gn
     old = {k: v.reshape(1, 1, 1, -1) if k in gn else v for k, v in flat.items()}
     loaded = checkpoint.load(_write(tmp_path / "r.npz", old))
-    _assert_same_tree(loaded, params)
+    tiny.assert_same_tree(loaded, params, dtypes=True)
     np.testing.assert_array_equal(_apply(model, loaded, 32), _apply(model, params, 32))
 
 
@@ -180,7 +174,7 @@ def test_big_vision_files_load_and_run(tmp_path, classifier):
     path = _write(tmp_path / "bv.npz", flat)
     loaded = checkpoint.load(path)
     assert models.is_stacked(loaded)  # kept scanned; load_pretrained converts to the model
-    _assert_same_tree(models.unstack_layers(loaded), params)
+    tiny.assert_same_tree(models.unstack_layers(loaded), params, dtypes=True)
     expected = _apply(model, params)
     np.testing.assert_array_equal(_apply(model, models.unstack_layers(loaded)), expected)
     scanned = models.get_model(TINY, num_classes=5, classifier=classifier, scan=True)
@@ -293,7 +287,7 @@ def test_load_pretrained_converts_scanned_and_per_layer():
     back = checkpoint.load_pretrained(
         pretrained_path=params, init_params=per_layer, model_config=models.get_config(TINY)
     )
-    _assert_same_tree(back, per_layer)
+    tiny.assert_same_tree(back, per_layer, dtypes=True)
 
 
 def test_load_pretrained_other_architecture_lists_keys_with_shapes(tmp_path):
@@ -435,8 +429,8 @@ def test_remote_file_is_downloaded_once_into_the_cache(tmp_path, good_file, monk
     finally:
         server.shutdown()
     assert served == ["/good.npz", "/missing.npz"]
-    _assert_same_tree(first, checkpoint.load(good_file))
-    _assert_same_tree(second, first)
+    tiny.assert_same_tree(first, checkpoint.load(good_file), dtypes=True)
+    tiny.assert_same_tree(second, first, dtypes=True)
     cached = list((tmp_path / "cache").iterdir())
     assert len(cached) == 1 and cached[0].name.endswith("-good.npz")
 
@@ -473,12 +467,12 @@ def test_open_and_save_go_through_every_format_and_back_bit_exactly(tmp_path):
         loaded, loaded_meta = weights.open(path)
         assert loaded_meta["class_names"] == ["a", "b", "c"], path
         assert loaded_meta["image_size"] == [8, 8], path
-        _assert_same_tree(loaded, params)
+        tiny.assert_same_tree(loaded, params, dtypes=True)
         written, kind = weights.save(loaded, loaded_meta, tmp_path / dst)
         assert kind == fmt and weights.format_of(written) == fmt
         path = written
     current, back_meta = weights.open(path)
-    _assert_same_tree(current, params)
+    tiny.assert_same_tree(current, params, dtypes=True)
     assert back_meta["model"]["layernorm_epsilon"] == 1e-12
     assert back_meta["model"]["gelu_approximate"] is False
 

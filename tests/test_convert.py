@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tiny
 import torch
 import torch.nn.functional as F
 import transformers  # the `torch` extra: CI installs it, these tests never skip
@@ -21,7 +22,6 @@ from vit_jax.weights import hf as hf_format
 from vit_jax.weights import pytorch
 from vit_jax.weights import timm as timm_format
 from vit_jax.weights.errors import ConversionError
-from vit_jax.weights.tree import flatten
 
 TINY = dict(
     name="tiny",
@@ -55,13 +55,6 @@ def _apply(model, params, x):
 
 def _nchw(x):
     return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-
-
-def _assert_same_tree(actual, expected):
-    a, e = flatten(actual), flatten(expected)
-    assert sorted(a) == sorted(e)
-    for key in e:
-        np.testing.assert_array_equal(a[key], np.asarray(e[key]), err_msg=key)
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -132,7 +125,7 @@ def test_ours_to_hf_gives_the_same_logits(tmp_path, gelu_approximate):
         logits = hf(pixel_values=_nchw(x)).logits.numpy()
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
     back = hf_format.from_hf(out)  # and back, bit for bit
-    _assert_same_tree(back.params, params)
+    tiny.assert_same_tree(back.params, params)
     assert back.class_names == list("abcde") and back.model_config.layernorm_epsilon == 1e-6
 
 
@@ -147,7 +140,7 @@ def test_ours_features_with_representation_to_hf_pooler(tmp_path):
     np.testing.assert_allclose(pooled, expected, atol=1e-4, rtol=0)
     back = hf_format.from_hf(out)
     assert back.model_config.representation_size == 12 and back.class_names is None
-    _assert_same_tree(back.params, params)
+    tiny.assert_same_tree(back.params, params)
 
 
 def test_hf_reads_transformers5_in_memory_names(tmp_path):
@@ -158,7 +151,7 @@ def test_hf_reads_transformers5_in_memory_names(tmp_path):
     v5.mkdir()
     save_file(state, str(v5 / "model.safetensors"), metadata={"format": "pt"})
     (v5 / "config.json").write_text((path / "config.json").read_text())
-    _assert_same_tree(hf_format.from_hf(v5).params, hf_format.from_hf(path).params)
+    tiny.assert_same_tree(hf_format.from_hf(v5).params, hf_format.from_hf(path).params)
 
 
 def test_hf_reads_sharded_safetensors_and_weights_only_bin(tmp_path):
@@ -175,10 +168,10 @@ def test_hf_reads_sharded_safetensors_and_weights_only_bin(tmp_path):
         weight_map.update({k: name for k in part})
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (sharded / "config.json").write_text((path / "config.json").read_text())
-    _assert_same_tree(hf_format.from_hf(sharded).params, expected)
+    tiny.assert_same_tree(hf_format.from_hf(sharded).params, expected)
     (path / "model.safetensors").unlink()
     torch.save(hf.state_dict(), path / "pytorch_model.bin")
-    _assert_same_tree(hf_format.from_hf(path).params, expected)
+    tiny.assert_same_tree(hf_format.from_hf(path).params, expected)
 
 
 def test_load_pretrained_and_predict_read_an_hf_directory(tmp_path):
@@ -260,7 +253,7 @@ def test_timm_layout_matches_reference_forward_and_round_trips(tmp_path, overrid
     kwargs = meta["timm"]["kwargs"]
     assert (kwargs["num_heads"], kwargs["img_size"], kwargs["num_classes"]) == (2, list(HW), 5)
     back = timm_format.from_timm(path)  # heads, image size and config from the sidecar
-    _assert_same_tree(back.params, params)
+    tiny.assert_same_tree(back.params, params)
     assert back.image_size == HW
     for field in ("classifier", "distillation_token", "gelu_approximate"):
         assert back.model_config[field] == config[field]
@@ -282,7 +275,7 @@ def test_timm_without_sidecar_needs_heads_and_reads_no_embed_class(tmp_path):
     # no_embed_class: a table of the patches only (posemb_covers_prefix=False), as timm has it
     posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
     params["Transformer"]["posembed_input"]["pos_embedding"] = posemb[:, 1:]
-    _assert_same_tree(back.params, params)
+    tiny.assert_same_tree(back.params, params)
     assert back.image_size == (8, 8) and back.model_config.layernorm_epsilon == 1e-6
     assert back.model_config.posemb_covers_prefix is False
     np.testing.assert_allclose(
@@ -363,8 +356,8 @@ def test_a_timm_hub_folder_reads_as_its_weights_file(tmp_path):
     assert weights.format_of(folder) == weights.format_of(path) == "timm"
     from_folder, meta = weights.open(folder, num_heads=2)
     from_file, file_meta = weights.open(path, num_heads=2)
-    _assert_same_tree(from_folder, params)
-    _assert_same_tree(from_file, params)
+    tiny.assert_same_tree(from_folder, params)
+    tiny.assert_same_tree(from_file, params)
     assert meta == file_meta and meta["format"] == "timm" and meta["image_size"] == list(HW)
     assert meta["normalization"] == imagenet
     hf_dir = hf_format.to_hf(params, config, tmp_path / "hf", image_size=HW)
@@ -432,7 +425,7 @@ def test_layer_scale_model_matches_timm_reference_forward(tmp_path):
     without = {k: v for k, v in state.items() if ".ls" not in k}  # the scales matter
     assert np.abs(_timm_reference(without, x, heads=2) - expected).max() > 1e-2
     back = timm_format.from_timm(path)
-    _assert_same_tree(back.params, params)
+    tiny.assert_same_tree(back.params, params)
     assert back.model_config.transformer.layer_scale_init == 0.1  # from the sidecar
 
 
@@ -479,10 +472,10 @@ def test_table_round_trips_both_ways_bit_exact(fmt):
     ours = _random({k: e.ours_shape for e in keys.entries for k in e.ours})
     theirs = keys.to_theirs(ours, source="ours", what="the table")
     assert sorted(theirs) == sorted(keys.theirs_keys())
-    _assert_same_tree(keys.to_ours(theirs, source="theirs", what="the table"), ours)
+    tiny.assert_same_tree(keys.to_ours(theirs, source="theirs", what="the table"), ours)
     theirs = _random({e.theirs: e.theirs_shape for e in keys.entries}, seed=1)
     back = keys.to_theirs(keys.to_ours(theirs, source="theirs", what="t"), source="ours", what="t")
-    _assert_same_tree(back, theirs)
+    tiny.assert_same_tree(back, theirs)
     # the layouts, checked independently of the transforms
     d, h, hd = DIMS["D"], DIMS["H"], DIMS["hd"]
     np.testing.assert_array_equal(

@@ -30,6 +30,20 @@ OVERRIDES = {
 }
 
 
+def assert_same_tree(actual, expected, *, dtypes: bool = False) -> None:
+    """Two parameter trees with the same keys and bit-identical arrays (and dtypes, if asked)."""
+    import numpy as np
+
+    from vit_jax.weights.tree import flatten
+
+    a, e = flatten(actual), flatten(expected)
+    assert sorted(a) == sorted(e)
+    for key in e:
+        if dtypes:
+            assert np.asarray(a[key]).dtype == np.asarray(e[key]).dtype, key
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(e[key]), err_msg=key)
+
+
 def error_line(capsys) -> str:
     """stderr of an in-process CLI run: exactly one line, an `error:` (returned)."""
     err = capsys.readouterr().err.strip().splitlines()
