@@ -46,6 +46,27 @@ def trained_workdir(build_once):
 
         config = tiny.tiny_config(**tiny.GOOD)
         results = trainer.train_and_evaluate(config, str(workdir))
-        assert results["test_accuracy"] > 0.8, results
+        # Chance is 0.1. Each CPU's rounding changes the trained weights at most as a new seed
+        # does (XLA builds capped at AVX2, AVX and SSE4.2 give the same accuracy here); over seeds
+        # 0-9 the recipe gives 0.80-0.90 (mean 0.845, sd 0.03; binomial sd on 355 examples
+        # 0.02), so the floor sits 3 sd below the mean. Tests that need more say why.
+        assert results["test_accuracy"] > 0.75, results
 
     return build_once("trained", train)
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `torch` need PyTorch and transformers (the `torch` extra). Where they are
+    missing the run stops with one line instead of failing or skipping them one by one: the
+    newest-stack CI leg deselects them explicitly (`-m "not torch"`, counted in its summary)."""
+    import importlib.util
+
+    wanted = [item.nodeid for item in items if item.get_closest_marker("torch")]
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if wanted and missing:
+        raise pytest.UsageError(
+            f"{len(wanted)} selected tests are marked `torch` but {', '.join(missing)} is not "
+            "installed: install the `torch` extra (the README's test command) or deselect "
+            "them with -m 'not torch'"
+        )

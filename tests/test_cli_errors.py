@@ -99,7 +99,7 @@ def test_visualize_unfit_checkpoint_is_one_line_exit_2(unfit, image, tmp_path, c
 
 
 def test_evaluate_unfit_checkpoint_is_one_line_exit_2(unfit, capsys):
-    argv = ["--checkpoint", unfit, f"--config={tiny.ROOT}/configs/default.py"]
+    argv = ["--checkpoint", unfit, "--config=configs/default.py"]
     assert evaluate.main([*argv, *tiny.flags()]) == 2
     _assert_names_file_and_keys(tiny.error_line(capsys), unfit)
 
@@ -252,7 +252,7 @@ def test_workdir_without_checkpoint_is_exit_2(tmp_path, image, capsys):
 
 def test_evaluate_class_count_mismatch_needs_the_flag(tmp_path, capsys):
     two = _npz(tmp_path / "two.npz", _params(num_classes=2), class_names=["a", "b"])
-    argv = ["--checkpoint", two, f"--config={tiny.ROOT}/configs/default.py", *tiny.flags()]
+    argv = ["--checkpoint", two, "--config=configs/default.py", *tiny.flags()]
     assert evaluate.main(argv) == 2
     line = tiny.error_line(capsys)
     assert two in line and "predicts 2 classes" in line and "has 10" in line
@@ -264,7 +264,7 @@ def test_evaluate_class_count_mismatch_needs_the_flag(tmp_path, capsys):
 
 def test_evaluate_class_name_mismatch_is_an_error(tmp_path, capsys):
     letters = _npz(tmp_path / "letters.npz", _params(), class_names=list("abcdefghij"))
-    argv = ["--checkpoint", letters, f"--config={tiny.ROOT}/configs/default.py", *tiny.flags()]
+    argv = ["--checkpoint", letters, "--config=configs/default.py", *tiny.flags()]
     assert evaluate.main(argv) == 2
     line = tiny.error_line(capsys)
     assert "class 0 is 'a' in the checkpoint, '0' in digits" in line
@@ -274,7 +274,7 @@ def test_evaluate_npz_without_sidecar_uses_the_configs_model(tmp_path, capsys):
     """The doc says config.model supplies the model when the file does not record it."""
     spec = dict(tiny.tiny_config().model.to_dict())
     bare = _npz(tmp_path / "bare.npz", _params(spec), sidecar=False)
-    argv = ["--checkpoint", bare, f"--config={tiny.ROOT}/configs/default.py", *tiny.flags()]
+    argv = ["--checkpoint", bare, "--config=configs/default.py", *tiny.flags()]
     assert evaluate.main([*argv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["test_examples"] == 355
     # ... and when it does not fit the config's model, that is the one-line report.
@@ -285,7 +285,7 @@ def test_evaluate_npz_without_sidecar_uses_the_configs_model(tmp_path, capsys):
 
 def test_evaluate_uses_the_checkpoints_image_size(tmp_path, capsys):
     size12 = _npz(tmp_path / "s12.npz", _params(size=12), image_size=(12, 12))
-    argv = ["--checkpoint", size12, f"--config={tiny.ROOT}/configs/default.py", *tiny.flags()]
+    argv = ["--checkpoint", size12, "--config=configs/default.py", *tiny.flags()]
     assert evaluate.main([*argv, "--json"]) == 0  # config.pp.crop is 8
     assert json.loads(capsys.readouterr().out)["test_examples"] == 355
 

@@ -1,13 +1,15 @@
 """Every config file loads, names a buildable model and carries the reference recipe."""
 
+import os
+import pathlib
 import sys
 
 import pytest
 import tiny
 from test_models import PUBLISHED_COUNTS
 
-from configs import augreg, common, default, mixer, transfer, vit
-from vit_jax import benchmark, configs, models
+from vit_jax import benchmark, cli, configs, models
+from vit_jax.configs import augreg, default, mixer, transfer, vit
 
 
 def test_vit_config_has_reference_finetune_recipe():
@@ -133,13 +135,11 @@ def test_configs_build_their_model_with_the_expected_parameter_count(config, exp
     parameters (the position table follows the crop, the head the classes)."""
     model = models.get_model(config.model, num_classes=10)
     assert models.count_params(model, image_size=config.pp.crop) == expected
-    assert set(common.get_config().keys()) <= set(config.keys())
+    assert set(configs.get_config().keys()) <= set(config.keys())
 
 
 def test_one_schema_for_recipes_benchmark_and_tests():
-    """configs/common.py re-exports the package's schema; the benchmark starts from it too."""
-    assert common.get_config is configs.get_config
-    assert common.with_dataset is configs.with_dataset and common.with_model is configs.with_model
+    """The recipes and the benchmark start from the package's one schema."""
     schema = configs.get_config()
     bench = benchmark.train_config(batch=8)
     # A zoo model's config replaces the schema's (its None fields are typed placeholders, which
@@ -187,7 +187,7 @@ def test_misspelt_config_key_exits_2_with_one_line_listing_the_valid_keys(
             sys.executable,
             "-m",
             "vit_jax.train",
-            f"--config={tiny.ROOT}/configs/default.py",
+            "--config=configs/default.py",
             f"--workdir={tmp_path}",
             flag,
         ],
@@ -211,7 +211,7 @@ def test_optional_model_fields_can_be_set_from_the_command_line(tmp_path):
             sys.executable,
             "-m",
             "vit_jax.train",
-            f"--config={tiny.ROOT}/configs/default.py",
+            "--config=configs/default.py",
             f"--workdir={tmp_path}",
             "--config.model.transformer.layer_scale_init=0.1",
             "--config.model.posemb_grid=(4, 4)",
@@ -222,3 +222,35 @@ def test_optional_model_fields_can_be_set_from_the_command_line(tmp_path):
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.splitlines()[-1] == "error: total_steps must be at least 1, got 0"
+
+
+def test_packaged_recipes_are_named_as_in_a_checkout(tmp_path, monkeypatch):
+    """`--config=configs/NAME.py[:ARG]` (or `NAME`) names the installed recipe from any
+    directory; a file that exists at the given path wins; anything else is left to the loader."""
+    monkeypatch.chdir(tmp_path)
+    packaged = os.path.join(os.path.dirname(configs.__file__), "vit.py")
+    assert packaged == vit.__file__
+    for spec in ("configs/vit.py", "vit", "vit.py", "./configs/vit.py"):
+        assert configs.recipe_file(spec) == packaged
+        assert configs.recipe_file(f"{spec}:b16,cifar10") == f"{packaged}:b16,cifar10"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "vit.py").write_text("def get_config(): ...\n")
+    assert configs.recipe_file("configs/vit.py:b16") == "configs/vit.py:b16"  # the user's own
+    assert configs.recipe_file("") == ""
+    for other, hint in (("configs/vti.py", "configs/vit.py"), ("elsewhere/vit.py", None)):
+        with pytest.raises(FileNotFoundError) as e:
+            configs.recipe_file(f"{other}:b16")
+        assert str(e.value).startswith(f"--config={other}:b16: no file {other}, and ")
+        assert ("did you mean" in str(e.value)) == bool(hint) and "configs/default.py" in str(
+            e.value
+        )
+    shipped = {p.stem for p in pathlib.Path(packaged).parent.glob("*.py")}
+    assert set(configs.RECIPES) == shipped - {"__init__", "schema"}
+    argv = ["train", "--config", "default", "--config=mixer.py:b16", "--config.batch=2"]
+    assert cli.config_argv(argv) == [
+        "train",
+        "--config",
+        default.__file__,
+        f"--config={mixer.__file__}:b16",
+        "--config.batch=2",
+    ]

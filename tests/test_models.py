@@ -256,7 +256,7 @@ def test_attention_matches_einsum_reference(implementation):
 def test_intermediates_shapes():
     x = _images()
     model = models.get_model(TINY, num_classes=5, representation_size=8)
-    params = _init(model, x)
+    params = _randomize(_init(model, x))  # a zero head would make every logit 0
     logits, out = _apply(model, params, x, train=False, return_intermediates=True)
     assert out["stem"].shape == (2, 16, 32)
     assert out["tokens"].shape == (3, 2, 17, 32)
@@ -266,7 +266,10 @@ def test_intermediates_shapes():
     assert logits.shape == (2, 5)
     lean_logits, lean = _apply(model, params, x, train=False)
     assert set(lean) == {"stem", "encoded", "pre_logits"}  # the costly per-block ones on request
-    np.testing.assert_array_equal(lean_logits, logits)
+    # The same logits. Two compiled programs (the extra outputs change XLA's fusions) need not
+    # round alike on every CPU: to float32 precision, against logits of order 1.
+    assert np.abs(logits).max() > 0.5
+    np.testing.assert_allclose(lean_logits, logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["attention_weights"].sum(-1), 1.0, atol=1e-5)
 
 

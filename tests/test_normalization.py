@@ -9,13 +9,17 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
-import torch
-import transformers
 from PIL import Image
 
 from vit_jax import inference, models, weights
 from vit_jax.data import preprocess
 from vit_jax.weights.errors import CheckpointError
+
+try:  # the `torch` extra; the newest-stack CI leg has none and deselects `-m torch` (conftest.py)
+    import torch
+    import transformers
+except ImportError:
+    torch = transformers = None
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 TINY = dict(
@@ -101,6 +105,7 @@ def test_normalization_round_trips_through_every_format(tmp_path):
         weights.open(tmp_path / "plain.npz")
 
 
+@pytest.mark.torch
 def test_hf_image_processor_normalisation_is_read_and_applied_by_predict(tmp_path):
     """A transformers model whose image processor normalises with ImageNet's mean/std: our
     preprocessing of a file equals the formula, so the logits equal HF's on the same pixels."""

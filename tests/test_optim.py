@@ -242,8 +242,12 @@ def test_tiny_run_with_lion_learns(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r["train_loss"] for r in rows if "train_loss" in r]
     assert results["step"] == 200 and len(train) == 10
+    # Each row averages 20 batches of 64; the first starts at ln 10 = 2.3 (zero head). Over
+    # seeds 0-5 (and XLA builds capped at AVX2, AVX and SSE4.2, which change a run less than a
+    # seed does) the last row is 0.28-0.40 of the first (sd 0.04) and the accuracy 0.81-0.89
+    # (sd 0.03; chance 0.1): both floors sit > 2 sd beyond the worst seed, > 4 from the mean.
     assert train[-1] < 0.5 * train[0], train
-    assert results["test_accuracy"] > 0.7, results  # chance: 0.1; seen: 0.89
+    assert results["test_accuracy"] > 0.7, results
 
 
 def _tiny_vit(scan: bool, depth: int = 3, **fields):

@@ -85,13 +85,23 @@ def trained(trained_workdir):
     return inference.load_model(str(trained_workdir))
 
 
-def test_probes_of_the_trained_digits_model(trained):
+def _recorded_accuracy(workdir) -> float:
+    """The trainer's final test accuracy, from the workdir's metrics.jsonl."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["test_accuracy"] for r in rows if "test_accuracy" in r][-1]
+
+
+def test_probes_of_the_trained_digits_model(trained, trained_workdir):
     """Trained features: both probes far above chance (0.1) and near the fine-tuned head."""
     r = _run(trained)
     assert (r["num_train"], r["num_test"], r["dim"]) == (1442, 355, 32)
     head, knn, linear = r["head"]["accuracy"], r["knn"]["accuracy"], r["linear"]["accuracy"]
-    assert head > 0.8, r  # the fixture's own check; seen 0.86
-    assert knn > 0.75 and linear > 0.75, r  # seen: 0.89 / 0.88
+    # The head's accuracy is the trainer's own evaluation of the same 355 images (> 0.75 by the
+    # fixture), up to one near-tie that the probe's other batching may round the other way.
+    assert abs(head - _recorded_accuracy(trained_workdir)) <= 1 / 355 + 1e-9, r
+    # Probes on the same model, scored on the same images: over seeds 0-9 both land 0.01-0.05
+    # above the head (binomial sd of an accuracy on 355 examples <= 0.027), and within 0.1 of
+    # it they are > 0.65, 6x chance.
     assert abs(knn - head) < 0.1 and abs(linear - head) < 0.1, r
     # Random-initialised weights of the same model: clearly worse features.
     from vit_jax import models
@@ -103,14 +113,22 @@ def test_probes_of_the_trained_digits_model(trained):
     random = dataclasses.replace(trained, model=model, params=params["params"])
     rr = _run(random)
     assert "head" not in rr
-    # seen (seeds 0, 1, 2): k-NN 0.57 / 0.52 / 0.46, linear 0.65 / 0.63 / 0.60
+    # Random-init features are machine-independent (counter-based jax.random; rounding can flip
+    # only near-ties): k-NN 0.57, linear 0.65 with key 0, the same on XLA builds capped at AVX2,
+    # AVX and SSE4.2. Trained ones, over seeds 0-9: k-NN and linear >= 0.83, so 0.1 below them
+    # still clears the random ones by > 3 binomial sd (0.027 on 355 examples).
     assert rr["knn"]["accuracy"] < knn - 0.1 and rr["linear"]["accuracy"] < linear - 0.1, rr
 
 
 def test_token_features_and_out_round_trip(trained, tmp_path):
     out = tmp_path / "f.npz"
     r = _run(trained, features="tokens", methods=("knn",), out=str(out))
-    assert r["knn"]["accuracy"] > 0.7 and "linear" not in r, r  # seen 0.81
+    assert "linear" not in r, r
+    # The patch tokens' mean is a weaker feature than the class token the head reads, but of the
+    # same model: over seeds 0-9 its k-NN lands 0.03-0.12 below the head (binomial sd of a
+    # difference on 355 examples ~0.03), so within 0.2; with the fixture's head > 0.75, > 5x
+    # chance.
+    assert r["knn"]["accuracy"] > r["head"]["accuracy"] - 0.2, r
     with np.load(out) as f:
         assert f["train_features"].shape == (1442, 1 + 16, 32)  # class token + 4x4 patches
         assert f["test_features"].shape == (355, 17, 32)
@@ -140,7 +158,10 @@ def test_cli_json_and_out_never_overwrites(trained_workdir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stdout.splitlines()
     result = json.loads(line)
-    assert result["knn"]["k"] == 10 and result["knn"]["accuracy"] > 0.75, result
+    # As the k=20 probe in test_probes_of_the_trained_digits_model: over seeds 0-9 k=10 lands
+    # 0.01-0.05 above the head, whose accuracy the fixture puts above 0.75.
+    assert result["knn"]["k"] == 10, result
+    assert abs(result["knn"]["accuracy"] - result["head"]["accuracy"]) < 0.1, result
     assert result["checkpoint"] == str(trained_workdir)
     assert "train features: 1442 examples" in proc.stderr
     with np.load(out) as f:

@@ -180,7 +180,7 @@ def test_resume_on_another_mesh_agrees(straight_and_stopped, tmp_path):
         sys.executable,
         "-m",
         "vit_jax.train",
-        f"--config={tiny.ROOT}/configs/default.py",
+        "--config=configs/default.py",
         f"--workdir={tmp_path / 'w'}",
         *flags,
         "--config.mesh.data=2",

@@ -32,13 +32,13 @@ CHROMIUM = "/usr/bin/chromium"
 
 @pytest.fixture(scope="module")
 def digit_files(tmp_path_factory) -> list[tuple[str, int]]:
-    """10 test digits as PNG files named with their label: [(path, label)]."""
+    """20 test digits as PNG files named with their label: [(path, label)]."""
     from vit_jax.data import digits
 
     root = tmp_path_factory.mktemp("serve_digits")
     split = digits.open_split("test")
     files = []
-    for i in range(0, 355, 36):
+    for i in range(0, 355, 18):
         image, label = split.load(tf.constant(i, tf.int64))
         path = root / f"{i}_{int(label)}.png"
         Image.fromarray(image.numpy()).save(path)
@@ -151,7 +151,10 @@ def test_predict_equals_the_cli(server, trained_workdir, digit_files):
         )  # fmt: skip
         assert status == 200 and multipart == want
         correct += want["top_k"][0]["index"] == label
-    assert correct >= 7  # the model is good, so the comparison is about real answers
+    # The model is good, so the comparison is about real answers. The fixture's model gets > 0.75
+    # of the test set right: fewer than 10 of these 20 has probability < 0.4% (binomial,
+    # p = 0.75); chance (0.1) reaches 10 with probability < 1e-5.
+    assert correct >= 10, correct
 
 
 def test_default_top_k_is_five(server, digit_files):

@@ -58,7 +58,10 @@ def test_predict_json_top1_mostly_correct_and_bad_image(trained_workdir, digit_f
         probs = [t["probability"] for t in row["top_k"]]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
         correct += row["top_k"][0]["index"] == label
-    assert correct >= 0.7 * len(files)
+    # The fixture's model gets > 0.75 of the test set right: with errors falling on these 20 as
+    # on any, fewer than 10 right has probability < 0.4% (binomial, p = 0.75); chance (0.1)
+    # reaches 10 with probability < 1e-5.
+    assert correct >= 10, correct
 
 
 def test_evaluate_agrees_with_trainer_eval(trained_workdir):

@@ -29,6 +29,10 @@ def test_loss_falls_on_digits_and_workdir_is_complete(tmp_path):
     results = trainer.train_and_evaluate(config, str(tmp_path))
     rows = _metrics(tmp_path)
     train = [r for r in rows if "train_loss" in r]
+    # Each row averages 10 batches of 32 (noise ~0.03 on ~2); the first starts at ln 10 = 2.3.
+    # Over seeds 0-5 (and XLA builds capped at AVX2, AVX and SSE4.2, which change a run less
+    # than a seed does) the last is 0.67-0.72 of the first (sd 0.02): 0.8 is 4 sd above the
+    # worst, and a run that does not learn stays near 1.
     assert train[-1]["train_loss"] < 0.8 * train[0]["train_loss"]
     assert {"step", "train_loss", "learning_rate", "grad_norm", "img_per_sec_per_device"} <= set(
         train[0]
@@ -37,7 +41,9 @@ def test_loss_falls_on_digits_and_workdir_is_complete(tmp_path):
     assert [r["step"] for r in evals] == [30, 60]
     assert set(evals[0]) == {"step", "test_accuracy", "test_top5_accuracy", "test_loss"}
     assert results["test_examples"] == 355  # every digits test example counted once
-    assert results["test_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    # 10 classes: chance is 0.1 (binomial sd 0.016 on 355 examples). Over seeds 0-5 these 60
+    # steps reach 0.71-0.78, so 0.3 is far from both.
+    assert results["test_accuracy"] > 0.3
     assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 60
     params, meta = workdir_lib.load_trained(tmp_path)
     assert meta["step"] == 60 and meta["class_names"][:2] == ["0", "1"]
@@ -243,4 +249,8 @@ def test_finetune_from_published_npz_new_resolution_and_classes(trained_workdir,
     assert tuned["head"]["kernel"].shape == (32, 5)
     assert tuned["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 37, 32)
     assert meta["class_names"] == ["5", "6", "7", "8", "9"]
-    assert results["test_accuracy"] > 0.6  # chance is 0.2
+    # Chance is 0.2 on the 177 test images of 5-9 (binomial sd <= 0.038). 30 steps from a
+    # 200-step model vary: over seeds 0-9 (fixture and fine-tune alike) 0.66-0.92, mean 0.78,
+    # sd 0.08; XLA builds capped at AVX2, AVX and SSE4.2 change nothing here. 0.5 is 8 binomial
+    # sd above chance, 3.5 seed sd below the mean and 4 binomial sd below the lowest seed.
+    assert results["test_accuracy"] > 0.5

@@ -8,10 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from vit_jax.configs import default
 
-from configs import default  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OVERRIDES = {
     "model.hidden_size": 32,
@@ -72,7 +71,7 @@ def train_command(workdir, **changes) -> list[str]:
         sys.executable,
         "-m",
         "vit_jax.train",
-        f"--config={ROOT}/configs/default.py",
+        "--config=configs/default.py",
         f"--workdir={workdir}",
         *flags(**changes),
     ]

@@ -33,6 +33,7 @@ __all__ = [
     "EXIT_RUNTIME",
     "VERBOSE_HELP",
     "add_weights_flags",
+    "config_argv",
     "ArgumentParser",
     "ConsoleHandler",
     "fail",
@@ -87,6 +88,22 @@ def add_weights_flags(p: argparse.ArgumentParser, *, resolution: bool = True) ->
 
 
 # ----------------------------------------------------------------------------- quiet libraries
+
+
+def config_argv(argv: Sequence[str]) -> list[str]:
+    """argv with a `--config` that names a packaged recipe (`configs/NAME.py[:ARG]`, `NAME`)
+    replaced by the installed recipe's file, so one command works from a checkout, from an
+    installed wheel and from any directory (a file at the given path wins)."""
+    from vit_jax import configs
+
+    out, argv = [], list(argv)
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            a = "--config=" + configs.recipe_file(a[len("--config=") :])
+        elif i > 0 and argv[i - 1] == "--config":
+            a = configs.recipe_file(a)
+        out.append(a)
+    return out
 
 
 def wants_verbose(argv: Sequence[str]) -> bool:

@@ -113,6 +113,7 @@ def _flags(argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
+    argv = cli.config_argv(argv)
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", None, "Config with the data settings.", flag_values=fv, sys_argv=argv

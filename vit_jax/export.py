@@ -179,7 +179,7 @@ def export_saved_model(
     )
     module = tf.Module()
     module.params = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False), trained.params)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _stablehlo_readable_by_tensorflow():
         asset = Path(tmp) / CLASS_NAMES_ASSET
         asset.write_text("".join(f"{n}\n" for n in names))
         module.class_names_file = tf.saved_model.Asset(str(asset))
@@ -211,6 +211,52 @@ def export_saved_model(
         }
         tf.saved_model.save(module, str(out), signatures=signatures)
     return ["saved_model.pb", "variables/", f"assets/{CLASS_NAMES_ASSET}"]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in str(version).split("."))
+
+
+@contextlib.contextmanager
+def _stablehlo_readable_by_tensorflow():
+    """While jax2tf converts: StableHLO serialized for the StableHLO version TensorFlow's
+    XlaCallModule reads, when that is older than the one jax writes.
+
+    jax.export targets a StableHLO release about four weeks old (jax 0.12: 1.18.0); TensorFlow's
+    runtime deserializes up to its own (TF 2.21: 1.13.7), so a SavedModel from jax 0.12 fails
+    at its first call (`unregistered operation 'vhlo.custom_call_v2'`). jax has no public
+    setting for the target, so its private serializer is swapped for one that targets TF's
+    version, only in this block and only when the two differ; the portable-artifact format
+    itself is StableHLO's stable one (https://openxla.org/stablehlo/compatibility).
+    """
+    try:
+        from jax._src import xla_bridge
+        from jax._src.export import _export
+        from jax._src.lib import _jax
+        from jax._src.lib.mlir.dialects import hlo
+        from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
+
+        ours = hlo.get_version_from_compatibility_requirement(
+            hlo.StablehloCompatibilityRequirement.WEEK_4
+        )
+        theirs = tf_stablehlo.get_current_version()
+        original = _export._module_to_bytecode
+    except (ImportError, AttributeError):  # another jax / TF layout: serialize as jax does
+        yield
+        return
+    if _version_tuple(ours) <= _version_tuple(theirs):
+        yield
+        return
+
+    def to_bytecode(module):
+        serialize_with_sdy = xla_bridge.get_backend().serialize_with_sdy
+        return _jax.mlir.serialize_portable_artifact(module, theirs, serialize_with_sdy)
+
+    _export._module_to_bytecode = to_bytecode
+    try:
+        yield
+    finally:
+        _export._module_to_bytecode = original
 
 
 @contextlib.contextmanager

@@ -246,7 +246,12 @@ def _bad_override(argv: list[str]) -> str | None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a misspelt `--config.KEY` reported as one line, not a traceback."""
+    """absl flag parsing, with a misspelt `--config.KEY` reported as one line, not a traceback;
+    a packaged recipe's name (`--config=configs/default.py`) resolves to its installed file."""
+    try:
+        argv = cli.config_argv(argv)
+    except FileNotFoundError as e:
+        _fail(e, EXIT_CONFIG)
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - config_flags raises many kinds

@@ -171,7 +171,10 @@ class MultiHeadAttention(nn.Module):
         if inputs_q is inputs_kv and self.fuse_qkv:
             # Self-attention: one matmul against the three kernels side by side (same params).
             kernels, biases = zip(*(params(n) for n in ("query", "key", "value")), strict=True)
-            return tuple(project(inputs_q, jnp.stack(kernels, axis=1), jnp.stack(biases)))
+            qkv = project(inputs_q, jnp.stack(kernels, axis=1), jnp.stack(biases))
+            # Indexed, not `tuple(qkv)`: jax >= 0.12 traces iteration as an `unstack`
+            # primitive that the ONNX converter does not know; indexing is slice + squeeze.
+            return qkv[0], qkv[1], qkv[2]
         return (
             project(inputs_q, *params("query")),
             project(inputs_kv, *params("key")),

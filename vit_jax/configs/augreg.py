@@ -7,17 +7,19 @@ AugReg file name such as `B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_
 
 import ml_collections
 
-from configs import common
 from vit_jax import models
+from vit_jax.configs import schema
+
+__all__ = ["get_config"]
 
 
 def get_config(arg: str = "B_16,cifar100") -> ml_collections.ConfigDict:
     name, _, dataset = arg.partition(",")
     short = name.split("-", 1)[0]
-    c = common.get_config()
-    common.with_model(c, models.AUGREG_NAMES.get(short, short))
+    c = schema.get_config()
+    schema.with_model(c, models.AUGREG_NAMES.get(short, short))
     c.model_name = name  # the checkpoint name resolved under pretrained_dir
-    common.with_dataset(c, dataset or "cifar100")
+    schema.with_dataset(c, dataset or "cifar100")
     c.pretrained_dir = "gs://vit_models/augreg"
     c.base_lr = 0.01
     return c

@@ -10,7 +10,9 @@
 
 import ml_collections
 
-from configs import default
+from vit_jax.configs import default
+
+__all__ = ["get_config"]
 
 
 def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:

@@ -8,11 +8,14 @@ a 4-layer ViT with 4x4 patches reaches >= 97% test accuracy (see BENCHMARKS.md).
 
 import ml_collections
 
-from configs import common
+from vit_jax import models
+from vit_jax.configs import schema
+
+__all__ = ["get_config"]
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = common.get_config()
+    c = schema.get_config()
     c.model_name = "ViT-digits"
     c.model = ml_collections.ConfigDict(
         dict(
@@ -23,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
             classifier="token",
         )
     )
-    c.model = common.models.get_config(c.model)
+    c.model = models.get_config(c.model)
     c.dataset = "digits"
     c.pp.train, c.pp.test = "train", "test"
     c.pp.resize, c.pp.crop = 18, 16

@@ -15,8 +15,10 @@ documented in `vit_jax/distill.py`.
 
 import ml_collections
 
-from configs import default
 from vit_jax import models
+from vit_jax.configs import default
+
+__all__ = ["TEACHER_WORKDIR", "get_config", "student_model", "teacher_model"]
 
 TEACHER_WORKDIR = "runs/distill/teacher"
 

@@ -12,8 +12,10 @@ resolution 384, initialised from `pretrained_dir/MODEL.npz` (head replaced, pose
 
 import ml_collections
 
-from configs import common
 from vit_jax import models
+from vit_jax.configs import schema
+
+__all__ = ["SHORT", "get_config", "model_name"]
 
 SHORT = {
     "ti16": "ViT-Ti_16",
@@ -40,8 +42,8 @@ def model_name(arg: str) -> str:
 
 def get_config(arg: str = "b16,cifar10") -> ml_collections.ConfigDict:
     model, _, dataset = arg.partition(",")
-    c = common.get_config()
-    common.with_model(c, model_name(model))
-    common.with_dataset(c, dataset or "cifar10")
+    c = schema.get_config()
+    schema.with_model(c, model_name(model))
+    schema.with_dataset(c, dataset or "cifar10")
     c.pretrained_dir = "."
     return c
