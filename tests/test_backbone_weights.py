@@ -1,6 +1,7 @@
 """Today's backbones' weights: SigLIP, DINOv2 (registers, SwiGLU) and DeiT through Hugging Face
-transformers (parity at two resolutions, bit-exact round trips), timm state dicts and
-big_vision SigLIP `.npz` files; unknown keys refused by name."""
+transformers (parity at the native size and two others, one non-square, loaded with and without
+`resolution=`; bit-exact round trips), timm state dicts and big_vision SigLIP `.npz` files;
+unknown keys refused by name."""
 
 import functools
 import json
@@ -8,10 +9,11 @@ import json
 import jax
 import numpy as np
 import pytest
+import scipy.ndimage
 import tiny
 from safetensors.numpy import load_file, save_file
 
-from vit_jax import models, weights
+from vit_jax import inference, models, weights
 from vit_jax.convert.__main__ import main as cli
 from vit_jax.weights import hf as hf_format
 from vit_jax.weights.errors import ConversionError
@@ -48,12 +50,23 @@ def _run(config, params, x, num_classes=None):
     return np.asarray(logits), {k: np.asarray(v) for k, v in out.items()}
 
 
-def _at(config, size, native):
-    """The model config for `size`: at another size than the stored table's, the table
-    (a 4 x 4 grid) is resampled on the fly (`posemb_grid`)."""
-    if size == native:
-        return config
-    return models.get_config(config.to_dict(), posemb_grid=(4, 4))
+def _images_hw(h, w, n=2, seed=0):
+    return np.random.RandomState(seed).uniform(-1, 1, (n, h, w, 3)).astype(np.float32)
+
+
+def _loaded(path, h, w, x):
+    """The converted `.npz` run at h x w through `inference.load_model`: without `resolution=`
+    (the recorded `posemb_grid` table resampled on the fly) and, for square sizes, loaded at
+    that resolution; the same numbers both ways. Returns (intermediates, logits)."""
+    runs = [inference.load_model(str(path))]
+    if h == w:
+        runs.append(inference.load_model(str(path), resolution=h))
+    outs = [(r.intermediates(x), r.logits(x)) for r in runs]
+    for out, logits in outs[1:]:
+        np.testing.assert_array_equal(logits, outs[0][1])
+        for key in ("encoded", "pre_logits"):
+            np.testing.assert_array_equal(out[key], outs[0][0][key], err_msg=key)
+    return outs[0]
 
 
 def _converted(tmp_path, src):
@@ -97,17 +110,18 @@ def _siglip(tmp_path, **overrides):
 
 
 @pytest.mark.torch
-def test_hf_siglip_tokens_and_pooled_output_match_at_two_resolutions(tmp_path):
+def test_hf_siglip_tokens_and_pooled_output_match_at_any_size(tmp_path):
     hf = _siglip(tmp_path)
     src = _saved(hf, tmp_path)
     params, config, meta = _converted(tmp_path, src)
     assert (config.classifier, config.posemb, config.gelu_approximate) == ("map", "learn", True)
     assert meta["image_size"] == [32, 32] and "cls" not in params
-    for size, interpolate in ((32, False), (48, True)):
-        x = _images(size)
+    assert (tuple(config.posemb_grid), config.posemb_resample) == ((4, 4), "bicubic")
+    for h, w in ((32, 32), (48, 48), (24, 40)):
+        x = _images_hw(h, w)
         with torch.no_grad():
-            expected = hf(pixel_values=_nchw(x), interpolate_pos_encoding=interpolate)
-        logits, out = _run(_at(config, size, 32), params, x)
+            expected = hf(pixel_values=_nchw(x), interpolate_pos_encoding=(h, w) != (32, 32))
+        out, logits = _loaded(tmp_path / "ours.npz", h, w, x)
         np.testing.assert_allclose(out["encoded"], expected.last_hidden_state, atol=ATOL, rtol=0)
         np.testing.assert_allclose(out["pre_logits"], expected.pooler_output, atol=ATOL, rtol=0)
         np.testing.assert_allclose(logits, expected.pooler_output, atol=ATOL, rtol=0)
@@ -195,7 +209,7 @@ def _dinov2(registers=0, **overrides):
     "registers, swiglu", [(0, False), (0, True), (2, False)], ids=["plain", "swiglu", "reg2"]
 )
 @pytest.mark.torch
-def test_hf_dinov2_tokens_and_pooled_output_match_at_two_resolutions(tmp_path, registers, swiglu):
+def test_hf_dinov2_tokens_and_pooled_output_match_at_any_size(tmp_path, registers, swiglu):
     hf = _dinov2(registers, use_swiglu_ffn=swiglu)
     src = _saved(hf, tmp_path)
     params, config, meta = _converted(tmp_path, src)
@@ -203,11 +217,13 @@ def test_hf_dinov2_tokens_and_pooled_output_match_at_two_resolutions(tmp_path, r
     assert config.get("num_registers", 0) == registers and meta["image_size"] == [28, 28]
     if swiglu:  # (int(64 * 2 / 3) + 7) // 8 * 8
         assert config.transformer.mlp_type == "swiglu" and config.transformer.mlp_dim == 48
-    for size in (28, 42):
-        x = _images(size)
+    method = "bicubic_antialias" if registers else "bicubic"  # as transformers resamples
+    assert (tuple(config.posemb_grid), config.posemb_resample) == ((4, 4), method)
+    for h, w in ((28, 28), (42, 42), (21, 35)):
+        x = _images_hw(h, w)
         with torch.no_grad():
             expected = hf(pixel_values=_nchw(x))
-        _, out = _run(_at(config, size, 28), params, x)
+        out, _ = _loaded(tmp_path / "ours.npz", h, w, x)
         np.testing.assert_allclose(out["encoded"], expected.last_hidden_state, atol=ATOL, rtol=0)
         np.testing.assert_allclose(out["pre_logits"], expected.pooler_output, atol=ATOL, rtol=0)
     back, original, written = _round_trip(tmp_path, src, params, config)
@@ -273,19 +289,21 @@ def _deit_config(**overrides):
 
 
 @pytest.mark.torch
-def test_hf_deit_with_teacher_matches_at_two_resolutions(tmp_path):
+def test_hf_deit_with_teacher_matches_at_any_size(tmp_path):
     torch.manual_seed(0)
     hf = transformers.DeiTForImageClassificationWithTeacher(_deit_config())
     src = _saved(hf, tmp_path)
     params, config, meta = _converted(tmp_path, src)
     assert config.distillation_token and meta["class_names"] == ["a", "b", "c"]
     assert (config.gelu_approximate, config.layernorm_epsilon) == (False, 1e-12)
-    for size, interpolate in ((32, False), (48, True)):
-        x = _images(size)
+    assert (tuple(config.posemb_grid), config.posemb_resample) == ((4, 4), "bicubic")
+    for h, w in ((32, 32), (48, 48), (40, 24)):
+        x = _images_hw(h, w)
+        interpolate = (h, w) != (32, 32)
         with torch.no_grad():
             expected = hf(pixel_values=_nchw(x), interpolate_pos_encoding=interpolate)
             hidden = hf.deit(pixel_values=_nchw(x), interpolate_pos_encoding=interpolate)
-        logits, out = _run(_at(config, size, 32), params, x, num_classes=3)
+        out, logits = _loaded(tmp_path / "ours.npz", h, w, x)
         np.testing.assert_allclose(logits, expected.logits, atol=ATOL, rtol=0)
         np.testing.assert_allclose(
             out["logits_dist"], expected.distillation_logits, atol=ATOL, rtol=0
@@ -397,6 +415,18 @@ def test_big_vision_siglip_file_loads_matches_hf_and_round_trips(tmp_path, caplo
     assert meta["image_size"] == [16, 16]
     per_layer = models.unstack_layers(params)
     assert per_layer["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 16, 16)
+    # the native grid is recorded: another size (non-square) runs without resolution=, the
+    # table resampled as big_vision's resample_posemb does (scipy.ndimage.zoom, order 1)
+    assert (tuple(config.posemb_grid), config.posemb_resample) == ((4, 4), "linear_align_corners")
+    table = per_layer["Transformer"]["posembed_input"]["pos_embedding"].reshape(4, 4, 16)
+    zoomed = scipy.ndimage.zoom(table.astype(np.float64), (6 / 4, 3 / 4, 1), order=1)
+    plain = dict(BV_SPEC, posemb_grid=None)
+    moved = {**per_layer, "Transformer": dict(per_layer["Transformer"])}
+    moved["Transformer"]["posembed_input"] = {"pos_embedding": zoomed.reshape(1, 18, 16)}
+    x = _images_hw(24, 12)
+    trained = inference.load_model(str(tmp_path / "siglip.npz"), model=BV_SPEC)
+    want, _ = _run(models.get_config(plain), moved, x, num_classes=8)
+    np.testing.assert_allclose(trained.logits(x), want, atol=1e-5, rtol=0)
     # the image tower without its projection equals transformers' SiglipVisionModel
     features = {k: v for k, v in per_layer.items() if k != "head"}
     hf_dir = hf_format.to_hf(features, config, tmp_path / "hf")

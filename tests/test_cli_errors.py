@@ -187,9 +187,29 @@ def test_predict_trusts_the_checkpoint_over_a_changed_config_json(run_dir, tmp_p
     assert inference.load_model(str(step_dir)).crop == 8
 
 
+def _as_before_eval_preprocessing(wd):
+    """The run as written before checkpoints recorded `eval_preprocessing` (the key dropped from
+    each checkpoint's JSON meta): its eval geometry then comes from config.json."""
+    for meta in (wd / "checkpoints").glob("*/meta/metadata"):
+        recorded = json.loads(meta.read_text())
+        assert recorded.pop("eval_preprocessing") == {"resize": 8, "crop": 8, "antialias": True}
+        meta.write_text(json.dumps(recorded))
+
+
+def test_the_checkpoint_s_eval_preprocessing_wins_over_an_edited_config_json(run_dir, tmp_path):
+    wd = tmp_path / "run"
+    shutil.copytree(run_dir, wd)
+    config = json.loads((wd / "config.json").read_text())
+    config["pp"].update(resize=10, antialias=False)  # edited after the run
+    (wd / "config.json").write_text(json.dumps(config))
+    trained = inference.load_model(str(wd))
+    assert (trained.resize, trained.crop, trained.antialias) == (8, 8, True)
+
+
 def test_unchanged_config_json_supplies_the_eval_resize(run_dir, tmp_path):
     wd = tmp_path / "run"
     shutil.copytree(run_dir, wd)
+    _as_before_eval_preprocessing(wd)
     config = json.loads((wd / "config.json").read_text())
     config["pp"]["resize"] = 10  # crop still 8: the run's config, so its resize is used
     (wd / "config.json").write_text(json.dumps(config))
@@ -200,9 +220,11 @@ def test_unchanged_config_json_supplies_the_eval_resize(run_dir, tmp_path):
 def test_a_runs_pp_antialias_reaches_predict(run_dir, tmp_path, image, capsys, antialias):
     """A run evaluated with plain bilinear downscaling (`pp.antialias=False`) is read with it by
     predict (and serve / visualize / export, through the same TrainedModel); a value that is not
-    a boolean is ignored with a warning, as any unreadable config.json."""
+    a boolean is ignored with a warning, as any unreadable config.json. (Runs from before the
+    checkpoints recorded it; newer ones carry it with the weights.)"""
     wd = tmp_path / "run"
     shutil.copytree(run_dir, wd)
+    _as_before_eval_preprocessing(wd)
     config = json.loads((wd / "config.json").read_text())
     config["pp"]["antialias"] = antialias  # the fixture's image is 12 px, downscaled to 8
     (wd / "config.json").write_text(json.dumps(config))

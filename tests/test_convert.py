@@ -190,14 +190,26 @@ def test_load_pretrained_and_predict_read_an_hf_directory(tmp_path):
     params, meta = weights.open(path)
     config, names = meta["model"], meta["class_names"]
     assert config["gelu_approximate"] is False and names == ["cat", "dog", "fish"]
-    target = models.get_config(config)
-    model = models.get_model(target, num_classes=7)
-    init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), models.init_shapes(model, (16, 24)))
-    tuned = checkpoint.load_pretrained(
-        pretrained_path=path, init_params=init, model_config=target, image_size=(16, 24)
-    )
-    assert tuned["head"]["kernel"].shape == (16, 7)
-    assert tuned["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 1 + 4 * 6, 16)
+    # the converted config keeps the table's native 2 x 3 grid (resampled on the fly); a model
+    # without a fixed grid gets it resampled at load time, by transformers' own bicubic
+    assert (tuple(config["posemb_grid"]), config["posemb_resample"]) == ((2, 3), "bicubic")
+    stored = params["Transformer"]["posembed_input"]["pos_embedding"]
+    for grid, want in (((2, 3), (1, 1 + 2 * 3, 16)), (None, (1, 1 + 4 * 6, 16))):
+        target = models.get_config(config, posemb_grid=grid)
+        model = models.get_model(target, num_classes=7)
+        shapes = models.init_shapes(model, (16, 24))
+        init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+        tuned = checkpoint.load_pretrained(
+            pretrained_path=path, init_params=init, model_config=target, image_size=(16, 24)
+        )
+        assert tuned["head"]["kernel"].shape == (16, 7)
+        table = tuned["Transformer"]["posembed_input"]["pos_embedding"]
+        assert table.shape == want
+    np.testing.assert_array_equal(table[:, :1], stored[:, :1])
+    grid = torch.from_numpy(np.asarray(stored[0, 1:])).reshape(1, 2, 3, 16).permute(0, 3, 1, 2)
+    bicubic = F.interpolate(grid, size=(4, 6), mode="bicubic", align_corners=False)
+    bicubic = bicubic.permute(0, 2, 3, 1).reshape(1, 24, 16).numpy()
+    np.testing.assert_allclose(table[:, 1:], bicubic, atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- timm

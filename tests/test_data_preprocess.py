@@ -121,23 +121,6 @@ def test_eval_image_of_a_batch_is_each_image_s():
             np.testing.assert_array_equal(out, alone.numpy())
 
 
-@pytest.fixture(scope="module")
-def default_run(build_once):
-    """A workdir of the embedded default run (configs/default.py: digits at 18 -> 16)."""
-    import tiny
-
-    def train(workdir) -> None:
-        from vit_jax import trainer
-
-        results = trainer.train_and_evaluate(tiny.default.get_config(), str(workdir))
-        # Not a value of one machine: each CPU's rounding changes the trained weights about as a
-        # new seed does, and over seeds 0-5 and XLA builds capped at AVX2, AVX and SSE4.2 the
-        # recipe gives 0.969-0.989 (mean 0.979, sd 0.007; binomial sd on 355 examples 0.009).
-        assert results["test_accuracy"] > 0.95, results
-
-    return build_once("default-run", train)
-
-
 @pytest.mark.slow
 def test_default_run_reads_nearest_upscaled_digits(default_run, tmp_path):
     """The 355 test digits saved at 8x8 and nearest-upscaled to 64x64: with the antialiased eval

@@ -270,3 +270,60 @@ def test_benchmark_times_exported_artifacts(trained_case, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}: not an exported model")
+
+
+def _readme_onnx_snippet() -> str:
+    readme = (tiny.ROOT / "README.md").read_text()
+    marker = "<!-- onnx-snippet: tests/test_export.py runs this block -->\n```python\n"
+    assert readme.count(marker) == 1, "README's ONNX snippet marker"
+    start = readme.index(marker) + len(marker)
+    return readme[start : readme.index("```\n", start)]
+
+
+def test_readme_onnx_snippet_classifies_an_image_file_as_predict(default_run, tmp_path):
+    """README's ONNX snippet, run as written (numpy, Pillow, onnxruntime; vit_jax unimportable)
+    on the default run (eval resize 18, crop 16), gives predict's top 5 for the same file.
+
+    Pillow's bilinear filter and TensorFlow's antialiased one round differently, so the inputs
+    are compared to one uint8 level (1/127.5 in [-1, 1]) and the probabilities to what such a
+    difference moves (1e-2); resizing straight to 16 instead changes the input by up to ~1.
+    """
+    model_dir = tmp_path / "exported" / "vit_onnx"
+    model_dir.parent.mkdir()
+    assert export.main(["--checkpoint", str(default_run), "--format", "onnx",
+                        "--out", str(model_dir)]) == 0  # fmt: skip
+    from vit_jax.data import digits
+
+    digit = digits.open_split("test").load(np.arange(1))[0].numpy()[0]  # 8x8 uint8
+    image = tmp_path / "digit.png"  # lossless: TensorFlow's and Pillow's JPEG decoders differ
+    Image.fromarray(digit).resize((40, 40), Image.NEAREST).save(image)
+
+    code = "import sys\nsys.modules['vit_jax'] = None  # the snippet must not need vit_jax\n"
+    code += _readme_onnx_snippet() + "np.save('snippet_input.npy', x)\n"
+    run = tiny.run([sys.executable, "-c", code], cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    printed = [line.rsplit(" ", 1) for line in run.stdout.splitlines()]
+
+    trained = inference.load_model(str(default_run))
+    expected = trained.preprocess_file(str(image))
+    got = np.load(tmp_path / "snippet_input.npy")
+    assert got.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(got[0], expected, atol=1 / 127.5 + 1e-6)
+    straight = inference.preprocess_file(str(image), resize=16, crop=16)
+    assert np.abs(straight - expected).max() > 0.2  # the crop the snippet must not skip
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert predict.main(["--checkpoint", str(default_run), "--json", str(image)]) == 0
+    top = json.loads(stdout.getvalue())["top_k"]
+    assert len(printed) == len(top) == 5
+    assert printed[0][0] == top[0]["label"]
+    theirs = {label: float(p) for label, p in printed}
+    ours = dict(zip(trained.class_names, _softmax(trained.logits(expected[None])[0]), strict=True))
+    for label, probability in theirs.items():
+        assert abs(probability - ours[label]) < 1e-2, (label, probability, ours[label])
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max())
+    return e / e.sum()

@@ -1,6 +1,8 @@
 """Model library: published parameter counts, shapes of every variant, layouts, dtypes, errors."""
 
 import functools
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,18 +93,6 @@ def test_i21k_head_count_and_augreg_names():
         assert models.get_config(short).to_dict() == models.get_config(full).to_dict()
 
 
-def test_readme_zoo_table_is_the_published_counts():
-    """Every count of the README's zoo table is one the test above computes."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme.split("## Model zoo", 1)[1].split("\n\n| model |", 1)[1].split("\n\n", 1)[0]
-    rows = {}
-    for line in table.splitlines()[2:]:
-        names, counts = [c.strip() for c in line.strip("|").split("|")][:2]
-        for name, count in zip(names.split(" / "), counts.split(" / "), strict=True):
-            rows[name] = int(count.replace(",", ""))
-    assert rows == PUBLISHED_COUNTS
-
-
 def test_published_tree_names_and_shapes():
     shapes = models.init_shapes(models.get_model("ViT-B_16", num_classes=1000))
     flat = {
@@ -159,6 +149,125 @@ def test_pooling_and_posemb_shapes(classifier, posemb):
         assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, tokens, 32)
     assert ("cls" in params) == (classifier in ("token", "token_unpooled"))
     assert ("MAPHead_0" in params) == (classifier == "map")
+
+
+def _without_posemb(params):
+    """`params` without the learned position table (the tree of a `sincos2d` / `none` model)."""
+    encoder = {k: v for k, v in params["Transformer"].items() if k != "posembed_input"}
+    return {**params, "Transformer": encoder}
+
+
+def _with_table(params, table):
+    encoder = dict(params["Transformer"], posembed_input={"pos_embedding": jnp.asarray(table)})
+    return {**params, "Transformer": encoder}
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_fixed_position_embeddings_equal_a_learned_table_holding_them(classifier):
+    """`none` is a `learn` model whose table is zeros; `sincos2d` one whose table is
+    `sincos2d_posemb` over the grid with a zero row for each prefix token (class token first).
+    Same other parameters, same input: the same logits and tokens. A 4 x 6 grid (16 x 24
+    pixels), so a transposed table cannot pass."""
+    x = jax.random.uniform(jax.random.key(3), (2, 16, 24, 3), minval=-1, maxval=1)
+    kw = dict(num_classes=5, classifier=classifier)
+    learn = models.get_model(TINY, posemb="learn", **kw)
+    params = _randomize(_init(learn, x))
+    prefix = int(classifier == "token")
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, prefix + 24, 32)
+    shared = _without_posemb(params)
+    sincos = np.asarray(models.sincos2d_posemb(4, 6, 32), np.float32)
+    assert sincos.shape == (1, 24, 32) and np.abs(sincos).max() > 0.5
+    for posemb, table in (
+        ("none", np.zeros((1, prefix + 24, 32), np.float32)),
+        ("sincos2d", np.concatenate([np.zeros((1, prefix, 32), np.float32), sincos], axis=1)),
+    ):
+        fixed = models.get_model(TINY, posemb=posemb, **kw)
+        assert jax.tree.structure(_init(fixed, x)) == jax.tree.structure(shared)
+        want, want_out = _apply(learn, _with_table(params, table), x, train=False)
+        got, got_out = _apply(fixed, shared, x, train=False)
+        assert np.abs(want).max() > 0.1, posemb  # not a zero head
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=posemb)
+        np.testing.assert_allclose(
+            got_out["encoded"], want_out["encoded"], rtol=1e-6, atol=1e-6, err_msg=posemb
+        )
+    # The learned table matters: a random one gives other logits (so the above is not vacuous).
+    random_table, _ = _apply(learn, params, x, train=False)
+    assert np.abs(random_table - got).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("classifier", "registers"), [("unpooled", 0), ("token_unpooled", 0), ("token_unpooled", 2)]
+)
+def test_unpooled_logits_are_the_head_on_every_token(classifier, registers):
+    """Per-token logits = encoded token @ head.kernel + head.bias, recomputed in float64 from
+    the encoder output; the class token's row first (`token_unpooled`), registers left out."""
+    x = _images()
+    model = models.get_model(TINY, num_classes=5, classifier=classifier, num_registers=registers)
+    params = _randomize(_init(model, x))
+    logits, out = _apply(model, params, x, train=False)
+    encoded = np.asarray(out["encoded"], np.float64)
+    prefix = int(classifier == "token_unpooled")
+    assert encoded.shape == (2, prefix + registers + 16, 32)
+    tokens = np.concatenate([encoded[:, :prefix], encoded[:, prefix + registers :]], axis=1)
+    head = jax.tree.map(lambda a: np.asarray(a, np.float64), params["head"])
+    expected = tokens @ head["kernel"] + head["bias"]
+    assert logits.shape == (2, prefix + 16, 5)
+    assert np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_remat_policy_gives_the_plain_gradients(scan):
+    """Rematerialisation only trades memory for compute: with each policy `REMAT_POLICIES`
+    lists, the gradient of every parameter equals the one without remat, in train mode with
+    dropout, attention dropout and stochastic depth under one fixed dropout key (the
+    recomputed forward must draw the same masks)."""
+    assert set(vit_lib.REMAT_POLICIES) == {
+        "nothing_saveable",
+        "dots_saveable",
+        "dots_with_no_batch_dims_saveable",
+        "everything_saveable",
+    }
+    spec = dict(
+        TINY,
+        transformer=dict(
+            TINY["transformer"],
+            dropout_rate=0.1,
+            attention_dropout_rate=0.1,
+            stochastic_depth_rate=0.2,
+        ),
+    )
+    x = _images()
+    weights = jax.random.normal(jax.random.key(7), (2, 5))
+
+    def gradients(model, params):
+        def loss(p):
+            logits, _ = model.apply(
+                {"params": p}, x, train=True, rngs={"dropout": jax.random.key(11)}
+            )
+            return jnp.sum(logits * weights)
+
+        return jax.jit(jax.grad(loss))(params)
+
+    plain = models.get_model(spec, num_classes=5, scan=scan)
+    params = _randomize(_init(plain, x))
+    want = gradients(plain, params)
+    flat_want = jax.tree_util.tree_flatten_with_path(want)[0]
+    # The tolerance is relative to the largest gradient: some are zero in exact arithmetic (the
+    # key bias: softmax ignores a shift shared by all keys) and only rounding noise here.
+    scale = max(float(jnp.abs(g).max()) for _, g in flat_want)
+    assert scale > 0.1
+    for policy in vit_lib.REMAT_POLICIES:
+        model = models.get_model(spec, num_classes=5, scan=scan, remat=True, remat_policy=policy)
+        got = gradients(model, params)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for (path, g), (_, w) in zip(
+            jax.tree_util.tree_flatten_with_path(got)[0], flat_want, strict=True
+        ):
+            np.testing.assert_allclose(
+                g, w, rtol=1e-5, atol=1e-6 * scale, err_msg=f"{policy} {jax.tree_util.keystr(path)}"
+            )
 
 
 def test_head_is_zero_init_with_bias_and_representation():
@@ -356,20 +465,102 @@ def test_errors_are_one_clear_message():
         mixer.init(jax.random.key(0), _images(), train=False)
 
 
-def test_zoo_cli_lists_counts():
-    out = subprocess.run(
-        [sys.executable, "-m", "vit_jax.models", "--json"],
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_zoo_section() -> str:
+    text = README.read_text()
+    return text.split("\n## Model zoo\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _readme_zoo_rows() -> dict[str, tuple[int, str, int, int]]:
+    """The README's zoo tables (`| model |` and `| backbone |`): name -> (parameters, head,
+    patch, resolution), the patch and resolution cells read up to their first non-digit."""
+    rows, columns = {}, None
+    lead = lambda cell: int(re.match(r"\d+", cell).group())  # noqa: E731
+    for line in _readme_zoo_section().splitlines():
+        if not line.startswith("|"):
+            columns = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if columns is None:
+            columns = cells
+            continue
+        if set(cells[0]) <= {"-", ":"}:
+            continue
+        row = dict(zip(columns, cells, strict=True))
+        resolution = next(v for k, v in row.items() if "resolution" in k)
+        assert cells[0] not in rows, f"{cells[0]} twice in the README"
+        rows[cells[0]] = (
+            int(row["parameters"].replace(",", "")),
+            row["head"],
+            lead(row["patch"]),
+            lead(resolution),
+        )
+    return rows
+
+
+def test_readme_tables_and_the_zoo_cli_agree_row_by_row():
+    """`python -m vit_jax.models` and the README's two zoo tables: the same models, and for each
+    the same parameter count, head (1000 classes, or none for the SigLIP / DINOv2 feature
+    extractors), patch and resolution; the classifiers' counts are the published ones."""
+    printed = subprocess.run(
+        [sys.executable, "-m", "vit_jax.models"],
         capture_output=True,
         text=True,
         check=True,
-        timeout=300,
+        timeout=600,
     ).stdout
-    import json
-
-    rows = {r["model"]: r["parameters"] for r in map(json.loads, out.splitlines())}
-    assert set(rows) == set(models.list_models())
+    header, *lines = printed.strip().splitlines()
+    assert header.split() == ["model", "parameters", "head", "patch", "resolution"]
+    cli = {}
+    for line in lines[: lines.index("")]:
+        name, count, head, patch, resolution = line.split()
+        cli[name] = (int(count.replace(",", "")), head, int(patch.split("x")[0]), int(resolution))
+    assert lines[-1].startswith("head: classes of the counted head")  # what the columns mean
+    readme = _readme_zoo_rows()
+    assert list(cli) == models.list_models()
+    assert sorted(readme) == sorted(cli)
+    for name, row in cli.items():
+        assert readme[name] == row, name
     for name, expected in PUBLISHED_COUNTS.items():
-        assert rows[name] == expected
+        assert readme[name] == (expected, "1000", readme[name][2], 224), name
+    # As the backbones are published: SigLIP / DINOv2 without a head, the others with one.
+    for name, (_, head, _, _) in cli.items():
+        assert head == ("none" if name.startswith(("SigLIP", "DINOv2")) else "1000"), name
+    assert cli["DINOv2-S_14"][3] == 518 and cli["SigLIP-B_16-384"][3] == 384
+
+
+def test_zoo_cli_counts_every_row_alike_on_request(capsys):
+    """`--num-classes 0 --resolution 448 --json` (448: divisible by every zoo stride): no head
+    anywhere and the position table at a 28 x 28 grid (patch 16): ViT-B/16 loses its 1000-class
+    head (768 x 1000 + 1000) and gains (785 - 197) x 768 position rows; a fixed-grid model's
+    count does not change."""
+    from vit_jax.models.__main__ import main
+
+    main(["--json", "--num-classes", "0", "--resolution", "448"])
+    rows = {r["model"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert list(rows) == models.list_models()
+    assert all(r["num_classes"] is None and r["resolution"] == 448 for r in rows.values())
+    base = PUBLISHED_COUNTS["ViT-B_16"]
+    assert rows["ViT-B_16"]["parameters"] == base - (768 * 1000 + 1000) + (785 - 197) * 768
+    assert rows["SigLIP-B_16-224"]["parameters"] == 92_884_224  # the README's count (no head)
+
+
+def test_readme_model_zoo_snippet_runs_as_written():
+    """The Python block of the README's Model zoo section, executed as it stands (offline: a
+    random init), and what its comments say about the results."""
+    blocks = re.findall(r"```python\n(.*?)```", _readme_zoo_section(), re.S)
+    assert len(blocks) == 1
+    namespace = {}
+    exec(compile(blocks[0], "README.md (Model zoo)", "exec"), namespace)  # noqa: S102
+    logits, out = namespace["logits"], namespace["out"]
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+    assert {"stem", "encoded", "pre_logits", "tokens", "attention_weights"} <= set(out)
+    assert out["attention_weights"].shape == (12, 2, 12, 197, 197)
+    np.testing.assert_allclose(out["attention_weights"].sum(-1), 1.0, atol=1e-5)
+    assert namespace["tiny_logits"].shape == (2, 10)
+    assert namespace["tiny_logits"].dtype == jnp.float32
 
 
 def _with_layer_scale(init, **extra):

@@ -164,15 +164,40 @@ def test_default_top_k_is_five(server, digit_files):
     assert probs == sorted(probs, reverse=True)
 
 
-def test_attention_png(server, digit_files):
-    status, content_type, data = server.request(
-        "POST", "/attention", Path(digit_files[1][0]).read_bytes()
-    )
+def test_attention_png_equals_visualizes_rollout_picture(
+    server, trained_workdir, digit_files, tmp_path
+):
+    """/attention answers, pixel for pixel, the `_rollout.png` `python -m vit_jax.visualize`
+    writes for the same file and model (up to one uint8 level, the two processes' float32
+    rounding); a picture of another map (the class token's last-layer attention alone, or the
+    rollout of a patch token's row) differs far more, so the comparison tells maps apart."""
+    from vit_jax import inference, visualize
+
+    path = digit_files[1][0]
+    status, content_type, data = server.request("POST", "/attention", Path(path).read_bytes())
     assert status == 200 and content_type == "image/png"
     with Image.open(io.BytesIO(data)) as picture:
-        assert picture.format == "PNG" and picture.size == (224, 224) and picture.mode == "RGB"
-        pixels = np.asarray(picture, np.int16)
-    assert (pixels[..., 0] - pixels[..., 2]).max() > 50  # the red heat map is there
+        assert picture.format == "PNG" and picture.mode == "RGB"
+        served = np.asarray(picture, np.int16)
+    out = tmp_path / "maps"
+    assert visualize.main(["--checkpoint", str(trained_workdir), "--out", str(out), path]) == 0
+    stem = Path(path).stem
+    with Image.open(out / f"{stem}_rollout.png") as picture:
+        written = np.asarray(picture, np.int16)
+    assert served.shape == written.shape == (224, 224, 3)
+    assert np.abs(served - written).max() <= 1
+
+    trained = inference.load_model(str(trained_workdir))
+    image = trained.preprocess_file(path)
+    weights = trained.intermediates(image[None])["attention_weights"]
+    grid = visualize.token_grid(trained)
+    others = [
+        weights[-1, 0].mean(axis=0)[0, 1:] / weights[-1, 0].mean(axis=0)[0, 1:].sum(),
+        visualize.attention_rollout(weights, token=5)[0],
+    ]
+    for other in others:
+        wrong = np.asarray(visualize.rollout_overlay(image, other, grid, 224), np.int16)
+        assert np.abs(wrong - written).max() > 20
 
 
 def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server, digit_files):

@@ -89,18 +89,17 @@ class TrainedModel:
 
 
 def imagenet_labels(num_classes: int) -> list[str] | None:
-    """ImageNet-1k class names from tensorflow-datasets' packaged label file (1000 classes)."""
+    """ImageNet-1k class names ('tench', 'goldfish', ...) for a 1000-class head that records
+    none: the first name of each class in the list tensorflow-datasets ships (its `siscore`
+    labels, in the standard class order; tfds' `imagenet2012/labels.txt` holds WordNet ids).
+    None for other class counts or when the list is not there."""
     if num_classes != 1000:
         return None
     try:
-        import tensorflow_datasets as tfds
-
-        path = epath.Path(tfds.__file__).parent / "datasets/imagenet2012/labels.txt"
-        if not path.exists():
-            path = epath.Path(tfds.__file__).parent / "image_classification/imagenet2012_labels.txt"
-        names = path.read_text().split()
-    except (ImportError, OSError):
+        from tensorflow_datasets.datasets.siscore import labels
+    except ImportError:
         return None
+    names = [str(n).split(",")[0].strip() for n in getattr(labels, "IMAGENET_LABELS_LIST", ())]
     return names if len(names) == 1000 else None
 
 
@@ -119,8 +118,9 @@ def load_model(
 ) -> TrainedModel:
     """Loads anything `vit_jax.weights.open` reads (a run, `.npz`, transformers dir, timm file).
 
-    What the checkpoint records wins: a run's model config, image size and class names are used
-    even when the workdir's `config.json` says otherwise (it only supplies the eval resize and
+    What the checkpoint records wins: a run's model config, image size, class names and eval
+    preprocessing (`eval_preprocessing`, also in its final.npz) are used even when the workdir's
+    `config.json` says otherwise (for runs from before that key it supplies the eval resize and
     `pp.antialias`, when its crop agrees). For files: `model` (zoo name or config) overrides
     what the file records; `default_model` is used only when the file records nothing.
     `resolution` runs the model at another input size (position embeddings resampled by
@@ -147,7 +147,7 @@ def load_model(
     recorded = list(meta.get("class_names") or [])
     stored = _pair(meta.get("image_size"))
     crop = (stored or (models.DEFAULT_RESOLUTION,) * 2)[0]
-    resize, antialias = _run_eval_geometry(path, crop) if is_run else (crop, True)
+    resize, antialias = _eval_geometry(path, meta, crop, what, is_run)
     if resolution:
         crop = resize = int(resolution)
     num_classes = _num_classes(params)
@@ -172,6 +172,34 @@ def _pair(size: Any) -> tuple[int, int] | None:
     if isinstance(size, int):
         return size, size
     return int(size[0]), int(size[-1])
+
+
+def _eval_geometry(path: str, meta: dict, crop: int, what: str, is_run: bool) -> tuple[int, bool]:
+    """The eval (resize, antialias): what the weights record, else for a run from before the
+    key its config.json's, else (the crop, antialiased)."""
+    recorded = _recorded_eval_geometry(meta, crop, what)
+    if recorded is not None:
+        return recorded
+    return _run_eval_geometry(path, crop) if is_run else (crop, True)
+
+
+def _recorded_eval_geometry(meta: dict, crop: int, what: str) -> tuple[int, bool] | None:
+    """(resize, antialias) the weights record (`eval_preprocessing`: a run's checkpoints and
+    final.npz), or None when they record none. A crop other than the weights' image size (an
+    edited sidecar) is refused: the recorded resize belongs to that crop."""
+    recorded = meta.get("eval_preprocessing")
+    if recorded is None:
+        return None
+    try:
+        geometry = preprocess.eval_geometry(recorded, f"{what}: eval_preprocessing")
+    except ValueError as e:
+        raise weights.CheckpointError(str(e)) from None
+    if geometry["crop"] != crop:
+        raise weights.CheckpointError(
+            f"{what}: eval_preprocessing crops {geometry['crop']}x{geometry['crop']}, but the "
+            f"weights were trained at {crop}x{crop} (image_size)"
+        )
+    return geometry["resize"], geometry["antialias"]
 
 
 def _run_eval_geometry(path: str, crop: int) -> tuple[int, bool]:

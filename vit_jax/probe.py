@@ -456,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         config.pp.crop = trained.crop
         config.pp.resize = int(pp.get("resize", trained.resize))
+        config.pp.antialias = trained.antialias  # as the weights were evaluated
         if trained.normalization:  # the checkpoint's input normalisation
             config.pp.mean = tuple(trained.normalization["mean"])
             config.pp.std = tuple(trained.normalization["std"])

@@ -17,7 +17,8 @@ line listing each changed key as `old -> new`. Keys that may change:
 - where the data is read from: `tfds_data_dir`, `tfds_manual_dir`.
 
 A key the stored config lacks (added to vit_jax after the run started) counts as unchanged when
-its new value is today's default for it (`vit_jax.configs`, or the model family's default).
+its new value is today's default for it (`vit_jax.configs`, or the model family's default;
+model fields whose absence means an older behaviour, `models.stored_config`, take that).
 
 Each start appends one line to `config_history.jsonl` (step, time, the changes, the full
 config); `config.json` holds the latest start's config.
@@ -120,7 +121,7 @@ def with_current_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
     full.update(stored)
     if isinstance(stored.get("model"), Mapping):
         try:
-            full["model"] = as_dict(models.get_config(dict(stored["model"])))
+            full["model"] = as_dict(models.stored_config(dict(stored["model"])))
         except (ValueError, TypeError, KeyError):  # not a model we can complete: compare as is
             full["model"] = dict(stored["model"])
     return full

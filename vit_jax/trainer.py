@@ -515,6 +515,7 @@ def _meta(
         "dataset": str(config.dataset),
         "image_size": list(state.image_size),
         "normalization": preprocess.normalization(config.pp.get("mean"), config.pp.get("std")),
+        "eval_preprocessing": preprocess.eval_geometry(config.pp),
     }
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_NORMALIZATION",
     "central_crop",
     "decode_image",
+    "eval_geometry",
     "eval_image",
     "inception_crop",
     "mixup_pairs",
@@ -129,6 +130,28 @@ def eval_image(image: tf.Tensor, *, resize_to: int, crop: int, antialias: bool =
     """Eval geometry: resize to `resize_to` (antialiased unless `antialias=False`, see `resize`),
     central crop `crop`. uint8 [..., h, w, 3] in, uint8 [..., crop, crop, 3] out."""
     return central_crop(resize(image, resize_to, antialias=antialias), crop)
+
+
+def eval_geometry(pp: Mapping[str, Any], where: str = "pp") -> dict[str, Any]:
+    """{'resize', 'crop', 'antialias'} of the eval pipeline (`eval_image`), checked: what a run
+    records with its weights so that every reader preprocesses as the run was evaluated.
+
+    `pp` is a config's `pp` or a recorded dict; `antialias` absent means on (runs from before the
+    key). Raises ValueError naming `where` and the value for anything else."""
+    try:
+        resize, crop = pp["resize"], pp["crop"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{where}: needs 'resize' and 'crop', got {pp!r}") from None
+    antialias = pp.get("antialias", True)
+    sizes_ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (resize, crop))
+    if not sizes_ok or crop < 1 or resize < crop:
+        raise ValueError(
+            f"{where}: resize and crop must be integers with resize >= crop >= 1, "
+            f"got resize={resize!r}, crop={crop!r}"
+        )
+    if not isinstance(antialias, bool):
+        raise ValueError(f"{where}: antialias must be true or false, got {antialias!r}")
+    return {"resize": resize, "crop": crop, "antialias": antialias}
 
 
 DEFAULT_NORMALIZATION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # [-1, 1]

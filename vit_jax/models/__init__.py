@@ -3,7 +3,12 @@
 from vit_jax.models.families import Family, get_family, known_families, register_family
 from vit_jax.models.layout import is_stacked, stack_layers, unstack_layers
 from vit_jax.models.mixer import MlpMixer
-from vit_jax.models.posemb import resample_posemb_bicubic
+from vit_jax.models.posemb import (
+    RESAMPLE_METHODS,
+    interpolation_matrix,
+    resample_posemb,
+    resample_posemb_bicubic,
+)
 from vit_jax.models.vit import VisionTransformer, sincos2d_posemb
 from vit_jax.models.zoo import (
     AUGREG_NAMES,
@@ -20,6 +25,7 @@ from vit_jax.models.zoo import (
     num_prefix_tokens,
     position_table_grid,
     scan_block,
+    stored_config,
     stride,
     token_grid,
 )
@@ -28,6 +34,7 @@ __all__ = [
     "AUGREG_NAMES",
     "DEFAULT_RESOLUTION",
     "MODEL_CONFIGS",
+    "RESAMPLE_METHODS",
     "Family",
     "MlpMixer",
     "VisionTransformer",
@@ -36,6 +43,7 @@ __all__ = [
     "get_family",
     "get_model",
     "init_shapes",
+    "interpolation_matrix",
     "is_stacked",
     "known_families",
     "list_models",
@@ -45,10 +53,12 @@ __all__ = [
     "num_prefix_tokens",
     "position_table_grid",
     "register_family",
+    "resample_posemb",
     "resample_posemb_bicubic",
     "scan_block",
     "sincos2d_posemb",
     "stack_layers",
+    "stored_config",
     "stride",
     "token_grid",
     "unstack_layers",

@@ -36,7 +36,15 @@ from vit_jax.models.layers import (
     SwiGLUMlpBlock,
     drop_path,
 )
-from vit_jax.models.posemb import resample_posemb_bicubic
+from vit_jax.models.posemb import (
+    DEFAULT_RESAMPLE,
+    RESAMPLE_METHODS,
+    SINCOS2D_VARIANTS,
+    check_method,
+    resample_posemb,
+    resample_posemb_bicubic,
+    sincos2d_posemb,
+)
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -45,6 +53,8 @@ __all__ = [
     "POOLINGS",
     "POSITION_EMBEDDINGS",
     "REMAT_POLICIES",
+    "RESAMPLE_METHODS",
+    "SINCOS2D_VARIANTS",
     "AddPositionEmbs",
     "Encoder",
     "Encoder1DBlock",
@@ -65,6 +75,7 @@ __all__ = [
     "drop_path",
     "num_prefix_tokens",
     "patch_stride",
+    "resample_posemb",
     "resample_posemb_bicubic",
     "sincos2d_posemb",
 ]
@@ -73,22 +84,6 @@ Array = jax.Array
 F32 = jnp.float32
 Dtype = Any
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
-
-
-def sincos2d_posemb(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.0):
-    """Fixed 2-D sine/cosine position table of shape (1, grid_h * grid_w, width), row-major.
-
-    A quarter of the channels each holds sin(y), cos(y), sin(x), cos(x) at geometrically spaced
-    frequencies, as in "Attention is all you need" extended to the patch grid (MoCo v3, big_vision).
-    """
-    if width % 4:
-        raise ValueError(f"sincos2d position embeddings need hidden_size % 4 == 0, got {width}")
-    y, x = np.mgrid[:grid_h, :grid_w]
-    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4))
-    y = y.reshape(-1)[:, None] * omega[None, :]
-    x = x.reshape(-1)[:, None] * omega[None, :]
-    table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
-    return jnp.asarray(table[None], jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,16 +154,16 @@ class AddPositionEmbs(nn.Module):
 
     The table has a row per prefix token (class, distillation) and one per grid cell. `grid`
     (the config's `posemb_grid`) fixes the stored grid: another input grid resamples it on the
-    fly (`resample_posemb_bicubic`, torch's bicubic, antialiased with `antialias`); None stores
-    the input's grid. `covers_prefix=False` (DeiT-III, timm's `no_embed_class`): no rows for the
-    prefix tokens, which get no position embedding.
+    fly (`resample_posemb` by `method`, the config's `posemb_resample`); None stores the
+    input's grid, and the model then runs only at the size it was made for. `covers_prefix=False`
+    (DeiT-III, timm's `no_embed_class`): no rows for the prefix tokens, which get none.
     """
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     grid: tuple[int, int] | None = None
     covers_prefix: bool = True
-    antialias: bool = False
+    method: str = DEFAULT_RESAMPLE
 
     @nn.compact
     def __call__(self, x: Array, grid: tuple[int, int]) -> Array:
@@ -176,32 +171,49 @@ class AddPositionEmbs(nn.Module):
         stored = tuple(self.grid) if self.grid is not None else tuple(grid)
         rows = (prefix if self.covers_prefix else 0) + stored[0] * stored[1]
         shape = (1, rows, x.shape[2])
+        if self.has_variable("params", "pos_embedding"):  # before Flax's own shape check
+            held = tuple(self.get_variable("params", "pos_embedding").shape)
+            if held != shape:
+                raise ValueError(_table_mismatch(held, shape, grid, self.grid is None))
         pe = self.param(
             "pos_embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype
         )
-        if pe.shape != shape:  # only reachable through apply() with foreign params
-            raise ValueError(f"pos_embedding has shape {pe.shape}, the tokens need {shape}")
-        table = resample_posemb_bicubic(
-            pe,
+        table = resample_posemb(
+            jnp.asarray(pe),
             grid,
             old_grid=stored,
             num_prefix_tokens=rows - stored[0] * stored[1],
-            antialias=self.antialias,
+            method=self.method,
         )
         if not self.covers_prefix:
             table = jnp.pad(table, ((0, 0), (prefix, 0), (0, 0)))
         return x + table.astype(self.dtype)
 
 
+def _table_mismatch(held, shape, grid, input_sized: bool) -> str:
+    """The one-line error of a position table that does not fit the input's token grid."""
+    what = f"a {grid[0]}x{grid[1]} token grid needs a position table of {shape[1]} rows"
+    if input_sized:
+        return (
+            f"{what}, the model's holds {held[1]} (pos_embedding {held}): this model has no "
+            "fixed posemb_grid and runs only at the image size it was loaded for; load it at "
+            "this size (inference.load_model(..., resolution=...), --resolution) or set "
+            "posemb_grid"
+        )
+    return f"{what}, the stored pos_embedding has shape {held}"
+
+
 class SinCos2DPositionEmbedding(nn.Module):
-    """The fixed `sincos2d_posemb` table over the grid; prefix tokens get none (`sincos2d`)."""
+    """The fixed `sincos2d_posemb` table (its `variant`) over the grid; prefix tokens get none
+    (`sincos2d`)."""
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32  # no parameters; the common constructor signature
+    variant: str = "big_vision"
 
     @nn.compact
     def __call__(self, x: Array, grid: tuple[int, int]) -> Array:
-        table = sincos2d_posemb(*grid, x.shape[-1])
+        table = sincos2d_posemb(*grid, x.shape[-1], variant=self.variant)
         prefix = x.shape[1] - grid[0] * grid[1]
         table = jnp.pad(table, ((0, 0), (prefix, 0), (0, 0)))
         return x + table.astype(self.dtype)
@@ -402,10 +414,13 @@ class VisionTransformer(nn.Module):
     per-block intermediates) hold them, as Hugging Face's `last_hidden_state`; they are dropped
     before pooling, and `out['registers']` holds their final tokens (B, n, D).
 
-    `posemb_grid` fixes the learned position table's grid (another input grid resamples it,
-    bicubic, `posemb_antialias` as torch's `antialias`); `posemb_covers_prefix=False` gives the
-    prefix tokens no position row (DeiT-III). `qk_norm` normalises queries and keys per head;
-    `mlp_type` 'swiglu' takes the gated MLP (`SwiGLUMlpBlock`).
+    `posemb_grid` fixes the learned position table's grid (another input grid resamples it on
+    the fly); `posemb_resample` names how a learned table is resampled, at load time and on the
+    fly (`vit_jax.models.posemb.RESAMPLE_METHODS`: the source library's own interpolation);
+    `posemb_covers_prefix=False` gives the prefix tokens no position row (DeiT-III).
+    `posemb_sincos2d_variant` picks the `sincos2d` table's frequencies (`sincos2d_posemb`).
+    `qk_norm` normalises queries and keys per head; `mlp_type` 'swiglu' takes the gated MLP
+    (`SwiGLUMlpBlock`).
 
     The fields are the config's; `layers()` binds them into the constructors the sub-modules are
     built from; `block_cls` replaces the transformer block (it receives `ViTLayers`' `norm`,
@@ -436,7 +451,8 @@ class VisionTransformer(nn.Module):
     mlp_type: str = "gelu"
     posemb_grid: tuple[int, int] | None = None
     posemb_covers_prefix: bool = True
-    posemb_antialias: bool = False
+    posemb_resample: str = DEFAULT_RESAMPLE
+    posemb_sincos2d_variant: str = "big_vision"
     attention_implementation: str | None = None
     scan: bool = False
     remat: bool = False
@@ -526,22 +542,27 @@ class VisionTransformer(nn.Module):
 
     @nn.nowrap
     def _position_embedding(self) -> ModuleDef:
-        """`POSITION_EMBEDDINGS[posemb]`, with the learned table's grid / prefix / resampling."""
-        options = {}
-        if (self.posemb_grid, self.posemb_covers_prefix, self.posemb_antialias) != (
-            None,
-            True,
-            False,
-        ):
-            if self.posemb != "learn":
-                raise ValueError(
-                    "posemb_grid / posemb_covers_prefix / posemb_antialias apply to posemb "
-                    f"'learn' only, got posemb {self.posemb!r}"
-                )
+        """`POSITION_EMBEDDINGS[posemb]`, bound to its options (the learned table's grid,
+        prefix rows and resampling; the sin-cos table's variant)."""
+        check_method(self.posemb_resample)
+        if self.posemb_sincos2d_variant not in SINCOS2D_VARIANTS:
+            raise ValueError(
+                f"posemb_sincos2d_variant must be one of {SINCOS2D_VARIANTS}, "
+                f"got {self.posemb_sincos2d_variant!r}"
+            )
+        options: dict[str, Any] = {}
+        if self.posemb == "learn":
             grid = None if self.posemb_grid is None else tuple(self.posemb_grid)
             options = dict(
-                grid=grid, covers_prefix=self.posemb_covers_prefix, antialias=self.posemb_antialias
+                grid=grid, covers_prefix=self.posemb_covers_prefix, method=self.posemb_resample
             )
+        elif (self.posemb_grid, self.posemb_covers_prefix) != (None, True):
+            raise ValueError(
+                "posemb_grid / posemb_covers_prefix apply to posemb 'learn' only, got posemb "
+                f"{self.posemb!r}"
+            )
+        elif self.posemb == "sincos2d":
+            options = dict(variant=self.posemb_sincos2d_variant)
         return functools.partial(
             POSITION_EMBEDDINGS[self.posemb],
             dtype=self.dtype,
@@ -685,7 +706,13 @@ CONFIG_DEFAULTS = dict(
     num_registers=0,  # register tokens `registers` after the class token (DINOv2 -reg4)
     posemb_grid=None,  # (gh, gw): the learned table's grid, resampled for other inputs
     posemb_covers_prefix=True,  # False: no position rows for cls / dist (DeiT-III, timm)
-    posemb_antialias=False,  # the on-the-fly resampling antialiased (HF Dinov2WithRegisters)
+    # how a learned table is resampled (load time and on the fly): the weights' source's own
+    # interpolation, one of posemb.RESAMPLE_METHODS (scipy order 1 as the reference; bicubic
+    # as transformers; bicubic_antialias as timm / transformers Dinov2WithRegisters)
+    posemb_resample=DEFAULT_RESAMPLE,
+    # the sincos2d table's frequencies: big_vision | mocov3 (vit_jax before this field; a
+    # stored config without it means mocov3, `models.stored_config`)
+    posemb_sincos2d_variant="big_vision",
     attention_implementation=None,  # None | "xla" | "cudnn" (jax.nn.dot_product_attention)
 )
 
@@ -759,7 +786,8 @@ def build(config: ml_collections.ConfigDict, num_classes: int | None, **override
         if config.posemb_grid is None
         else families.pair(config.posemb_grid, "posemb_grid"),
         posemb_covers_prefix=bool(config.posemb_covers_prefix),
-        posemb_antialias=bool(config.posemb_antialias),
+        posemb_resample=str(config.posemb_resample),
+        posemb_sincos2d_variant=str(config.posemb_sincos2d_variant),
         attention_implementation=config.attention_implementation,
     )
     return VisionTransformer(**{**kwargs, **overrides})

@@ -41,6 +41,7 @@ __all__ = [
     "num_prefix_tokens",
     "position_table_grid",
     "scan_block",
+    "stored_config",
     "stride",
     "token_grid",
 ]
@@ -127,6 +128,7 @@ for _size, _res in (
         **_dims,
         classifier="map",
         posemb_grid=(_res // _dims["patch"],) * 2,
+        posemb_resample="bicubic",  # transformers SiglipVisionEmbeddings
         gelu_approximate=True,
         layernorm_epsilon=1e-6,
     )
@@ -148,7 +150,8 @@ for _size, _dims in _DINOV2.items():
             gelu_approximate=False,
             layernorm_epsilon=1e-6,
             num_registers=_registers,
-            posemb_antialias=bool(_registers),  # Dinov2WithRegisters resamples antialiased
+            # transformers Dinov2Model: bicubic; Dinov2WithRegistersModel: antialiased
+            posemb_resample="bicubic_antialias" if _registers else "bicubic",
         )
         _config["transformer"].update(
             layer_scale_init=1e-5, mlp_type="swiglu" if _size == "g" else "gelu"
@@ -162,7 +165,7 @@ for _size, _dims in (("S", _S), ("B", _B), ("L", _L)):  # DeiT-III (timm deit3_*
         **_dims,
         posemb_grid=(14, 14),
         posemb_covers_prefix=False,  # timm no_embed_class: cls has no position row
-        posemb_antialias=True,  # timm's dynamic_img_size resampling (antialias=True)
+        posemb_resample="bicubic_antialias",  # timm's resample_abs_pos_embed default
         gelu_approximate=False,
         layernorm_epsilon=1e-6,
     )
@@ -245,11 +248,44 @@ def get_config(name_or_config: str | ConfigLike, **overrides: Any) -> ml_collect
         raise TypeError(f"expected a model name or config, got {type(name_or_config).__name__}")
     family = families.get_family(overrides.get("model_type", spec.get("model_type", "ViT")))
     config = ml_collections.ConfigDict(dict(family.defaults))
-    _merge(config, spec, "", family.templates)
+    _merge(config, _renamed_fields(spec), "", family.templates)
     _merge(config, overrides, "", family.templates)
     _check_required(config, "", family.optional)
     _typed_nones(config, family.optional_types)
     return config
+
+
+def _renamed_fields(spec: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`spec` with the fields of older vit_jax versions in today's terms.
+
+    `posemb_antialias` (before `posemb_resample`) described the on-the-fly resampling of a
+    `posemb_grid` table (torch's bicubic, antialiased or not); without a fixed grid the table
+    was resampled at load time by the reference's scipy order 1, which stays the default.
+    """
+    if "posemb_antialias" not in spec:
+        return spec
+    spec = dict(spec)
+    antialias = spec.pop("posemb_antialias")
+    if "posemb_resample" not in spec:
+        if antialias:
+            spec["posemb_resample"] = "bicubic_antialias"
+        elif spec.get("posemb_grid") is not None:
+            spec["posemb_resample"] = "bicubic"
+    return spec
+
+
+def stored_config(record: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The model config of a stored record (an `.npz` sidecar, a run's checkpoint meta or
+    `config.json`), written by this or any earlier vit_jax: a field the record lacks takes the
+    value that reproduces what the writing version computed, where today's default differs.
+
+    `posemb_sincos2d_variant` absent from a `sincos2d` model means `mocov3` (the table vit_jax
+    used before the field). Every reader of stored configs goes through here, once.
+    """
+    spec = dict(record.to_dict() if isinstance(record, ml_collections.ConfigDict) else record)
+    if spec.get("posemb") == "sincos2d" and "posemb_sincos2d_variant" not in spec:
+        spec["posemb_sincos2d_variant"] = "mocov3"
+    return get_config(spec)
 
 
 def _typed_nones(config: ml_collections.ConfigDict, types: Mapping[str, type]) -> None:

@@ -11,12 +11,13 @@ directory; `vit_jax.weights.run`), our / the published `.npz` in every variant i
 read without unpickling; or a timm hub folder, whose `config.json` names an `architecture`).
 Remote files are cached locally (`vit_jax.weights.cache`).
 
-`metadata` is a dict: `format`, `model` (a model config dict, or None when the file does not
-say), `class_names`, `image_size` ([h, w] the position embeddings were made for),
-`normalization` (`{'mean', 'std'}` of the input, `vit_jax.weights.normalization`) and, for a
-run, `step`. Modules: `errors` and `tree` (leaves), `cache`, `npz`, `run`, `pytorch` (file
-readers/writers), `table` (the converter engine: key tables run both ways), `hf` and `timm` (their
-tables and config facts), `facts`, `fit`, `names`.
+`metadata` is a dict: `format`, `model` (a model config dict, or None when the file does not say),
+`class_names`, `image_size` ([h, w] the position embeddings were made for), `normalization`
+(`{'mean', 'std'}` of the input, `vit_jax.weights.normalization`), for a run's checkpoints and
+`final.npz` `eval_preprocessing` (`{'resize', 'crop', 'antialias'}` the run was evaluated with; kept
+by `save` into `.npz` sidecars) and, for a run, `step`. Modules: `errors` and `tree` (leaves),
+`cache`, `npz`, `run`, `pytorch` (file readers/writers), `table` (the converter engine: key tables
+run both ways), `hf` and `timm` (their tables and config facts), `facts`, `fit`, `names`.
 """
 
 from __future__ import annotations
@@ -112,14 +113,28 @@ def _open_npz(
         model = default_model
     if model is not None:
         meta["model"] = models.get_config(model).to_dict()
-    if meta.get("model"):
-        meta["model"] = models.get_config(meta["model"]).to_dict()  # complete, checked
+    if meta.get("model"):  # complete, checked, read as the version that wrote it did
+        meta["model"] = models.stored_config(meta["model"]).to_dict()
     size = image_size or meta.get("image_size")
     if not size and meta.get("model"):
         size = _square_image_size(params, models.get_config(meta["model"]))
     meta["image_size"] = _pair(size)
     meta.setdefault("class_names", None)
+    if meta["image_size"] and meta.get("model") and npz.is_big_vision(path):
+        meta["model"] = _native_grid(meta["model"], meta["image_size"])
     return params, meta
+
+
+def _native_grid(model: dict[str, Any], image_size: list[int]) -> dict[str, Any]:
+    """A big_vision file's model records its learned table's native grid, so it runs at any
+    size divisible by the patch, resampled as big_vision's `resample_posemb` does."""
+    config = models.get_config(model)
+    if config.get("posemb") != "learn" or config.get("posemb_grid") is not None:
+        return model
+    grid = models.token_grid(config, tuple(image_size))
+    return models.get_config(
+        config, posemb_grid=grid, posemb_resample="linear_align_corners"
+    ).to_dict()
 
 
 def _pair(size: Any) -> list[int] | None:
@@ -159,6 +174,8 @@ def _open(path, model, default_model, num_heads, image_size):
             raise CheckpointError(f"{path}: a trainer run records its model; do not pass one")
         params, meta = run.load_trained(path)
         meta = {"format": "run", "class_names": None, "image_size": None, **meta}
+        if meta.get("model"):  # read as the version that wrote it did
+            meta["model"] = models.stored_config(meta["model"]).to_dict()
         meta["image_size"] = _pair(meta["image_size"])
         return params, meta
     if fmt == "hf":
@@ -200,7 +217,7 @@ def save(
     if p.endswith(TORCH_FILES) and not p.endswith(".safetensors"):
         raise ConversionError(f"{p}: write timm state dicts as .safetensors (never pickles)")
     kind = "timm" if p.endswith(".safetensors") else "npz" if p.endswith(".npz") else "hf"
-    keys = ("model", "class_names", "image_size", "normalization")
+    keys = ("model", "class_names", "image_size", "normalization", "eval_preprocessing")
     sidecar = {k: metadata.get(k) for k in keys if metadata.get(k) is not None}
     if layout not in ("vit_jax", "big_vision") or (layout == "big_vision" and kind != "npz"):
         raise ConversionError(f"{p}: layout {layout!r}; big_vision is an .npz layout")

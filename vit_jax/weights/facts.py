@@ -24,6 +24,7 @@ __all__ = [
     "LAYER_SCALE_KEY",
     "class_names_for",
     "Converted",
+    "native_posemb",
     "uses_layer_scale",
     "vit_facts",
     "VitFacts",
@@ -49,6 +50,16 @@ class Converted(NamedTuple):
 
 
 LAYER_SCALE_KEY = "Transformer/encoderblock_0/LayerScale_1/scale"
+
+
+def native_posemb(
+    image_size: tuple[int, int], patch: tuple[int, int], resample: str
+) -> dict[str, Any]:
+    """The model-config fields of a converted learned position table: its native grid
+    (`posemb_grid`, so the model runs at any size divisible by the patch, resampling the table
+    on the fly) and the source library's own interpolation (`posemb_resample`)."""
+    grid = (int(image_size[0]) // int(patch[0]), int(image_size[1]) // int(patch[1]))
+    return dict(posemb_grid=grid, posemb_resample=resample)
 
 
 def uses_layer_scale(config: ml_collections.ConfigDict) -> bool:

@@ -9,9 +9,12 @@ distillation teacher alike:
   (`jax.ShapeDtypeStruct`, e.g. `models.init_shapes(module, size)`) when the stored head is kept;
 - a stored `pre_logits` is dropped when fine-tuning a model without a representation layer, as
   the reference does; otherwise it must fit;
-- position embeddings are resampled bilinearly on the 2-D token grid when the grids differ
-  (prefix tokens apart). The stored grid comes from the metadata's `image_size` and `model`,
-  the model's from `image_size`; either is square when not given;
+- position embeddings are resampled on the 2-D token grid when the grids differ (prefix tokens
+  apart) by `vit_jax.models.resample_posemb`, the resampler the model uses on the fly, with the
+  stored weights' `posemb_resample` (their source's interpolation; the reference's scipy
+  order 1 by default). The stored grid comes from the metadata's `image_size` and `model`, the
+  model's from `image_size`; either is square when not given. A model with a fixed
+  `posemb_grid` keeps the table at that grid and resamples it on the fly instead;
 - the scanned / per-layer layout follows `target`;
 - anything else that differs is one `CheckpointError` listing missing, mismatched and
   unexpected keys with their shapes. Nothing is loaded partially.
@@ -25,10 +28,10 @@ from typing import Any
 
 import jax
 import numpy as np
-import scipy.ndimage
 from absl import logging
 
 from vit_jax import models
+from vit_jax.models.posemb import DEFAULT_RESAMPLE
 from vit_jax.weights.errors import CheckpointError, mismatch_report
 from vit_jax.weights.npz import POSEMB_KEY
 from vit_jax.weights.tree import flatten, unflatten
@@ -44,16 +47,18 @@ def resample_posemb(
     *,
     num_prefix_tokens: int,
     old_grid: tuple[int, int] | None = None,
+    method: str = DEFAULT_RESAMPLE,
 ) -> np.ndarray:
-    """(1, prefix + gh*gw, D) -> (1, prefix + new_gh*new_gw, D): bilinear on the 2-D grid.
+    """(1, prefix + gh*gw, D) -> (1, prefix + new_gh*new_gw, D), in numpy (float64 inside).
 
-    The prefix (class / distillation token) rows are kept as they are. As in the reference
-    (`scipy.ndimage.zoom`, order 1), corners map to corners, so a table linear in the grid
-    coordinates is reproduced exactly; equal grids return the input unchanged. `old_grid`
-    defaults to the square grid.
+    `vit_jax.models.resample_posemb` (the on-the-fly resampler) at load time; the default
+    `method` is the reference's (`scipy.ndimage.zoom`, order 1: corners map to corners, so a
+    table linear in the grid coordinates is reproduced exactly). The prefix (class /
+    distillation token) rows are kept; equal grids return the input. `old_grid` defaults to
+    the square grid.
     """
-    prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
-    tokens = grid.shape[0]
+    posemb = np.asarray(posemb)
+    tokens = posemb.shape[1] - num_prefix_tokens
     if old_grid is None:
         side = math.isqrt(tokens)
         if side * side != tokens:
@@ -65,14 +70,25 @@ def resample_posemb(
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
     if old_grid[0] * old_grid[1] != tokens:
         raise CheckpointError(f"stored pos_embedding: {tokens} grid tokens, not grid {old_grid}")
-    if old_grid == new_grid:
-        return posemb
-    logging.info("resampling position embeddings from grid %s to %s", old_grid, new_grid)
-    grid = grid.reshape(*old_grid, -1).astype(np.float64)
-    zoom = (new_grid[0] / old_grid[0], new_grid[1] / old_grid[1], 1)
-    grid = scipy.ndimage.zoom(grid, zoom, order=1).astype(posemb.dtype)
-    assert grid.shape[:2] == new_grid, (grid.shape, new_grid)
-    return np.concatenate([prefix, grid.reshape(1, -1, grid.shape[-1])], axis=1)
+    if old_grid != new_grid:
+        logging.info(
+            "resampling position embeddings from grid %s to %s (%s)", old_grid, new_grid, method
+        )
+    try:
+        return models.resample_posemb(
+            posemb, new_grid, old_grid=old_grid, num_prefix_tokens=num_prefix_tokens, method=method
+        )
+    except ValueError as e:
+        raise CheckpointError(f"stored pos_embedding: {e}") from None
+
+
+def _resample_method(metadata: Mapping[str, Any], model_config: Any) -> str:
+    """How the stored table is resampled: the stored weights' `posemb_resample` (their
+    source's interpolation), else the model's, else the reference's."""
+    for config in (metadata.get("model"), model_config):
+        if config and config.get("posemb_resample"):
+            return str(config["posemb_resample"])
+    return DEFAULT_RESAMPLE
 
 
 def token_grid(model_config: Any, image_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -167,7 +183,10 @@ def _fit_posemb(value, target, metadata, model_config, image_size, prefix, what)
         return value  # reported as mismatched by the caller
     new_grid = _model_grid(target.shape[1] - prefix, model_config, image_size)
     old_grid = _stored_grid(what, metadata)
-    return resample_posemb(value, new_grid, num_prefix_tokens=prefix, old_grid=old_grid)
+    method = _resample_method(metadata, model_config)
+    return resample_posemb(
+        value, new_grid, num_prefix_tokens=prefix, old_grid=old_grid, method=method
+    )
 
 
 def _report(what, model_config, image_size, missing, mismatched, unexpected) -> str:

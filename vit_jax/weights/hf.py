@@ -39,6 +39,7 @@ from vit_jax.weights.facts import (
     Converted,
     VitFacts,
     class_names_for,
+    native_posemb,
     uses_layer_scale,
     vit_facts,
 )
@@ -222,6 +223,8 @@ def from_hf(path: str | os.PathLike) -> Converted:
             representation_size=dims["R"] if "representation" in f["features"] else None,
             gelu_approximate=f["gelu_approximate"],
             layernorm_epsilon=float(config.get("layer_norm_eps", 1e-12)),
+            # transformers ViT / DeiT interpolate_pos_encoding: bicubic, no antialiasing
+            **native_posemb(f["image_size"], (dims["ph"], dims["pw"]), "bicubic"),
         )
     )
     params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})

@@ -31,7 +31,13 @@ from vit_jax import models
 from vit_jax.weights import hf_common, npz, options
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import ConversionError
-from vit_jax.weights.facts import LAYER_SCALE_KEY, Converted, uses_layer_scale, vit_facts
+from vit_jax.weights.facts import (
+    LAYER_SCALE_KEY,
+    Converted,
+    native_posemb,
+    uses_layer_scale,
+    vit_facts,
+)
 from vit_jax.weights.table import CONV, DENSE, IDENTITY, Row, Table
 from vit_jax.weights.tree import unflatten
 
@@ -186,8 +192,11 @@ def from_state(path: Any, config: Mapping[str, Any], raw: Mapping[str, Any]) -> 
         gelu_approximate=hf_common.gelu_approximate(path, config, "gelu"),
         layernorm_epsilon=float(config.get("layer_norm_eps", 1e-6)),
     )
-    if dims["NR"]:  # Dinov2WithRegisters resamples its table antialiased
-        spec.update(num_registers=dims["NR"], posemb_antialias=True)
+    # transformers' interpolate_pos_encoding: bicubic, antialiased in Dinov2WithRegisters
+    resample = "bicubic_antialias" if dims["NR"] else "bicubic"
+    spec.update(native_posemb(f["image_size"], (dims["ph"], dims["pw"]), resample))
+    if dims["NR"]:
+        spec.update(num_registers=dims["NR"])
     params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
     return Converted(params, models.get_config(spec), None, f["image_size"])
 

@@ -28,7 +28,7 @@ from vit_jax import models
 from vit_jax.weights import hf_common, npz, options
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import ConversionError
-from vit_jax.weights.facts import Converted, vit_facts
+from vit_jax.weights.facts import Converted, native_posemb, vit_facts
 from vit_jax.weights.table import (
     CONV,
     DENSE,
@@ -163,6 +163,8 @@ def from_state(path: Any, config: Mapping[str, Any], raw: Mapping[str, Any]) -> 
             posemb="learn",
             gelu_approximate=hf_common.gelu_approximate(path, vision, "gelu_pytorch_tanh"),
             layernorm_epsilon=float(vision.get("layer_norm_eps", 1e-6)),
+            # transformers SiglipVisionEmbeddings.interpolate_pos_encoding: plain bicubic
+            **native_posemb((h, w), (ph, pw), "bicubic"),
         )
     )
     params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})

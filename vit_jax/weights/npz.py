@@ -48,6 +48,7 @@ __all__ = [
     "BIG_VISION_IMAGE",
     "POSEMB_KEY",
     "big_vision_layout",
+    "is_big_vision",
     "load",
     "metadata_path",
     "normalise",
@@ -199,6 +200,18 @@ def _linen_blocks(flat: Mapping[str, Any]) -> set[str]:
         if m:
             found.add(m.group(1))
     return found
+
+
+def is_big_vision(path: str | os.PathLike) -> bool:
+    """Whether a local `.npz` is in big_vision's layout (`params/...`, or a root
+    `pos_embedding`): its position table is then resampled as big_vision does (scipy order 1)."""
+    local = local_copy(path)
+    try:
+        with zipfile.ZipFile(local) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.startswith("params/") or n == "pos_embedding.npy" for n in names)
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from vit_jax.weights.facts import (
     Converted,
     VitFacts,
     class_names_for,
+    native_posemb,
     uses_layer_scale,
     vit_facts,
 )
@@ -246,6 +247,10 @@ TABLE = Table(
 )
 
 
+# timm's resample_abs_pos_embed (dynamic_img_size, checkpoint_filter_fn): bicubic, antialiased
+_TIMM_RESAMPLE = "bicubic_antialias"
+
+
 def from_timm(
     path: str | os.PathLike,
     *,
@@ -274,7 +279,8 @@ def from_timm(
         transformer["qk_norm"] = True
     if "swiglu" in f["features"]:
         transformer["mlp_type"] = "swiglu"
-    extra: dict[str, Any] = {}
+    resample = stored.get("posemb_resample", _TIMM_RESAMPLE)  # ours: as its sidecar says
+    extra = native_posemb(f["image_size"], (dims["ph"], dims["pw"]), resample)
     if dims["NR"]:
         extra["num_registers"] = dims["NR"]
     if not f["covers_prefix"]:
