@@ -254,3 +254,32 @@ def test_packaged_recipes_are_named_as_in_a_checkout(tmp_path, monkeypatch):
         f"--config={mixer.__file__}:b16",
         "--config.batch=2",
     ]
+
+
+@pytest.mark.parametrize("cli_module", ["train", "evaluate"])
+def test_broken_configs_are_one_line_exit_2_in_every_cli_that_reads_one(tmp_path, cli_module):
+    """A missing file, an import error or a syntax error inside the config file and a name that
+    its get_config does not know: one `error:` line naming the file and the cause, exit 2 (the
+    README's "cannot run as asked"). Before, an unknown model name printed config_flags' wrapped
+    traceback and a failing import gave only "No module named ...", with no file named."""
+    (tmp_path / "imports.py").write_text("import no_such_module_xyz\n\ndef get_config(): ...\n")
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    (tmp_path / "nothing.py").write_text("CONFIG = 1\n")
+    missing = tmp_path / "missing.py"
+    cases = [
+        (f"{missing}", f"no file {missing}"),
+        (f"{tmp_path / 'imports.py'}", "ModuleNotFoundError: No module named 'no_such_module_xyz'"),
+        (f"{tmp_path / 'syntax.py'}", "SyntaxError: invalid syntax"),
+        (f"{tmp_path / 'nothing.py'}", "defines no get_config()"),
+        ("configs/vit.py:nosuchmodel,cifar10", "unknown model name 'nosuchmodel'"),
+    ]
+    where = ["--workdir", str(tmp_path / "w")] if cli_module == "train" else ["--checkpoint=x"]
+    for spec, cause in cases:
+        cmd = [sys.executable, "-m", f"vit_jax.{cli_module}", f"--config={spec}", *where]
+        out = tiny.run(cmd, timeout=120)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and out.stdout == "", (spec, out.stderr[-3000:])
+        assert len(lines) == 1 and lines[0].startswith("error: --config="), (spec, lines)
+        assert cause in lines[0], (spec, lines)
+        assert spec.partition(":")[0].removeprefix("configs/") in lines[0], (spec, lines)
+    assert not (tmp_path / "w").exists()

@@ -197,6 +197,9 @@ def _main(argv, capsys) -> tuple[int, str, list[str]]:
         (["--features=cls"], "argument --features: invalid choice: 'cls'"),
         (["--dataset=no_such_dataset_xyz"], "config.dataset='no_such_dataset_xyz'"),
         (["--model=ViT-Q_99"], "ViT-Q_99"),
+        # An empty split: before, k-NN and ridge gave nan (exit 0) or top_k failed inside jax.
+        (["--pp=test=test[:0]"], "digits split 'test[:0]' (--pp test=...) has no examples"),
+        (["--pp=train=train[:0]"], "digits split 'train[:0]' (--pp train=...) has no examples"),
     ],
 )
 def test_bad_flags_are_one_line_exit_2(trained_workdir, capsys, flags, message):

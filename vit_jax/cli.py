@@ -106,6 +106,58 @@ def config_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def config_error(argv: Sequence[str], error: BaseException) -> str:
+    """The one-line reason why absl/ml_collections could not parse `--config` in `argv`.
+
+    config_flags wraps whatever the config file raised into a message that carries the file's
+    traceback; this loads the file again itself and names what failed: a file that does not
+    exist or cannot be imported, `get_config(ARG)` raising (an unknown model name), or a
+    `--config.KEY=VALUE` naming no field (with the valid keys and the closest one). Other
+    errors (a bad value for a known key, an unknown flag) keep the library's message.
+    """
+    specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    specs += [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
+    if not specs:
+        return one_line(error)
+    spec = specs[-1]
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        return f"--config={spec}: no such file {path}"
+    try:
+        module_spec = importlib.util.spec_from_file_location("_vit_jax_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - whatever the config file raises while importing
+        return f"--config={spec}: cannot load {path}: {type(e).__name__}: {one_line(e)}"
+    if not callable(getattr(module, "get_config", None)):
+        return f"--config={spec}: {path} defines no get_config()"
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # noqa: BLE001 - whatever get_config raises for its argument
+        call = f"get_config({arg!r})" if arg else "get_config()"
+        return f"--config={spec}: {call} failed: {one_line(e)}"
+    return _unknown_override(argv, config) or one_line(error)
+
+
+def _unknown_override(argv: Sequence[str], config) -> str | None:
+    """For a `--config.a.b=v` naming no field of `config`: which one, and the valid keys."""
+    import difflib
+
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        keys = a[len("--config.") :].split("=", 1)[0].split(".")
+        node, where = config, "config"
+        for key in keys:
+            if not hasattr(node, "keys") or key not in node:
+                valid = sorted(node.keys()) if hasattr(node, "keys") else []
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                return f"unknown config key {where}.{key}{hint}; valid keys: {', '.join(valid)}"
+            node, where = node[key], f"{where}.{key}"
+    return None
+
+
 def wants_verbose(argv: Sequence[str]) -> bool:
     """Whether argv asks for `--verbose` (argparse and absl spellings)."""
     verbose = False

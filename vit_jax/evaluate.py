@@ -146,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             return cli.EXIT_OK
         config = fv.config
     except Exception as e:  # noqa: BLE001 (flag and config-file errors: one line, no traceback)
-        return cli.fail(f"{e} (see python -m vit_jax.evaluate --help)", cli.EXIT_CONFIG)
+        try:
+            message = cli.config_error(cli.config_argv(argv), e)
+        except FileNotFoundError as missing:  # not a file, nor a packaged recipe
+            message = str(missing)
+        return cli.fail(f"{message} (see python -m vit_jax.evaluate --help)", cli.EXIT_CONFIG)
     checkpoint = fv.checkpoint
     if config is None or not checkpoint:
         return cli.fail("--checkpoint and --config are required", cli.EXIT_CONFIG)

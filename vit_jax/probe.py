@@ -302,7 +302,14 @@ def run_probe(
     if unknown or not methods:
         raise ValueError(f"--method takes {', '.join(METHODS)} (comma-separated), got {methods}")
     train_split = sources.open_split(config, config.pp.train)
-    sources.open_split(config, config.pp.test)  # an unknown split fails before any work
+    test_split = sources.open_split(config, config.pp.test)  # unknown splits fail before any work
+    for name, split in (("train", train_split), ("test", test_split)):
+        if len(split) == 0:
+            raise ValueError(
+                f"{sources.dataset_name(config)} split {config.pp[name]!r} (--pp {name}=...) "
+                "has no examples; a probe needs at least one to "
+                + ("fit" if name == "train" else "measure")
+            )
     class_names = [str(c) for c in train_split.class_names]
     num_classes = len(class_names)
     splits = {}

@@ -18,8 +18,6 @@ libraries' logs (TensorFlow, JAX, Orbax) in absl's format.
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import json
 import os
 import sys
@@ -220,33 +218,8 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _bad_override(argv: list[str]) -> str | None:
-    """For a `--config.a.b=v` naming no field: which one, and the valid keys at that level."""
-    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if not config_arg:
-        return None
-    path, _, arg = config_arg.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_vit_jax_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
-    for a in argv:
-        if not a.startswith("--config."):
-            continue
-        keys = a[len("--config.") :].split("=", 1)[0].split(".")
-        node, where = config, "config"
-        for key in keys:
-            if not hasattr(node, "keys") or key not in node:
-                valid = sorted(node.keys()) if hasattr(node, "keys") else []
-                close = difflib.get_close_matches(key, valid, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                return f"unknown config key {where}.{key}{hint}; valid keys: {', '.join(valid)}"
-            node, where = node[key], f"{where}.{key}"
-    return None
-
-
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a misspelt `--config.KEY` reported as one line, not a traceback;
+    """absl flag parsing, with a broken or misspelt `--config` reported as one line (exit 2);
     a packaged recipe's name (`--config=configs/default.py`) resolves to its installed file."""
     try:
         argv = cli.config_argv(argv)
@@ -255,11 +228,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - config_flags raises many kinds
-        try:
-            message = _bad_override(argv) or str(e)
-        except Exception:  # noqa: BLE001 - the config file itself is broken: report the original
-            message = str(e)
-        _fail(message, EXIT_CONFIG)
+        _fail(cli.config_error(argv, e), EXIT_CONFIG)
 
 
 if __name__ == "__main__":
