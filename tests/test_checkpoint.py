@@ -463,7 +463,8 @@ def test_open_and_save_go_through_every_format_and_back_bit_exactly(tmp_path):
     }
     path, current = tmp_path / "w.npz", params
     weights.save(params, meta, path)
-    for dst, fmt in (("w.safetensors", "timm"), ("hf_dir", "hf"), ("back.npz", "npz")):
+    # each its own stem: w.safetensors would share (and be refused) w.npz's sidecar w.json
+    for dst, fmt in (("timm.safetensors", "timm"), ("hf_dir", "hf"), ("back.npz", "npz")):
         loaded, loaded_meta = weights.open(path)
         assert loaded_meta["class_names"] == ["a", "b", "c"], path
         assert loaded_meta["image_size"] == [8, 8], path

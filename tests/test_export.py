@@ -207,9 +207,9 @@ def test_bad_input_is_one_line_and_exit_2(hf_case, tmp_path, capsys):
     taken.mkdir()
     (taken / "x").write_text("")
     line = _cli_error(capsys, ["--checkpoint", hf, "--format", "onnx", "--out", str(taken)])
-    assert (
-        line
-        == f"error: --out {taken} is a directory that is not empty; give a new or empty directory"
+    assert line == (
+        f"error: --out {taken} exists and is not empty; give a new or empty directory, or pass "
+        "--overwrite to replace it"
     )
     line = _cli_error(
         capsys, ["--checkpoint", hf, "--model", "ViT-Ti_16", "--format", "onnx", "--out", out]

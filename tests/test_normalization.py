@@ -90,7 +90,7 @@ def test_normalization_round_trips_through_every_format(tmp_path):
     _, meta = weights.open(tmp_path / "w.npz")
     assert meta["normalization"] == IMAGENET
     source = tmp_path / "w.npz"
-    for dst in ("w.safetensors", "hf_dir", "back.npz"):  # npz -> timm -> HF -> npz
+    for dst in ("timm.safetensors", "hf_dir", "back.npz"):  # npz -> timm -> HF -> npz
         params, meta = weights.open(source)
         source, _ = weights.save(params, meta, tmp_path / dst)
         assert weights.open(source)[1]["normalization"] == IMAGENET, dst

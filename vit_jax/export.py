@@ -18,10 +18,14 @@ resolution, the eval preprocessing, the model config):
   list) and `model.json`'s content in its `metadata_props` (`class_names`, `vit_jax`). Needs
   `pip install 'vit_jax[export]'`.
 
-The model's parameters are constants inside each artifact. Exit status: 0 written; 1 the
-conversion failed; 2 a configuration error before any work (bad flag, unknown format, DIR exists
-and is not empty, a checkpoint that is missing or does not fit, the onnx converter not
-installed). Errors are one `error: ...` line.
+The model's parameters are constants inside each artifact. DIR appears whole or not at all: it
+is built in a staging folder beside it (`.DIR.vit_jax-staging-HOST-PID-XXXXXXXX`, removed on
+failure; one left by a killed export is removed by the next export to DIR) and renamed into
+place. An existing DIR that is not empty is refused unless `--overwrite` and it holds an earlier
+export (its `model.json`); that is replaced whole. Exit status: 0 written; 1 the conversion
+failed; 2 a configuration error before any work (bad flag, unknown format, DIR exists and is not
+empty, a checkpoint that is missing or does not fit, the onnx converter not installed). Errors
+are one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -329,47 +332,45 @@ def export(
     antialias: bool = True,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     opset: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Exports `trained` (a `vit_jax.inference.TrainedModel`) as `fmt` into the new directory
     `out`; returns `model.json`'s content (with `files`: what was written). `opset`: the ONNX
     opset of an onnx export (`ONNX_OPSETS`, default `ONNX_OPSET`).
 
-    The artifact is built in a temporary directory beside `out` and renamed into place, so a
-    failed export leaves nothing behind. Raises ExportError for an unknown format, an opset
-    that is not available, or an `out` that exists and is not empty.
+    The artifact is built in a staging folder beside `out` and renamed into place
+    (`vit_jax.weights.files.staged_dir`), so a failed export leaves nothing behind and one that
+    was killed is cleaned up by the next export to `out`. Raises ExportError for an unknown
+    format, an opset that is not available, or an `out` that exists and is not empty, unless
+    `overwrite` and `out` is an earlier export (it holds `model.json`): that is replaced whole.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     opset = _onnx_opset(fmt, opset)
     out = Path(out)
-    check_out(out)
+    check_out(out, overwrite=overwrite)
     if fmt == "onnx":
         _check_onnx_installed()
     meta = describe(trained, fmt, antialias=antialias, platforms=platforms)
     if fmt == "onnx":
         meta["opset"] = opset
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's is 0700; the artifact is an ordinary directory
+    from vit_jax.weights import files
+
     try:
-        with _levels_kept("", "absl", "tensorflow"):  # the caller's logging stays as it was
-            if fmt == "stablehlo":
-                files = export_stablehlo(trained, staging, platforms=platforms)
-            elif fmt == "saved_model":
-                files = export_saved_model(
-                    trained, staging, antialias=antialias, platforms=platforms
-                )
-            else:
-                files = export_onnx(trained, staging, meta=meta, opset=opset)
-        meta["files"] = [*files, METADATA_JSON]
-        (staging / METADATA_JSON).write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with files.staged_dir(out, overwrite=overwrite, replaceable=_earlier_export) as staging:
+            with _levels_kept("", "absl", "tensorflow"):  # the caller's logging stays as it was
+                if fmt == "stablehlo":
+                    written = export_stablehlo(trained, staging, platforms=platforms)
+                elif fmt == "saved_model":
+                    written = export_saved_model(
+                        trained, staging, antialias=antialias, platforms=platforms
+                    )
+                else:
+                    written = export_onnx(trained, staging, meta=meta, opset=opset)
+            meta["files"] = [*written, METADATA_JSON]
+            (staging / METADATA_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+    except files.DestinationExistsError as e:  # `out` changed while the export ran
+        raise ExportError(_out_problem(e)) from None
     return meta
 
 
@@ -389,11 +390,35 @@ def _onnx_opset(fmt: str, opset: int | None) -> int | None:
     return opset
 
 
-def check_out(out: Path) -> None:
-    """Refuses an `out` that is a file or a non-empty directory (nothing is overwritten)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        what = "a file" if not out.is_dir() else "a directory that is not empty"
-        raise ExportError(f"--out {out} is {what}; give a new or empty directory")
+def _earlier_export(out: Path) -> str | None:
+    """Why `--overwrite` must not replace the folder `out`; None for an earlier export (its
+    `model.json` names one of FORMATS), the only folder it replaces."""
+    meta = out / METADATA_JSON
+    try:
+        fmt = meta.is_file() and json.loads(meta.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt not in FORMATS:
+        return f"is not an earlier export (no {METADATA_JSON} naming a format); not replaced"
+    return None
+
+
+def _out_problem(e: Any) -> str:
+    """The one line for a `DestinationExistsError` about `--out`."""
+    hint = "; give a new or empty directory"
+    hint += ", or pass --overwrite to replace it" if e.overwritable else ""
+    return f"--out {e.path} {e.reason}{hint}"
+
+
+def check_out(out: Path, *, overwrite: bool = False) -> None:
+    """Refuses an `out` that is a file or a non-empty directory, unless `overwrite` and it is
+    an earlier export (nothing else is ever replaced)."""
+    from vit_jax.weights import files  # here: `--help` and flag errors need no jax
+
+    try:
+        files.check_dir(out, overwrite=overwrite, replaceable=_earlier_export)
+    except files.DestinationExistsError as e:
+        raise ExportError(_out_problem(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -405,6 +430,11 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_weights_flags(p)
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="a new (or empty) directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out whole when it holds an earlier export (its model.json)",
+    )
     p.add_argument(
         "--no-antialias",
         dest="antialias",
@@ -432,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     platforms = tuple(x.strip() for x in args.platforms.split(",") if x.strip())
     out = Path(args.out)
     try:
-        check_out(out)
+        check_out(out, overwrite=args.overwrite)
         _onnx_opset(args.format, args.opset)
         if args.format == "onnx":
             _check_onnx_installed()
@@ -449,7 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         antialias = trained.antialias if args.antialias is None else args.antialias
         meta = export(
-            trained, args.format, out, antialias=antialias, platforms=platforms, opset=args.opset
+            trained,
+            args.format,
+            out,
+            antialias=antialias,
+            platforms=platforms,
+            opset=args.opset,
+            overwrite=args.overwrite,
         )
     except ExportError as e:
         return cli.fail(e, cli.EXIT_CONFIG)

@@ -301,16 +301,7 @@ def run_probe(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"--method takes {', '.join(METHODS)} (comma-separated), got {methods}")
-    train_split = sources.open_split(config, config.pp.train)
-    test_split = sources.open_split(config, config.pp.test)  # unknown splits fail before any work
-    for name, split in (("train", train_split), ("test", test_split)):
-        if len(split) == 0:
-            raise ValueError(
-                f"{sources.dataset_name(config)} split {config.pp[name]!r} (--pp {name}=...) "
-                "has no examples; a probe needs at least one to "
-                + ("fit" if name == "train" else "measure")
-            )
-    class_names = [str(c) for c in train_split.class_names]
+    class_names = [str(c) for c in _open_splits(config).class_names]
     num_classes = len(class_names)
     splits = {}
     for name in ("train", "test"):
@@ -346,6 +337,22 @@ def run_probe(
         _save(out, splits, class_names, results)
         logging.info("features saved to %s", out)
     return results
+
+
+def _open_splits(config):
+    """config's train split, after checking that train and test exist and are not empty (an
+    unknown or empty split fails before any work)."""
+    from vit_jax.data import sources
+
+    splits = {name: sources.open_split(config, config.pp[name]) for name in ("train", "test")}
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise ValueError(
+                f"{sources.dataset_name(config)} split {config.pp[name]!r} (--pp {name}=...) "
+                "has no examples; a probe needs at least one to "
+                + ("fit" if name == "train" else "measure")
+            )
+    return splits["train"]
 
 
 def _probes(methods, x_train, y_train, x_test, y_test, k, temperature, num_classes) -> dict:

@@ -1,13 +1,15 @@
 """Converting weights between formats: our `.npz`, Hugging Face transformers and timm.
 
     python -m vit_jax.convert SRC DST [--model NAME] [--image-size H[xW]] [--num-heads N]
+        [--overwrite]
 
 Reading and writing are `vit_jax.weights.open` and `vit_jax.weights.save`; the format of each
 side follows from its name (`vit_jax.weights.format_of`): a directory is a transformers model
 (`config.json` + `model.safetensors`) or a trainer run, a `.safetensors` (or, reading only, a
 weights-only `.bin` / `.pth`) file is a timm state dict, an `.npz` is ours with a JSON sidecar
 (`x.json`: model config, class names, image size). So a converted file carries what is needed
-to rebuild the model. Never unpickles.
+to rebuild the model. Never unpickles. Never clobbers: DST is written beside itself and renamed
+into place whole, and an existing DST is refused unless `overwrite` (then replaced whole).
 """
 
 from __future__ import annotations
@@ -31,17 +33,23 @@ def convert(
     num_heads: int | None = None,
     image_size: int | tuple[int, int] | None = None,
     layout: str = "vit_jax",
+    overwrite: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any], epath.Path, str]:
-    """Reads `src`, writes `dst`; returns (params, metadata, written path, its format)."""
+    """Reads `src`, writes `dst`; returns (params, metadata, written path, its format).
+
+    `dst` is written whole or not at all; an existing one is refused before `src` is read
+    (`weights.DestinationExistsError`) unless `overwrite`, which replaces it whole.
+    """
     if os.path.abspath(str(src)) == os.path.abspath(str(dst)):
         raise ConversionError(f"{src}: source and destination are the same")
+    weights.check_destination(dst, overwrite=overwrite)
     params, meta = weights.open(src, model=model, num_heads=num_heads, image_size=image_size)
     if not meta.get("model"):
         raise ConversionError(
             f"{src}: the file does not say which model it holds (no JSON sidecar); "
             "pass --model NAME (e.g. ViT-B_16)"
         )
-    out, kind = weights.save(params, meta, dst, source=str(src), layout=layout)
+    out, kind = weights.save(params, meta, dst, source=str(src), layout=layout, overwrite=overwrite)
     return params, meta, out, kind
 
 

@@ -5,9 +5,15 @@ Examples:
     python -m vit_jax.convert ViT-B_16.npz hf_dir/ --model ViT-B_16
     python -m vit_jax.convert runs/x/final.npz model.safetensors   # ours -> timm (+ model.json)
 
+DST is written whole or not at all (in a staging folder beside it, renamed into place). An
+existing DST (a file or its JSON sidecar, a folder that is not empty) is refused unless
+--overwrite; that replaces it whole (a folder only when it is a transformers model folder), so
+no file of the old model (a shard, an index, a sidecar) is left beside the new one.
+
 Exit status: 0 converted; 2 a configuration error (bad flag, unreadable or unfit source, a
-sharded index naming files outside the model folder); 1 the destination could not be written.
-Errors are one `error: ...` line on stderr.
+sharded index naming files outside the model folder, a FIFO or device where a file belongs, an
+existing DST without --overwrite); 1 the destination could not be written. Errors are one
+`error: ...` line on stderr.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import sys
 
 from vit_jax import cli, convert
 from vit_jax.weights.errors import CheckpointError
+from vit_jax.weights.files import DestinationExistsError
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -49,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         default="vit_jax",
         help="the .npz layout to write: ours (the published one) or big_vision's (SigLIP towers)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing DST whole (a transformers folder: every file of it)",
+    )
     parser.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     args = parser.parse_args(argv)
     try:
@@ -59,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             num_heads=args.num_heads,
             image_size=args.image_size,
             layout=args.layout,
+            overwrite=args.overwrite,
         )
+    except DestinationExistsError as e:
+        return cli.fail(e.for_cli("--overwrite"), cli.EXIT_CONFIG)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         return cli.fail(e, cli.EXIT_CONFIG)
     except OSError as e:  # the destination cannot be written (permissions, full disk)

@@ -16,13 +16,13 @@ Remote files are cached locally (`vit_jax.weights.cache`).
 (`{'mean', 'std'}` of the input, `vit_jax.weights.normalization`), for a run's checkpoints and
 `final.npz` `eval_preprocessing` (`{'resize', 'crop', 'antialias'}` the run was evaluated with; kept
 by `save` into `.npz` sidecars) and, for a run, `step`. Modules: `errors` and `tree` (leaves),
-`cache`, `npz`, `run`, `pytorch` (file readers/writers), `table` (the converter engine: key tables
-run both ways), `hf` and `timm` (their tables and config facts), `facts`, `fit`, `names`.
+`files` (no odd file opened, no destination clobbered), `cache`, `npz`, `run`, `pytorch` (file
+readers/writers), `table` (the converter engine: key tables run both ways), `hf` and `timm`
+(their tables and config facts), `facts`, `fit`, `names`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -31,7 +31,7 @@ from typing import Any
 from etils import epath
 
 from vit_jax import models
-from vit_jax.weights import hf, normalization, npz, run, timm
+from vit_jax.weights import files, hf, hf_common, normalization, npz, run, timm
 from vit_jax.weights.cache import is_remote
 from vit_jax.weights.errors import (
     CheckpointError,
@@ -40,6 +40,7 @@ from vit_jax.weights.errors import (
     mismatch_report,
 )
 from vit_jax.weights.facts import Converted
+from vit_jax.weights.files import DestinationExistsError
 from vit_jax.weights.fit import fit, resample_posemb, token_grid
 from vit_jax.weights.tree import flatten, unflatten
 
@@ -47,7 +48,9 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConversionError",
+    "DestinationExistsError",
     "FORMATS",
+    "check_destination",
     "fit",
     "flatten",
     "format_of",
@@ -196,6 +199,23 @@ def _unpack(fmt: str, converted: Converted) -> tuple[dict[str, Any], dict[str, A
     return converted.params, _metadata(fmt, converted)
 
 
+def _kind(path: str) -> str:
+    """The format `save` writes at `path`: 'npz', 'timm' or 'hf'."""
+    if path.endswith(TORCH_FILES) and not path.endswith(".safetensors"):
+        raise ConversionError(f"{path}: write timm state dicts as .safetensors (never pickles)")
+    return "timm" if path.endswith(".safetensors") else "npz" if path.endswith(".npz") else "hf"
+
+
+def check_destination(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Raises `files.DestinationExistsError` where `save(..., path, overwrite=overwrite)` would
+    refuse `path` (so a caller can refuse before reading anything)."""
+    p = str(path)
+    if _kind(p) == "hf":
+        files.check_dir(p, overwrite=overwrite, replaceable=hf_common.replaceable)
+    else:
+        files.check_files(p, [npz.metadata_path(p).name], overwrite=overwrite)
+
+
 def save(
     params: Mapping[str, Any],
     metadata: Mapping[str, Any],
@@ -212,11 +232,14 @@ def save(
     PyTorch formats. `source` names where the parameters came from in error messages.
     `layout='big_vision'` writes an `.npz` as a big_vision image tower (`params/img/...`,
     `npz.save_big_vision`).
+
+    What is written appears complete or not at all (staged beside `path`, `weights.files`).
+    An existing destination (a file, its sidecar, a folder that is not empty) is refused
+    with `files.DestinationExistsError` unless `overwrite`; then it is replaced whole (a
+    folder only when it is a transformers model folder).
     """
     p = str(path)
-    if p.endswith(TORCH_FILES) and not p.endswith(".safetensors"):
-        raise ConversionError(f"{p}: write timm state dicts as .safetensors (never pickles)")
-    kind = "timm" if p.endswith(".safetensors") else "npz" if p.endswith(".npz") else "hf"
+    kind = _kind(p)
     keys = ("model", "class_names", "image_size", "normalization", "eval_preprocessing")
     sidecar = {k: metadata.get(k) for k in keys if metadata.get(k) is not None}
     if layout not in ("vit_jax", "big_vision") or (layout == "big_vision" and kind != "npz"):
@@ -229,13 +252,14 @@ def save(
         raise ConversionError(f"{source}: the model config is needed to write {p}")
     config = models.get_config(metadata["model"])
     writer = hf.to_hf if kind == "hf" else timm.to_timm
-    args = dict(class_names=metadata.get("class_names"), image_size=metadata.get("image_size"))
-    written = writer(params, config, p, **args, source=source)
-    norm = metadata.get("normalization")
-    if kind == "hf":
-        normalization.write_hf(written, norm, metadata.get("image_size"))
-    elif norm is not None:  # the timm sidecar carries it, as ours does
-        side = npz.metadata_path(written)
-        recorded = {**json.loads(side.read_text()), "normalization": norm}
-        side.write_text(json.dumps(recorded, indent=2))
+    written = writer(
+        params,
+        config,
+        p,
+        class_names=metadata.get("class_names"),
+        image_size=metadata.get("image_size"),
+        source=source,
+        normalization=metadata.get("normalization"),
+        overwrite=overwrite,
+    )
     return written, kind

@@ -255,6 +255,8 @@ def to_hf(
     image_size: int | tuple[int, int] | None = None,
     source: str = "params",
     model_type: str | None = None,
+    normalization: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> epath.Path:
     """Writes a transformers model directory (config.json + model.safetensors, hub key names).
 
@@ -263,9 +265,12 @@ def to_hf(
     (`DeiTForImageClassificationWithTeacher` / `DeiTModel`), 'siglip_vision_model'
     (`SiglipVisionModel`) or 'dinov2' / 'dinov2_with_registers'. `image_size` defaults to the
     square grid of the position embeddings. What the family cannot express is an error naming it.
+    `preprocessor_config.json` records `normalization` (default [-1, 1]). The folder appears
+    whole or not at all; an existing one is refused unless `overwrite` (`hf_common.write_dir`).
     """
     model_type = model_type or hf_model_type(model_config, params)
-    args = dict(class_names=class_names, image_size=image_size, source=source)
+    written = dict(normalization=normalization, image_size=image_size, overwrite=overwrite)
+    args = dict(class_names=class_names, source=source, **written)
     if model_type in hf_siglip.MODEL_TYPES:
         return hf_siglip.to_dir(params, model_config, path, **args)
     if model_type in hf_dinov2.MODEL_TYPES:
@@ -297,7 +302,7 @@ def to_hf(
     if f.num_classes:  # the classifier classes: the backbone under `vit.` / `deit.`
         prefix = _PREFIX[model_type]
         state = {k if "classifier." in k else f"{prefix}{k}": v for k, v in state.items()}
-    return hf_common.write_dir(state, _hf_config(f, names, model_type), path)
+    return hf_common.write_dir(state, _hf_config(f, names, model_type), path, **written)
 
 
 def _hf_config(f: VitFacts, names: list[str] | None, model_type: str) -> dict[str, Any]:

@@ -18,6 +18,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from vit_jax.weights import files, run
+from vit_jax.weights import normalization as norm
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import CheckpointNotFoundError, ConversionError
 from vit_jax.weights.table import HEADS_BIAS, HEADS_IN, HEADS_OUT, IDENTITY, Row
@@ -35,6 +37,7 @@ __all__ = [
     "gelu_approximate",
     "labels_config",
     "read_files",
+    "replaceable",
     "shard_files",
     "strip_prefix",
     "write_dir",
@@ -74,6 +77,7 @@ def read_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nd
         raise CheckpointNotFoundError(f"{path}: no such directory")
     if not (p / CONFIG).exists():
         raise ConversionError(f"{path}: no {CONFIG}; expected a transformers model directory")
+    files.check_regular(p / CONFIG)
     try:
         config = json.loads((p / CONFIG).read_text())
     except json.JSONDecodeError as e:
@@ -104,6 +108,7 @@ def shard_files(folder: epath.Path, index: epath.Path) -> list[epath.Path]:
     exception is the Hugging Face hub cache, whose `snapshots/<rev>/` files are symlinks into
     the same repository's `blobs/`.
     """
+    files.check_regular(index)
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = sorted(set(weight_map.values()))
@@ -135,6 +140,8 @@ def shard_files(folder: epath.Path, index: epath.Path) -> list[epath.Path]:
                 f"{index}: shard {name!r} resolves to {target}, outside {folder} (refused)"
             )
         shards.append(folder / name)
+    for shard in shards:  # each checked before any is read
+        files.check_regular(shard)
     return shards
 
 
@@ -190,16 +197,44 @@ def labels_config(names: list[str] | None, num_classes: int | None) -> dict[str,
     return out
 
 
+def replaceable(path: str | os.PathLike) -> str | None:
+    """Why `overwrite` must not replace the folder `path`; None for a transformers model folder
+    (a `config.json` naming a `model_type`, and not a training run's), the one it replaces."""
+    p = epath.Path(path)
+    if any((p / marker).exists() for marker in (run.CHECKPOINTS, run.METRICS_JSONL)):
+        return "is a training run, not a transformers model folder; not replaced"
+    config = p / CONFIG
+    try:
+        model_type = config.is_file() and json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if not model_type:
+        return f"is not a transformers model folder (no {CONFIG} with a model_type); not replaced"
+    return None
+
+
 def write_dir(
-    state: Mapping[str, np.ndarray], config: Mapping[str, Any], path: str | os.PathLike
+    state: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    normalization: Mapping[str, Any] | None = None,
+    image_size: Any = None,
+    overwrite: bool = False,
 ) -> epath.Path:
-    """Writes a transformers model directory: `model.safetensors` (float32) + `config.json`."""
+    """Writes a transformers model directory: `model.safetensors` (float32), `config.json` and
+    `preprocessor_config.json` (`normalization`, default [-1, 1]; `image_size`).
+
+    The folder appears complete or not at all (`weights.files.staged_dir`). An existing folder
+    that is not empty is refused unless `overwrite`; then, if it is a transformers model folder
+    (`replaceable`), it is replaced whole: no file of the old model (a shard, an index)
+    survives beside the new one.
+    """
     out = epath.Path(path)
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"{path}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.asarray(v).astype(np.float32) for k, v in state.items()}
-    pt.write_safetensors(arrays, out / WEIGHTS)
-    (out / CONFIG).write_text(json.dumps(dict(config), indent=2))
+    with files.staged_dir(out, overwrite=overwrite, replaceable=replaceable) as staging:
+        pt.dump_safetensors(arrays, staging / WEIGHTS)
+        (staging / CONFIG).write_text(json.dumps(dict(config), indent=2))
+        norm.write_hf(staging, normalization, image_size)
     logging.info("wrote transformers %s to %s", config["architectures"][0], out)
     return out

@@ -209,6 +209,8 @@ def to_dir(
     class_names: list[str] | None = None,
     image_size: int | tuple[int, int] | None = None,
     source: str = "params",
+    normalization: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> epath.Path:
     """Writes a `Dinov2Model` / `Dinov2WithRegistersModel` (with register tokens) directory.
 
@@ -249,7 +251,8 @@ def to_dir(
         f.flat, source=source, what=f"a {config.name or 'DINOv2'} of this config"
     )
     state["embeddings.mask_token"] = np.zeros((1, f.hidden), np.float32)
-    return hf_common.write_dir(state, _config(f, arch, registers, swiglu), path)
+    written = dict(normalization=normalization, image_size=image_size, overwrite=overwrite)
+    return hf_common.write_dir(state, _config(f, arch, registers, swiglu), path, **written)
 
 
 def _config(f: Any, arch: str, registers: int, swiglu: bool) -> dict[str, Any]:

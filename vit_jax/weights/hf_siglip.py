@@ -179,12 +179,12 @@ def to_dir(
     class_names: list[str] | None = None,
     image_size: int | tuple[int, int] | None = None,
     source: str = "params",
+    normalization: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> epath.Path:
-    """Writes a `SiglipVisionModel` directory (square images only, as transformers has them).
-
-    A classifier `head` (e.g. big_vision's `img/head` projection) has no place in
-    `SiglipVisionModel`: such models are refused, naming it.
-    """
+    """Writes a `SiglipVisionModel` directory (square images only, as transformers has them;
+    `hf_common.write_dir`). It has no place for a classifier `head` (e.g. big_vision's
+    `img/head` projection): such models are refused, naming it."""
     del class_names  # SiglipVisionModel has no classifier
     target = "transformers SiglipVisionModel"
     f = vit_facts(
@@ -227,4 +227,6 @@ def to_dir(
         "vision_use_head": True,
         "dtype": "float32",
     }
-    return hf_common.write_dir({f"{PREFIX}{k}": v for k, v in state.items()}, config, path)
+    written = dict(normalization=normalization, image_size=image_size, overwrite=overwrite)
+    state = {f"{PREFIX}{k}": v for k, v in state.items()}
+    return hf_common.write_dir(state, config, path, **written)

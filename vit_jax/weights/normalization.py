@@ -17,6 +17,7 @@ from typing import Any
 
 from etils import epath
 
+from vit_jax.weights import files
 from vit_jax.weights.errors import CheckpointError
 
 __all__ = ["DEFAULT", "HF_PREPROCESSOR", "checked", "read_hf", "read_timm_hub", "write_hf"]
@@ -41,6 +42,7 @@ def checked(value: Any, where: str) -> dict[str, list[float]]:
 
 
 def _json(path: epath.Path) -> dict[str, Any]:
+    files.check_regular(path)
     try:
         value = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -40,6 +40,7 @@ from absl import logging
 from etils import epath
 
 from vit_jax import models
+from vit_jax.weights import files
 from vit_jax.weights.cache import is_remote, local_copy
 from vit_jax.weights.errors import CheckpointError, CheckpointNotFoundError
 from vit_jax.weights.tree import flatten, unflatten
@@ -88,6 +89,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointNotFoundError(f"{path}: no such checkpoint file")
     if local.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected an .npz file")
+    files.check_regular(local)
     if not zipfile.is_zipfile(local):
         with local.open("rb") as f:
             head = f.read(16)
@@ -232,6 +234,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     meta_file = metadata_path(path)
     if not meta_file.exists():
         return {}
+    files.check_regular(meta_file)
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
@@ -250,8 +253,10 @@ def save_npz(
 ) -> epath.Path:
     """Writes `params` in the published flat layout (scanned blocks unstacked); returns the path.
 
-    The file appears complete or not at all (written aside, then renamed). An existing file is
-    an error unless `overwrite` (then it is replaced in one step, never left half-written).
+    The file and its sidecar appear complete or not at all (written in a staging folder beside
+    them, then renamed; `weights.files.staged_files`). An existing file or sidecar is an error
+    unless `overwrite`: then both are replaced (an old sidecar is removed when `metadata` is
+    None, since it would describe the new weights), never left half-written.
 
     The reference code, timm's `.npz` loader and `load` read it; `load(path)` returns `params`
     bit for bit (bfloat16 leaves are stored as float32, losslessly, since `.npz` readers don't
@@ -271,15 +276,13 @@ def save_npz(
         if array.dtype.name == "bfloat16":
             array = array.astype(np.float32)
         flat[key] = array
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path}: exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f"{path.name}.partial"
-    with partial.open("wb") as f:
-        np.savez(f, **flat)
-    partial.replace(path)
-    if metadata is not None:
-        metadata_path(path).write_text(json.dumps(metadata, indent=2, default=_json_default))
+    sidecar = metadata_path(path).name
+    with files.staged_files(path, [sidecar], overwrite=overwrite) as staging:
+        with (staging / path.name).open("wb") as f:
+            np.savez(f, **flat)
+        if metadata is not None:
+            text = json.dumps(metadata, indent=2, default=_json_default)
+            (staging / sidecar).write_text(text)
     return path
 
 

@@ -19,12 +19,14 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from vit_jax.weights import files
 from vit_jax.weights.errors import CheckpointNotFoundError, ConversionError, mismatch_report
 
 __all__ = [
     "conv_from_torch",
     "conv_to_torch",
     "dense_from_torch",
+    "dump_safetensors",
     "dense_to_torch",
     "out_from_torch",
     "out_to_torch",
@@ -57,6 +59,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = epath.Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file")
+    files.check_regular(path)
     try:
         state = load_file(os.fspath(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -76,6 +79,7 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = epath.Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file")
+    files.check_regular(path)
     try:
         state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
@@ -111,19 +115,28 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return read_torch_bin(path)
 
 
-def write_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike) -> epath.Path:
-    """Writes {name: array} as safetensors (metadata `format: pt`, which transformers expects)."""
+def dump_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike) -> epath.Path:
+    """Writes {name: array} as safetensors straight to `path` (metadata `format: pt`, which
+    transformers expects); the writers call it inside a staging folder (`weights.files`)."""
     from safetensors.numpy import save_file
 
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f"{path.name}.partial"
     save_file(
         {k: np.ascontiguousarray(v) for k, v in state.items()},
-        os.fspath(partial),
+        os.fspath(path),
         metadata={"format": "pt"},
     )
-    partial.rename(path)
+    files.ordinary_mode(path)  # safetensors creates it owner-only
+    return epath.Path(path)
+
+
+def write_safetensors(
+    state: Mapping[str, np.ndarray], path: str | os.PathLike, *, overwrite: bool = False
+) -> epath.Path:
+    """Writes {name: array} as a safetensors file that appears complete or not at all; an
+    existing file is refused unless `overwrite` (`weights.files.staged_files`)."""
+    path = epath.Path(path)
+    with files.staged_files(path, overwrite=overwrite) as staging:
+        dump_safetensors(state, staging / path.name)
     return path
 
 

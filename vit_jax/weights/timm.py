@@ -30,7 +30,7 @@ from absl import logging
 from etils import epath
 
 from vit_jax import models
-from vit_jax.weights import npz, options
+from vit_jax.weights import files, npz, options
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import ConversionError
 from vit_jax.weights.facts import (
@@ -153,6 +153,7 @@ def _timm_hub_config(path: epath.Path) -> dict[str, Any]:
     candidate = path.parent / "config.json"
     if not candidate.exists():
         return {}
+    files.check_regular(candidate)
     try:
         config = json.loads(candidate.read_text())
     except json.JSONDecodeError:
@@ -475,12 +476,16 @@ def to_timm(
     class_names: list[str] | None = None,
     image_size: int | tuple[int, int] | None = None,
     source: str = "params",
+    normalization: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> epath.Path:
     """Writes a timm `VisionTransformer` state dict (`.safetensors`) and its JSON sidecar.
 
-    The sidecar (`x.json`) holds our model config, class names, image size and the timm
-    constructor arguments (`timm.create_model('vit_base_patch16_224', **kwargs)` or
-    `VisionTransformer(**kwargs)`; `VisionTransformerDistilled` with a distillation token).
+    The sidecar (`x.json`) holds our model config, class names, image size, `normalization`
+    (when given) and the timm constructor arguments (`timm.create_model('vit_base_patch16_224',
+    **kwargs)` or `VisionTransformer(**kwargs)`; `VisionTransformerDistilled` with a
+    distillation token). Both appear complete or not at all; existing ones are refused unless
+    `overwrite` (`weights.files.staged_files`).
     """
     f = vit_facts(
         params,
@@ -511,13 +516,26 @@ def to_timm(
             f.config.layernorm_epsilon,
             f.config.layernorm_epsilon,
         )
-    out = pt.write_safetensors({k: v.astype(np.float32) for k, v in state.items()}, path)
     timm_class = "VisionTransformerDistilled" if distilled else "VisionTransformer"
     meta = Converted({}, f.config, names, f.image_size).metadata(
         timm={"class": timm_class, "kwargs": kwargs}
     )
-    npz.metadata_path(out).write_text(json.dumps(meta, indent=2))
+    if normalization is not None:
+        meta["normalization"] = normalization
+    out = _write(path, state, meta, overwrite=overwrite)
     logging.info("wrote timm %s state dict to %s", timm_class, out)
+    return out
+
+
+def _write(
+    path: str | os.PathLike, state: Mapping[str, Any], meta: dict[str, Any], *, overwrite: bool
+) -> epath.Path:
+    """The state dict (float32) and its sidecar, both or neither (`files.staged_files`)."""
+    out = epath.Path(path)
+    sidecar = npz.metadata_path(out).name
+    with files.staged_files(out, [sidecar], overwrite=overwrite) as staging:
+        pt.dump_safetensors({k: v.astype(np.float32) for k, v in state.items()}, staging / out.name)
+        (staging / sidecar).write_text(json.dumps(meta, indent=2))
     return out
 
 
