@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +15,8 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import image_bombs
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -91,17 +94,14 @@ def _start(checkpoint: Path, log_dir: Path, *extra: str):
     raise AssertionError(f"the server did not start in 300 s:\n{err.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def server(trained_workdir, tmp_path_factory):
-    """The server on the trained digits model; stopped with SIGTERM, which must exit it with 0."""
-    log_dir = tmp_path_factory.mktemp("serve_logs")
+def _serving(checkpoint: Path, log_dir: Path, *flags: str):
+    """(client, process) of a server started with `flags`; stopped with SIGTERM, which must exit
+    it with 0."""
     started = time.monotonic()
-    proc, url, err = _start(
-        trained_workdir, log_dir, "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS)
-    )
+    proc, url, err = _start(checkpoint, log_dir, *flags)
     print(f"server up in {time.monotonic() - started:.1f} s at {url}")
     try:
-        yield Client(url)
+        yield Client(url), proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -111,6 +111,21 @@ def server(trained_workdir, tmp_path_factory):
             raise AssertionError("SIGTERM did not stop the server in 30 s") from None
     assert code == 0, err.read_text()
     assert err.read_text().splitlines()[-1] == "stopped"
+
+
+@pytest.fixture(scope="module")
+def server(trained_workdir, tmp_path_factory):
+    """The server on the trained digits model, with small --max-bytes and --max-pixels."""
+    log_dir = tmp_path_factory.mktemp("serve_logs")
+    limits = ("--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS))
+    for client, _ in _serving(trained_workdir, log_dir, *limits):
+        yield client
+
+
+@pytest.fixture(scope="module")
+def default_server(trained_workdir, tmp_path_factory):
+    """(client, process) of the server with every limit at its default."""
+    yield from _serving(trained_workdir, tmp_path_factory.mktemp("serve_default_logs"))
 
 
 def test_healthz(server):
@@ -295,6 +310,103 @@ def test_concurrent_requests_all_answered(server, digit_files):
         )
 
 
+def _raw_request(client: Client, head: str, body: bytes = b"") -> tuple[int, dict]:
+    """Sends a hand-written request (headers http.client would not send) and reads the JSON
+    answer: (status, object)."""
+    with socket.create_connection((client.host, client.port), timeout=60) as conn:
+        conn.sendall(head.replace("\n", "\r\n").encode("latin-1") + b"\r\n" + body)
+        response = http.client.HTTPResponse(conn)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def test_content_length_twice_or_not_a_number_is_400(server, digit_files):
+    """Two Content-Length headers (equal or not: which one framed the body is ambiguous) and
+    values that are not one non-negative decimal number are refused with 400, the server
+    keeps serving."""
+    good = Path(digit_files[0][0]).read_bytes()
+    for lengths in [(len(good), len(good)), (len(good), 5), (5, len(good))]:
+        head = "POST /predict HTTP/1.1\nHost: x\n"
+        head += "".join(f"Content-Length: {n}\n" for n in lengths)
+        status, error = _raw_request(server, head, good)
+        assert status == 400, (lengths, error)
+        assert error["error"] == (
+            f"2 Content-Length headers ('{lengths[0]}', '{lengths[1]}'): send exactly one"
+        )
+    for value in ["-5", "+5", "5.0", "0x10", "\u00b2", "1,1"]:  # \u00b2: '²'.isdigit()
+        head = f"POST /predict HTTP/1.1\nHost: x\nContent-Length: {value}\n"
+        status, error = _raw_request(server, head, b"12345")
+        assert status == 400, (value, error)
+        assert error["error"] == f"Content-Length {value!r} is not a non-negative number"
+    status, answer = server.json("POST", "/predict", good)
+    assert status == 200 and len(answer["top_k"]) == 5
+
+
+def _bombs() -> list[tuple[str, bytes, tuple[int, int]]]:
+    """(name, bytes, size): a 20000^2 PNG and a 14000^2 JPEG, each under the default
+    --max-bytes, each over the default --max-pixels and PIL's own bomb limit."""
+    return [
+        ("bomb.png", image_bombs.png(20000, 20000), (20000, 20000)),
+        ("bomb.jpg", image_bombs.jpeg(14000, 14000), (14000, 14000)),
+    ]
+
+
+def _memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (the peak since the last reset) of a process, in kB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def test_decompression_bombs_get_413_from_their_header(default_server):
+    """At the default limits, as a raw body and as a form: 413 naming the size, in well under a
+    second (decoding the PNG took 4.4 s and 1.2 GB)."""
+    client, _ = default_server
+    cap = serve.DEFAULT_MAX_PIXELS
+    for name, data, (w, h) in _bombs():
+        assert len(data) < serve.DEFAULT_MAX_BYTES
+        started = time.monotonic()
+        status, error = client.json("POST", f"/predict?name={name}", data)
+        assert status == 413, error
+        assert error["error"] == f"{name}: {w}x{h} pixels, more than --max-pixels {cap}"
+        assert time.monotonic() - started < 2.0
+        boundary = "bombboundary"
+        disposition = f'form-data; name="image"; filename="{name}"'
+        head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+        form = head + data + f"\r\n--{boundary}--\r\n".encode()
+        kind = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        status, error = client.json("POST", "/attention", form, kind)
+        assert status == 413 and error["error"].startswith(f"{name}: {w}x{h} pixels"), error
+
+
+def test_many_bombs_at_once_stay_within_the_memory_bound(default_server, digit_files):
+    """16 bombs from 8 threads at once. The stated bound for an upload refused from its header
+    is its body (at most 3 copies); here that is 16 x 3 x 766 kB = 37 MB, and the server's peak
+    resident memory (VmHWM, reset first) may grow by that plus 32 MiB of slack (threads,
+    allocator), where decoding a single bomb would take 588 MB to 1.2 GB. It answers after."""
+    client, proc = default_server
+    bombs = _bombs() * 8
+    Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _memory_kb(proc.pid)["VmRSS"]
+
+    def send(bomb):
+        return client.json("POST", f"/predict?name={bomb[0]}", bomb[1])
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, bombs))
+    assert [status for status, _ in answers] == [413] * len(bombs)
+    grown_kb = _memory_kb(proc.pid)["VmHWM"] - before
+    bound_kb = (3 * sum(len(data) for _, data, _ in bombs) + (32 << 20)) // 1024
+    assert grown_kb < bound_kb, f"peak grew by {grown_kb} kB, bound {bound_kb} kB"
+    print(f"peak resident memory grew by {grown_kb / 1024:.1f} MiB under {len(bombs)} bombs")
+    assert client.json("GET", "/healthz")[0] == 200
+    status, answer = client.json("POST", "/predict", Path(digit_files[0][0]).read_bytes())
+    assert status == 200 and len(answer["top_k"]) == 5
+
+
 def test_page_is_self_contained(server):
     status, content_type, page = server.request("GET", "/")
     assert status == 200 and content_type.startswith("text/html")
@@ -447,6 +559,58 @@ def test_model_without_class_token_has_no_attention(tmp_path):
         assert status == 422 and "class token" in error["error"]
         status, answer = client.json("POST", "/predict", image.getvalue())
         assert status == 200 and len(answer["top_k"]) == 5
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        service.close()
+
+
+def test_uploads_handled_and_decoded_at_once_are_bounded(tmp_path):
+    """--max-requests 3 and --max-decodes 2 under 8 simultaneous uploads: at most 3 are read and
+    answered at a time and at most 2 decoded (decoding is made slow here so that they would all
+    overlap); every one is answered."""
+    from vit_jax import inference, models, weights
+
+    config = models.get_config(tiny.tiny_config().model)
+    module = models.get_model(config, num_classes=10)
+    params = module.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3)), train=False)["params"]
+    path = tmp_path / "tiny.npz"
+    weights.save(params, {"model": config.to_dict(), "image_size": 8}, path)
+    service = serve.Service(inference.load_model(str(path)), max_batch=1, max_decodes=2)
+    lock = threading.Lock()
+    active, peak = {"image": 0, "decode": 0}, {"image": 0, "decode": 0}
+
+    def counted(kind, fn, pause=0.0):
+        def wrapper(*args, **kwargs):
+            with lock:
+                active[kind] += 1
+                peak[kind] = max(peak[kind], active[kind])
+            try:
+                time.sleep(pause)
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    active[kind] -= 1
+
+        return wrapper
+
+    service.trained.preprocess_bytes = counted(
+        "decode", lambda data, **_: np.zeros(service.shape, np.float32), pause=0.3
+    )
+    service.image = counted("image", service.image)
+    service.predict = lambda image, name, k: {"image": name, "top_k": []}
+    httpd = serve.make_server(service, "127.0.0.1", 0, max_requests=3)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        client = Client(f"http://127.0.0.1:{httpd.server_address[1]}/")
+        png = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(png, format="PNG")
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(
+                pool.map(lambda _: client.json("POST", "/predict", png.getvalue()), range(8))
+            )
+        assert [status for status, _ in answers] == [200] * 8
+        assert peak == {"image": 3, "decode": 2}
     finally:
         httpd.shutdown()
         httpd.server_close()

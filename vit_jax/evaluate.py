@@ -10,10 +10,13 @@ its model (no JSON sidecar).
 The checkpoint's classes must be the test split's: a different count, or recorded class names
 that differ from the dataset's, is an error unless `--allow-class-mismatch` is passed.
 
+An image-folder dataset's test files are checked from their headers before evaluating: one over
+`--max-pixels` (default 64 million, e.g. 8000 x 8000) is an error, never decoded.
+
 Exit status: 0 evaluated; 1 the evaluation failed while reading the test set (e.g. a corrupt
 image); 2 a configuration error before evaluating (bad or missing flag, a config file that does
 not load, a checkpoint that is missing, damaged or does not fit the model, an unknown model or
-dataset, classes that differ from the dataset's).
+dataset, classes that differ from the dataset's, a test image over `--max-pixels`).
 """
 
 from __future__ import annotations
@@ -49,24 +52,43 @@ def check_classes(
         )
 
 
+def _image_files(split) -> list[str]:
+    """The files of a split read from image files (an image folder), else []."""
+    from vit_jax.data import splits
+
+    base = split
+    while isinstance(base, splits.ClassSubsetSplit):
+        base = base.base
+    if not isinstance(base, splits.FileSplit):
+        return []
+    return [split.name_of(i) for i in range(len(split))]
+
+
 def evaluate_checkpoint(
-    checkpoint: str, config, *, allow_class_mismatch: bool = False
+    checkpoint: str,
+    config,
+    *,
+    allow_class_mismatch: bool = False,
+    max_pixels: int | None = None,
 ) -> dict[str, float]:
     """top-1 / top-5 accuracy, loss and example count of `checkpoint` on config's test split.
 
-    Raises ValueError (CheckpointError, DataError, ClassMismatchError) for configuration errors
-    found before evaluating.
+    `max_pixels` (None: `image_header.DEFAULT_MAX_PIXELS`) caps an image folder's test images,
+    read from their headers before anything is decoded. Raises ValueError (CheckpointError,
+    DataError, ClassMismatchError, ImageTooLargeError) for configuration errors found before
+    evaluating.
     """
     import jax
     from absl import logging
 
     from vit_jax import data, inference, sharding, trainer
-    from vit_jax.data import sources
+    from vit_jax.data import image_header, sources
 
     trained = inference.load_model(
         checkpoint, default_model=config.get("model") or config.get("model_name")
     )
     split = sources.open_split(config, config.pp.test)
+    image_header.check_files(_image_files(split), max_pixels or image_header.DEFAULT_MAX_PIXELS)
     try:
         check_classes(
             checkpoint,
@@ -113,6 +135,8 @@ def _flags(argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
+    from vit_jax.data import image_header
+
     argv = cli.config_argv(argv)
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
@@ -127,6 +151,13 @@ def _flags(argv: list[str]):
         "allow-class-mismatch",
         False,
         "Evaluate even when the checkpoint's classes differ from the dataset's.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "max-pixels",
+        image_header.DEFAULT_MAX_PIXELS,
+        "Largest test image (image folders), read from its header before decoding.",
+        lower_bound=1,
         flag_values=fv,
     )
     if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
@@ -156,11 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail("--checkpoint and --config are required", cli.EXIT_CONFIG)
     try:
         results = evaluate_checkpoint(
-            checkpoint, config, allow_class_mismatch=fv["allow-class-mismatch"].value
+            checkpoint,
+            config,
+            allow_class_mismatch=fv["allow-class-mismatch"].value,
+            max_pixels=fv["max-pixels"].value,
         )
     except EvaluationError as e:
         return cli.fail(e, cli.EXIT_RUNTIME)
-    except (ValueError, OSError) as e:  # CheckpointError, DataError, ClassMismatchError
+    except (ValueError, OSError) as e:  # CheckpointError, DataError (ImageTooLargeError), ...
         return cli.fail(e, cli.EXIT_CONFIG)
     if fv.json:
         print(json.dumps({"checkpoint": checkpoint, **results}))

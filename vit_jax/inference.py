@@ -23,7 +23,7 @@ from etils import epath
 
 from vit_jax import models, weights
 from vit_jax import workdir as workdir_lib
-from vit_jax.data import preprocess
+from vit_jax.data import image_header, preprocess
 
 __all__ = [
     "imagenet_labels",
@@ -48,18 +48,31 @@ class TrainedModel:
     normalization: dict | None = None  # {'mean', 'std'} the model's inputs were normalised with
     antialias: bool = True  # eval downscaling: a run's `pp.antialias`, else on
 
-    def preprocess_file(self, path: str, *, antialias: bool | None = None) -> np.ndarray:
+    def preprocess_file(
+        self,
+        path: str,
+        *,
+        antialias: bool | None = None,
+        max_pixels: int | None = image_header.DEFAULT_MAX_PIXELS,
+    ) -> np.ndarray:
         """An image file -> this model's input (eval resize and crop, its normalisation;
-        `antialias` None: the model's)."""
+        `antialias` None: the model's; `max_pixels`: see `preprocess_file`)."""
         return preprocess_file(
             path,
             resize=self.resize,
             crop=self.crop,
             antialias=self.antialias if antialias is None else antialias,
             norm=self.normalization,
+            max_pixels=max_pixels,
         )
 
-    def preprocess_bytes(self, encoded: bytes, *, what: str = "image") -> np.ndarray:
+    def preprocess_bytes(
+        self,
+        encoded: bytes,
+        *,
+        what: str = "image",
+        max_pixels: int | None = image_header.DEFAULT_MAX_PIXELS,
+    ) -> np.ndarray:
         """Encoded image bytes -> this model's input (see `preprocess_file`)."""
         return preprocess_bytes(
             encoded,
@@ -68,6 +81,7 @@ class TrainedModel:
             what=what,
             antialias=self.antialias,
             norm=self.normalization,
+            max_pixels=max_pixels,
         )
 
     def logits(self, images: np.ndarray) -> np.ndarray:
@@ -235,22 +249,38 @@ def _run_eval_geometry(path: str, crop: int) -> tuple[int, bool]:
 
 
 def preprocess_file(
-    path: str, *, resize: int, crop: int, antialias: bool = True, norm: dict | None = None
+    path: str,
+    *,
+    resize: int,
+    crop: int,
+    antialias: bool = True,
+    norm: dict | None = None,
+    max_pixels: int | None = image_header.DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """An image file -> float32 (crop, crop, 3) model input, as the eval pipeline makes it
     (`antialias`: see `vit_jax.data.preprocess.resize`; `norm`: the model's {'mean', 'std'},
     default the published [-1, 1]).
 
-    Raises ValueError naming the file when it cannot be read or decoded.
+    An image whose header says it has more than `max_pixels` pixels (None: no cap) is refused
+    with `image_header.ImageTooLargeError` before it is read in full or decoded. Raises
+    ValueError naming the file when it cannot be read or decoded.
     """
     if not tf.io.gfile.exists(path):
         raise ValueError(f"{path}: no such file")
     try:
-        encoded = tf.io.read_file(path)
+        with image_header.open_file(path) as f:
+            image_header.check_pixels(f, path, max_pixels)
+        encoded = tf.io.read_file(path).numpy()
     except (tf.errors.OpError, OSError) as e:
         raise ValueError(f"{path}: not a readable image ({_short(e)})") from None
     return preprocess_bytes(
-        encoded, resize=resize, crop=crop, what=path, antialias=antialias, norm=norm
+        encoded,
+        resize=resize,
+        crop=crop,
+        what=path,
+        antialias=antialias,
+        norm=norm,
+        max_pixels=max_pixels,
     )
 
 
@@ -262,9 +292,14 @@ def preprocess_bytes(
     what: str = "image",
     antialias: bool = True,
     norm: dict | None = None,
+    max_pixels: int | None = image_header.DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Encoded image bytes -> float32 (crop, crop, 3) in [-1, 1]: `preprocess_file` without the
-    file (the server's uploads). Raises ValueError naming `what` when they do not decode."""
+    file (the server's uploads). Raises `image_header.ImageTooLargeError` (nothing decoded) above
+    `max_pixels`, ValueError naming `what` when they do not decode."""
+    if isinstance(encoded, tf.Tensor):
+        encoded = encoded.numpy()
+    image_header.check_pixels(encoded, what, max_pixels)
     try:
         image = preprocess.decode_image(tf.convert_to_tensor(encoded, tf.string))
         image = preprocess.eval_image(image, resize_to=resize, crop=crop, antialias=antialias)

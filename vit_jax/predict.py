@@ -6,9 +6,14 @@ object per image per line. Only the answer goes to stdout; warnings and errors g
 (`--verbose`: with the libraries' logs). The model, input size and class names are the ones
 the checkpoint records (a workdir's config.json may since have changed).
 
+Every image's size is read from its header first: one over `--max-pixels` (default 64 million,
+e.g. 8000 x 8000) stops the run before anything is decoded, so a decompression bomb (a small file
+that decodes to gigabytes) costs nothing.
+
 Exit status: 0 all images classified; 1 an image could not be read (one error line for it; the
-others still get their answer); 2 a configuration error before any image is read (bad flag,
-missing or damaged checkpoint, a checkpoint that does not fit the model, unknown model name).
+others still get their answer); 2 a configuration error before any image is decoded (bad flag,
+missing or damaged checkpoint, a checkpoint that does not fit the model, unknown model name, an
+image over `--max-pixels`).
 """
 
 from __future__ import annotations
@@ -49,7 +54,9 @@ def answer(image: str, logits: np.ndarray, k: int, class_names: list[str]) -> di
     return {"image": image, "top_k": top_k(logits, k, class_names)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _flags(argv: list[str] | None) -> argparse.Namespace:
+    from vit_jax.data import image_header
+
     p = cli.ArgumentParser(
         prog="python -m vit_jax.predict",
         description=__doc__,
@@ -59,11 +66,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=image_header.DEFAULT_MAX_PIXELS,
+        help=f"largest image, read from its header (default {image_header.DEFAULT_MAX_PIXELS})",
+    )
     p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
-    if args.batch < 1 or args.top_k < 1:
-        p.error("--batch and --top-k must be at least 1")
+    if min(args.batch, args.top_k, args.max_pixels) < 1:
+        p.error("--batch, --top-k and --max-pixels must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vit_jax.data import image_header
+
+    args = _flags(argv)
+    try:
+        image_header.check_files(args.images, args.max_pixels)
+    except image_header.ImageTooLargeError as e:
+        return cli.fail(e, cli.EXIT_CONFIG)
 
     from vit_jax import inference
 
@@ -79,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for path in args.images:
         try:
-            good.append((path, trained.preprocess_file(path)))
+            good.append((path, trained.preprocess_file(path, max_pixels=args.max_pixels)))
         except ValueError as e:
             failed += 1
             results[path] = {"image": path, "error": str(e)}

@@ -9,9 +9,23 @@ Endpoints:
 
 `?name=` names a raw-body upload in the answer (a form's file name is used otherwise) and
 `?top_k=N` asks for N classes. Errors are JSON `{"error": message}` with a 4xx status: 400 a
-malformed request, 411 no Content-Length, 413 a body over `--max-bytes` or an image over
-`--max-pixels`, 415 a body that is not an image, 422 attention for a model without a class
-token; a bad request never stops the server.
+malformed request (a Content-Length that is not one non-negative number, or sent twice), 411 no
+Content-Length, 413 a body over `--max-bytes` or an image over `--max-pixels`, 415 a body that
+is not an image, 422 attention for a model without a class token; a bad request never stops the
+server.
+
+Memory is bounded. At most `--max-requests` (16) uploads are read and answered at once (the
+others wait, holding no body), each body only when its Content-Length is within `--max-bytes`
+(8 MiB). An image's size is read from its header (JPEG, PNG, GIF, BMP, WebP) before anything
+decodes it, and one over `--max-pixels` (64 million by default, e.g. 8000 x 8000) is refused
+there with 413: a decompression bomb (a 50 kB PNG of 20000 x 20000 pixels decodes to 1.2 GB)
+costs no more than its body. At most `--max-decodes` (2) images are decoded at once, each taking
+at most 20 bytes per pixel at its peak (BMP and progressive JPEG 10-16, baseline JPEG / PNG /
+GIF / WebP about 4). A request holds at most 3 copies of its body (the body, a form's image, the
+decoder's input). Beyond the model and a thread per open connection, the server's memory stays
+under
+  3 x `--max-requests` x `--max-bytes` + 20 x `--max-decodes` x `--max-pixels` bytes
+(0.4 + 2.6 GB at the defaults; about 0.4 + 0.5 GB when the uploads are JPEG / PNG).
 
 The model is compiled once at start-up, for each batch size bucket (powers of two up to
 `--max-batch`), before the server listens; requests arriving within `--batch-window-ms` of each
@@ -25,7 +39,9 @@ Exit status: 0 stopped by a signal; 1 cannot listen on the address; 2 a configur
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
+import email.message
 import email.parser
 import email.policy
 import http
@@ -34,6 +50,7 @@ import importlib.resources
 import io
 import json
 import queue
+import quopri
 import signal
 import socket
 import sys
@@ -45,9 +62,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from vit_jax import cli, predict, visualize
+from vit_jax.data import image_header
 
 if TYPE_CHECKING:
     from vit_jax import inference
@@ -55,7 +72,9 @@ if TYPE_CHECKING:
 __all__ = ["Batcher", "HttpError", "Service", "main", "make_server"]
 
 DEFAULT_MAX_BYTES = 8 << 20
-DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_PIXELS = image_header.DEFAULT_MAX_PIXELS  # the one cap of every CLI
+DEFAULT_MAX_DECODES = 2
+DEFAULT_MAX_REQUESTS = 16
 _FIELDS = ("image", "file")  # form fields read as the image when no field carries a file name
 _LINGER_SECONDS = 2.0  # how long an oversized body is read and dropped after the 413 is sent
 
@@ -177,6 +196,7 @@ class Service:
         top_k: int = 5,
         max_batch: int = 8,
         window_s: float = 0.005,
+        max_decodes: int = DEFAULT_MAX_DECODES,
     ):
         import jax
 
@@ -184,6 +204,7 @@ class Service:
 
         self.trained = trained
         self.top_k = top_k
+        self.decoding = threading.BoundedSemaphore(max_decodes)  # images decoded at once
         self.shape = (trained.crop, trained.crop, 3)
         self.picture_size = max(224, trained.crop)
         buckets = tuple(sorted({min(2**i, max_batch) for i in range(max_batch.bit_length())}))
@@ -234,19 +255,16 @@ class Service:
         }
 
     def image(self, data: bytes, name: str, max_pixels: int) -> np.ndarray:
-        """The model input for an upload; HttpError 413 / 415 when it is too big / no image."""
+        """The model input for an upload; HttpError 413 / 415 when it is too big / no image.
 
+        The size comes from the header, before any decoding (and without waiting for a decode
+        slot); then at most `max_decodes` uploads decode at once."""
         try:
-            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-                width, height = probe.size
-        except Exception:  # noqa: BLE001 - not for PIL; TensorFlow decides below
-            width = height = 0
-        if width * height > max_pixels:
-            raise HttpError(
-                413, f"{name}: {width}x{height} pixels, more than --max-pixels {max_pixels}"
-            )
-        try:
-            return self.trained.preprocess_bytes(data, what=name)
+            image_header.check_pixels(data, name, max_pixels)
+            with self.decoding:
+                return self.trained.preprocess_bytes(data, what=name, max_pixels=max_pixels)
+        except image_header.ImageTooLargeError as e:
+            raise HttpError(413, str(e)) from None
         except ValueError as e:
             raise HttpError(415, str(e)) from None
 
@@ -281,17 +299,60 @@ def _upload(content_type: str, body: bytes, query: dict) -> tuple[str, bytes]:
     name = (query.get("name") or ["upload"])[0]
     if not content_type.lower().startswith("multipart/form-data"):
         return name, body
-    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart() or message.defects:
-        raise HttpError(400, f"malformed multipart body ({content_type})")
-    parts = list(message.iter_parts())
-    files = [p for p in parts if p.get_filename()]
-    named = [p for p in parts if p.get_param("name", header="content-disposition") in _FIELDS]
+    parts = _form_parts(content_type, body)
+    files = [(h, c) for h, c in parts if h.get_filename()]
+    named = [
+        (h, c) for h, c in parts if h.get_param("name", header="content-disposition") in _FIELDS
+    ]
     chosen = (files or named or [None])[0]
     if chosen is None:
         raise HttpError(400, "the multipart form has no file field (send the image as 'image')")
-    return chosen.get_filename() or name, chosen.get_payload(decode=True) or b""
+    headers, content = chosen
+    encoding = (headers.get("Content-Transfer-Encoding") or "").strip().lower()
+    data = bytes(content)  # the one copy: the chosen part's content
+    try:
+        if encoding == "base64":
+            data = base64.b64decode(data)
+        elif encoding == "quoted-printable":
+            data = quopri.decodestring(data)
+    except ValueError:
+        raise HttpError(400, f"malformed {encoding} content in the multipart form") from None
+    return headers.get_filename() or name, data
+
+
+def _form_parts(content_type: str, body: bytes) -> list[tuple[email.message.Message, memoryview]]:
+    """[(part headers, part content)] of a multipart body (RFC 2046), the contents views into
+    `body`: parsing costs no copy of it (email's parser holds several)."""
+    malformed = HttpError(400, f"malformed multipart body ({content_type})")
+    boundary = email.message.Message()
+    boundary["Content-Type"] = content_type
+    boundary = boundary.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        raise malformed
+    delimiter = b"--" + boundary.encode("latin-1")
+    view = memoryview(body)
+    pos = body.find(delimiter)
+    if pos < 0:
+        raise malformed
+    parts = []
+    pos += len(delimiter)
+    while not body.startswith(b"--", pos):  # "--" after a delimiter closes the body
+        line_end = body.find(b"\r\n", pos)  # the rest of the delimiter line (padding)
+        end = body.find(b"\r\n" + delimiter, line_end)
+        if line_end < 0 or end < 0:
+            raise malformed
+        start = line_end + 2
+        if body.startswith(b"\r\n", start):  # no headers
+            head, content_start = b"", start + 2
+        else:
+            split = body.find(b"\r\n\r\n", start, end)
+            if split < 0:
+                raise malformed
+            head, content_start = body[start : split + 2], split + 4
+        headers = email.parser.BytesHeaderParser(policy=email.policy.HTTP).parsebytes(head)
+        parts.append((headers, view[content_start:end]))
+        pos = end + 2 + len(delimiter)
+    return parts
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -304,6 +365,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     service: Service  # set by make_server on a subclass
     max_bytes: int
     max_pixels: int
+    max_requests: int
+    in_progress: threading.BoundedSemaphore  # POSTs holding a body: at most max_requests
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         logging.info("%s %s", self.address_string(), format % args)
@@ -338,17 +401,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             if url.path not in ("/predict", "/attention"):
                 raise HttpError(404, f"{url.path}: no such endpoint (POST /predict, /attention)")
-            body = self._body()
-            self.close_connection = not keep_alive
-            query = urllib.parse.parse_qs(url.query)
-            name, data = _upload(self.headers.get("Content-Type", ""), body, query)
-            if not data:
-                raise HttpError(400, "empty body: send the image file as the body or a form field")
-            image = self.service.image(data, name, self.max_pixels)
-            if url.path == "/predict":
-                self._send_json(200, self.service.predict(image, name, _top_k(query)))
-            else:
-                self._send(200, self.service.attention_png(image), "image/png")
+            if not self.in_progress.acquire(timeout=self.timeout):
+                raise HttpError(
+                    503, f"busy: {self.max_requests} requests in progress (--max-requests)"
+                )
+            try:
+                self._answer(url, keep_alive)
+            finally:
+                self.in_progress.release()
         except HttpError as e:
             self._send_error(e.status, e.message)
         except (_Answered, ConnectionError, TimeoutError):
@@ -357,14 +417,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
             logging.exception("%s %s failed", self.command, self.path)
             self._send_error(500, f"internal error: {cli.one_line(e)}")
 
+    def _answer(self, url: urllib.parse.SplitResult, keep_alive: bool) -> None:
+        """Reads the body of a POST to an endpoint and sends the answer."""
+        body = self._body()
+        self.close_connection = not keep_alive
+        query = urllib.parse.parse_qs(url.query)
+        name, data = _upload(self.headers.get("Content-Type", ""), body, query)
+        del body  # a form's image is a copy: the body can go
+        if not data:
+            raise HttpError(400, "empty body: send the image file as the body or a form field")
+        image = self.service.image(data, name, self.max_pixels)
+        if url.path == "/predict":
+            self._send_json(200, self.service.predict(image, name, _top_k(query)))
+        else:
+            self._send(200, self.service.attention_png(image), "image/png")
+
     def _length_error(self) -> tuple[int, str] | None:
         if self.headers.get("Transfer-Encoding"):
             return 411, "chunked bodies are not accepted: send Content-Length"
-        length = self.headers.get("Content-Length")
-        if length is None:
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
             return 411, "Content-Length required"
-        if not length.isdigit():
-            return 400, f"Content-Length {length!r} is not a number"
+        if len(lengths) > 1:
+            sent = ", ".join(repr(v) for v in lengths)
+            return 400, f"{len(lengths)} Content-Length headers ({sent}): send exactly one"
+        length = lengths[0]
+        if not (length.isascii() and length.isdigit()):
+            return 400, f"Content-Length {length!r} is not a non-negative number"
         if int(length) > self.max_bytes:
             return 413, f"body of {int(length)} bytes, more than --max-bytes {self.max_bytes}"
         return None
@@ -437,12 +516,21 @@ def make_server(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_requests: int = DEFAULT_MAX_REQUESTS,
 ) -> http.server.ThreadingHTTPServer:
-    """A listening (not yet serving) HTTP server for `service`; port 0 picks a free port."""
+    """A listening (not yet serving) HTTP server for `service`; port 0 picks a free port.
+    At most `max_requests` POSTs are read and answered at once; the others wait (503 after
+    the handler's timeout)."""
     handler = type(
         "BoundHandler",
         (Handler,),
-        {"service": service, "max_bytes": max_bytes, "max_pixels": max_pixels},
+        {
+            "service": service,
+            "max_bytes": max_bytes,
+            "max_pixels": max_pixels,
+            "max_requests": max_requests,
+            "in_progress": threading.BoundedSemaphore(max_requests),
+        },
     )
     server_class = _Server
     if ":" in host:
@@ -460,13 +548,32 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
     p.add_argument("--top-k", type=int, default=5, help="classes per answer (default 5)")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest upload")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image")
+    p.add_argument(
+        "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest upload (default 8 MiB)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"largest image, read from its header before decoding (default {DEFAULT_MAX_PIXELS})",
+    )
+    p.add_argument(
+        "--max-requests",
+        type=int,
+        default=DEFAULT_MAX_REQUESTS,
+        help=f"most uploads handled at once; others wait (default {DEFAULT_MAX_REQUESTS})",
+    )
+    p.add_argument(
+        "--max-decodes",
+        type=int,
+        default=DEFAULT_MAX_DECODES,
+        help=f"most images decoded at once (default {DEFAULT_MAX_DECODES})",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="most requests run as one batch")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a batch waits")
     p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     args = p.parse_args(argv)
-    for flag in ("top_k", "max_bytes", "max_pixels", "max_batch"):
+    for flag in ("top_k", "max_bytes", "max_pixels", "max_requests", "max_decodes", "max_batch"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if not 0 <= args.port < 65536 or args.batch_window_ms < 0:
@@ -485,12 +592,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         return cli.fail(e, cli.EXIT_CONFIG)
     service = Service(
-        trained, top_k=args.top_k, max_batch=args.max_batch, window_s=args.batch_window_ms / 1e3
+        trained,
+        top_k=args.top_k,
+        max_batch=args.max_batch,
+        window_s=args.batch_window_ms / 1e3,
+        max_decodes=args.max_decodes,
     )
     service.warm_up()
     try:
         server = make_server(
-            service, args.host, args.port, max_bytes=args.max_bytes, max_pixels=args.max_pixels
+            service,
+            args.host,
+            args.port,
+            max_bytes=args.max_bytes,
+            max_pixels=args.max_pixels,
+            max_requests=args.max_requests,
         )
     except OSError as e:
         service.close()

@@ -11,12 +11,18 @@ the last. The class token's row over the patch tokens, reshaped to the patch gri
 
 Output names keep the inputs' folder structure below their deepest common folder, so
 `img/good.png img/dup/good.png` give `OUT/good_rollout.png` and `OUT/dup/good_rollout.png`;
-two inputs differing only in their extension keep it (`good.jpg_rollout.png`).
+two inputs differing only in their extension keep it (`good.jpg_rollout.png`). An existing file
+is never replaced unless `--overwrite` is passed: every output's name is checked before the
+first is written, so a refused run writes nothing.
+
+Every image's size is read from its header first: one over `--max-pixels` (default 64 million,
+e.g. 8000 x 8000) stops the run before anything is decoded.
 
 Exit status: 0 every map written; 1 an image could not be read or a map not written (one error
-line each; the others are still written); 2 a configuration error before any image is read (bad
-flag, `--out` an existing file, a checkpoint that is missing, damaged or does not fit the model,
-a model without a class token).
+line each; the others are still written); 2 a configuration error before any image is decoded
+(bad flag, `--out` an existing file, an image over `--max-pixels`, a checkpoint that is missing,
+damaged or does not fit the model, a model without a class token, an output that exists without
+`--overwrite`).
 """
 
 from __future__ import annotations
@@ -153,6 +159,19 @@ def _sheet(panels: list[Image.Image], size: int) -> Image.Image:
     return sheet
 
 
+def _num_registers(trained, registers: bool) -> int:
+    """How many register maps `--registers` draws (0 without it, or for a model without)."""
+    from vit_jax import models
+
+    return int(models.get_config(trained.model_config).num_registers) if registers else 0
+
+
+def _output_names(stem: pathlib.Path, *, heads: bool, registers: int) -> list[str]:
+    """The files written for one image: the rollout, the heads' sheet, the registers' sheet."""
+    kinds = ["rollout"] + ["heads"] * heads + ["registers"] * bool(registers)
+    return [f"{stem}_{kind}.png" for kind in kinds]
+
+
 def _maps(
     trained,
     image: np.ndarray,
@@ -171,14 +190,15 @@ def _maps(
     weights = trained.intermediates(image[None])["attention_weights"]
     rollout = attention_rollout(weights, num_prefix_tokens=prefix)[0]
     norm = trained.normalization
-    images = {f"{stem}_rollout.png": rollout_overlay(image, rollout, grid, size, norm)}
+    n = _num_registers(trained, registers)
+    names = iter(_output_names(stem, heads=heads, registers=n))
+    images = {next(names): rollout_overlay(image, rollout, grid, size, norm)}
     if heads:
         from vit_jax.data import preprocess
 
         big = _enlarged(preprocess.to_display_range(image, norm), size)
         last = np.asarray(weights)[-1, 0, :, 0, prefix:]  # (heads, patches)
-        images[f"{stem}_heads.png"] = _sheet([_overlay(big, _to_grid(h, grid)) for h in last], size)
-    n = int(models.get_config(trained.model_config).num_registers) if registers else 0
+        images[next(names)] = _sheet([_overlay(big, _to_grid(h, grid)) for h in last], size)
     if n:  # the registers sit right before the patches
         big = _enlarged(image, size)
         rows = [
@@ -186,11 +206,25 @@ def _maps(
             for r in range(n)
         ]
         panels = [_overlay(big, _to_grid(row, grid)) for row in rows]
-        images[f"{stem}_registers.png"] = _sheet(panels, size)
+        images[next(names)] = _sheet(panels, size)
     return images
 
 
+def _taken(outputs: list[str]) -> str | None:
+    """Why the run may not write `outputs` without --overwrite (one line), None if none exists."""
+    existing = [name for name in outputs if os.path.lexists(name)]
+    if not existing:
+        return None
+    more = f" (and {len(existing) - 1} more of this run's outputs)" if len(existing) > 1 else ""
+    return (
+        f"{existing[0]} already exists{more}; nothing was written: pass --overwrite to replace "
+        "it, or choose another --out"
+    )
+
+
 def _flags(argv: list[str] | None):
+    from vit_jax.data import image_header
+
     p = cli.ArgumentParser(
         prog="python -m vit_jax.visualize",
         description=__doc__,
@@ -205,9 +239,21 @@ def _flags(argv: list[str] | None):
         help="also each register token's map (models with registers; hidden otherwise)",
     )
     p.add_argument("--scale", type=int, default=0, help="output size in pixels (default: >= 224)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing files of the same names"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=image_header.DEFAULT_MAX_PIXELS,
+        help=f"largest image, read from its header (default {image_header.DEFAULT_MAX_PIXELS})",
+    )
     p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     p.add_argument("images", nargs="+")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_pixels < 1:
+        p.error("--max-pixels must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,26 +263,37 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(f"--out {out_dir}: is an existing file, expected a directory")
 
     from vit_jax import inference
+    from vit_jax.data import image_header
 
     try:
+        image_header.check_files(args.images, args.max_pixels)
         trained = inference.load_model(
             args.checkpoint, model=args.model, resolution=args.resolution
         )
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+    except (ValueError, OSError) as e:  # ImageTooLargeError, CheckpointError: ValueErrors
         return cli.fail(e, cli.EXIT_CONFIG)
     unsupported = rollout_unsupported(trained.model_config)
     if unsupported:
         return cli.fail(f"{args.checkpoint}: {unsupported}")
+    stems = output_stems(args.images, out_dir)
+    registers = _num_registers(trained, args.registers)
+    outputs = [
+        name
+        for path in args.images
+        for name in _output_names(stems[path], heads=args.heads, registers=registers)
+    ]
+    taken = None if args.overwrite else _taken(outputs)
+    if taken:
+        return cli.fail(taken)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return cli.fail(f"--out {out_dir}: cannot be created ({e.strerror or e})")
-    stems = output_stems(args.images, out_dir)
     size = args.scale or max(224, trained.crop)
     failed = 0
     for path in args.images:
         try:
-            image = trained.preprocess_file(path)
+            image = trained.preprocess_file(path, max_pixels=args.max_pixels)
         except ValueError as e:
             cli.fail(e)
             failed += 1

@@ -38,12 +38,14 @@ INCEPTION_ASPECT_RANGE = (3 / 4, 4 / 3)
 
 def _decode_with_pil(encoded: bytes | np.ndarray) -> np.ndarray:
     """PIL decode for formats TF decodes wrongly (palette and 1-bit BMPs). tf.numpy_function
-    passes `bytes` in graphs but a 0-d object array when run eagerly."""
+    passes `bytes` in graphs but a 0-d object array when run eagerly. An RGB image is not
+    converted (`convert` would copy it: 4 more bytes a pixel at the peak)."""
     if isinstance(encoded, np.ndarray):
         encoded = encoded.item()
     with Image.open(io.BytesIO(encoded)) as image:
         image.load()
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return np.asarray(rgb, dtype=np.uint8)
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
