@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -47,6 +48,7 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "MetricsLog",
+    "MetricsWriteError",
     "NonFiniteLossError",
     "OtherProcessError",
     "resolve_num_classes",
@@ -224,28 +226,102 @@ def evaluate(eval_step: Callable, params: Params, batches) -> dict[str, float]:
 # ----------------------------------------------------------------------------- bookkeeping
 
 
+class MetricsWriteError(RuntimeError):
+    """metrics.jsonl or the TensorBoard events file could not be written (a full disk, an I/O
+    error); the message names the file, the reason and the last complete checkpoint."""
+
+
+def write_error_types() -> tuple[type[Exception], ...]:
+    """What a failed file write raises: OSError, and TensorFlow's errors of its file system (the
+    TensorBoard writer is TensorFlow's: a full disk is its ResourceExhaustedError)."""
+    import tensorflow as tf  # already loaded: clu's SummaryWriter and the data pipeline use it
+
+    e = tf.errors
+    return (
+        OSError,
+        e.ResourceExhaustedError,
+        e.UnavailableError,
+        e.FailedPreconditionError,
+        e.DataLossError,
+        e.PermissionDeniedError,
+        e.NotFoundError,
+        e.AbortedError,
+        e.UnknownError,
+    )
+
+
+def write_error_text(error: BaseException) -> tuple[str | None, str]:
+    """(the file, if the error names it; the reason) of a failed write, each on one line."""
+    if isinstance(error, OSError):
+        return error.filename, error.strerror or str(error)
+    text = getattr(error, "message", None) or str(error)
+    text = re.sub(r"^\{\{[^}]*\}\}\s*", "", text.strip())  # TF's {{function_node ...}} prefix
+    first = text.splitlines()[0].strip() if text else type(error).__name__
+    named = re.fullmatch(r"(\S+); (.+)", first)  # "PATH; No space left on device"
+    return (named.group(1), named.group(2)) if named else (None, first)
+
+
 class MetricsLog:
     """Metrics to TensorBoard (clu) and, one JSON object per line, to metrics.jsonl.
 
     Process 0 writes both; the console gets the trainer's own lines, not clu's echo of every
-    write (no clu LoggingWriter).
+    write (no clu LoggingWriter). A failed write (full disk, I/O error) raises
+    `MetricsWriteError`, naming the file and `last_checkpoint()` (`the last complete checkpoint
+    is 40`); after one, nothing more is written.
     """
 
-    def __init__(self, workdir: epath.Path):
+    def __init__(
+        self,
+        workdir: epath.Path,
+        last_checkpoint: Callable[[], str] = lambda: "see the checkpoints folder",
+    ):
         self.is_main = jax.process_index() == 0
         writers = [metric_writers.SummaryWriter(str(workdir))] if self.is_main else []
         self.writer = metric_writers.MultiWriter(writers)
-        self.path = workdir / workdir_lib.METRICS_JSONL
+        self.workdir, self.path = workdir, workdir / workdir_lib.METRICS_JSONL
+        self.last_checkpoint = last_checkpoint
+        self.failed = False
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        self.writer.write_scalars(step, metrics)
+        if self.failed:
+            return
+        with self._reporting_failures():
+            self.writer.write_scalars(step, metrics)
         if self.is_main:
-            with self.path.open("a") as f:
+            with self._reporting_failures(), self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        """Flushes and closes; a failure is `MetricsWriteError` (once: not after a failed write)."""
+        if self.failed:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            return
+        with self._reporting_failures():
+            self.writer.flush()
+            self.writer.close()
+
+    def close_on_exit(self, exc_type, exc, tb) -> bool:
+        """`close` as an ExitStack exit callback: its failure is raised only when no other
+        error is already on its way out (that one is the one to report)."""
+        try:
+            self.close()
+        except MetricsWriteError:
+            if exc_type is None:
+                raise
+        return False
+
+    @contextlib.contextmanager
+    def _reporting_failures(self):
+        try:
+            yield
+        except write_error_types() as e:
+            self.failed = True
+            path, reason = write_error_text(e)
+            what = path or f"the TensorBoard events file in {self.workdir}"
+            raise MetricsWriteError(
+                f"could not write {what}: {reason}; {self.last_checkpoint()}"
+            ) from None
 
 
 class StopRequest:
@@ -550,8 +626,8 @@ class _Loop:
             in_shardings=(state.param_sh, self.batch_sh),
             out_shardings=rep,
         )
-        self.log = MetricsLog(wd)
-        cleanup.callback(self.log.close)
+        self.log = MetricsLog(wd, self.last_complete)
+        cleanup.push(self.log.close_on_exit)
         self.stop = StopRequest()
         cleanup.callback(self.stop.restore_handlers)
         self.per_device = config.batch / jax.device_count()
@@ -566,14 +642,27 @@ class _Loop:
         else:
             logging.info("step %d: saved checkpoint %s", step, where)
 
-    def last_good(self) -> str:
+    def _newest_checkpoint(self) -> str | None:
         """The newest checkpoint on disk, after any pending save finished (or failed)."""
         try:
             self.writer.wait()
         except workdir_lib.CheckpointSaveError:
             pass
         steps = workdir_lib.step_dirs(self.writer.directory)
-        return f"step {steps[0].name}" if steps else "none written yet"
+        return steps[0].name if steps else None
+
+    def last_good(self) -> str:
+        newest = self._newest_checkpoint()
+        return f"step {newest}" if newest else "none written yet"
+
+    def last_complete(self) -> str:
+        """As a failed save says it (`CheckpointSaveError`)."""
+        newest = self._newest_checkpoint()
+        return (
+            f"the last complete checkpoint is {newest}"
+            if newest
+            else "no complete checkpoint was written"
+        )
 
     def run_eval(self, step: int) -> dict[str, float]:
         batches = data.eval_iterator(self.config, self.batch_sh)

@@ -10,16 +10,39 @@
     {workdir}/final.npz              final parameters in the published layout
 
 The trainer restores the newest checkpoint that restores (`restore_newest`) and saves through
-`CheckpointWriter`, which turns a failed save (async included) into one `CheckpointSaveError`.
-Reading a run back (predict, evaluate, teacher, fine-tuning) is `vit_jax.weights.open`, through
-`vit_jax.weights.run.load_trained` (re-exported here), which changes nothing on disk.
+`CheckpointWriter`, which turns a failed save (async included) into one `CheckpointSaveError`
+(Orbax's own error lines about it are demoted to INFO while the writer is open: `--verbose` shows
+them). Reading a run back (predict, evaluate, teacher, fine-tuning) is `vit_jax.weights.open`,
+through `vit_jax.weights.run.load_trained` (re-exported here), which changes nothing on disk.
+
+Damaged or unreadable now: damage means the bytes are wrong, and only damage sets a checkpoint
+aside. Before Orbax reads a step folder, every entry in it is checked without reading data
+(`weights.run.check_readable`): the folder gone, a dangling link, a folder or file that cannot be
+opened (permission, I/O error) or anything but a folder or regular file (a FIFO, socket or
+device: refused by its type, never opened) make the checkpoint *unreadable now*; so does a
+step-named entry of `checkpoints/` that is not a folder (`check_step_entries`). A read that then
+fails is unreadable now when its error says so (`weights.run.unreadable_cause`): an errno of
+access or of the device anywhere in the chain or in TensorStore's message (EACCES, EPERM, EIO,
+ESTALE, EMFILE, ...; not ENOENT), TensorStore's PERMISSION_DENIED / UNAVAILABLE /
+DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED, MemoryError, or the step folder gone. Every other failure
+of a folder whose files all opened is *damage*: a truncated or undecodable array or JSON, a file
+or item missing that the checkpoint's metadata lists (OUT_OF_RANGE, DATA_LOSS, NOT_FOUND,
+FileNotFoundError, KeyError, JSONDecodeError, ...). Unreadable now: `CheckpointUnreadableError`,
+one line naming the path and the error, nothing skipped, moved or changed (the trainer exits 1;
+fix it and restart). Damage: the trainer restores the newest older checkpoint, moves the damaged
+ones to `<step>.damaged`, and logs for each the command that puts it back
+(`mv DIR/checkpoints/60.damaged DIR/checkpoints/60`, with no trainer running) and which steps will
+be replayed; readers skip it and move nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as py_logging
 import os
 import re
+import shlex
 from typing import Any
 
 import jax
@@ -32,16 +55,23 @@ from vit_jax.weights.run import (
     CHECKPOINTS,
     METRICS_JSONL,
     CheckpointDamagedError,
+    CheckpointUnreadableError,
+    check_readable,
+    check_step_entries,
+    drained_event_loops,
     failure_reason,
     is_trained,
     load_trained,
     resolve,
     step_dirs,
+    unreadable_cause,
+    unreadable_error,
 )
 
 __all__ = [
     "CheckpointDamagedError",
     "CheckpointSaveError",
+    "CheckpointUnreadableError",
     "CheckpointWriter",
     "checkpoint_manager",
     "is_trained",
@@ -90,14 +120,15 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
     """(params, opt_state, meta) restored straight into the shardings of the abstract trees."""
-    out = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
+    with drained_event_loops():
+        out = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
     return out.params, out.opt_state, out.meta
 
 
@@ -128,13 +159,45 @@ def move_aside(step_dir: epath.Path) -> epath.Path:
     return target
 
 
-def _all_processes(ok: bool) -> bool:
-    """True when `ok` on every process (multi-host restores agree on each checkpoint)."""
+_RESTORED, _DAMAGED, _UNREADABLE = 0, 1, 2
+
+
+def _agreed(outcome: int) -> int:
+    """The worst outcome of a restore over all processes (multi-host restores agree on each)."""
     if jax.process_count() == 1:
-        return ok
+        return outcome
     from jax.experimental import multihost_utils
 
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+    return int(np.max(multihost_utils.process_allgather(np.asarray(outcome, np.int32))))
+
+
+def put_back_command(moved: epath.Path, step_dir: epath.Path) -> str:
+    """The shell command that puts a checkpoint moved aside back (run with no trainer running)."""
+    return f"mv {shlex.quote(str(moved))} {shlex.quote(str(step_dir))}"
+
+
+def _move_aside_all(mngr: ocp.CheckpointManager, steps: list[int], *, restored: int) -> None:
+    """Moves the damaged `steps` aside (process 0; the others wait), logging for each the command
+    that puts it back, then which steps the run will replay from `restored`."""
+    directory = epath.Path(mngr.directory)
+    if jax.process_index() == 0:
+        for bad in steps:
+            moved = move_aside(directory / str(bad))
+            logging.warning(
+                "moved the damaged checkpoint %d aside to %s; to put it back (no trainer "
+                "running): %s",
+                bad,
+                moved,
+                put_back_command(moved, directory / str(bad)),
+            )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("vit_jax: damaged checkpoints moved aside")
+    mngr.reload()
+    newest = max(steps)
+    replayed = f"step {newest}" if newest == restored + 1 else f"steps {restored + 1}-{newest}"
+    logging.warning("resuming from step %d: %s will be replayed", restored, replayed)
 
 
 def restore_newest(
@@ -142,34 +205,43 @@ def restore_newest(
 ) -> tuple[Any, Any, dict, int] | None:
     """(params, opt_state, meta, step) of the newest checkpoint that restores; None if none exist.
 
-    A newer checkpoint that fails is logged (step and reason) and, once an older one has
-    restored, moved aside to `<step>.damaged`. When none restores, nothing is moved and
-    `CheckpointDamagedError` names each step and its reason.
+    A newer damaged checkpoint (see the module docstring) is logged (step and reason) and, once
+    an older one has restored, moved aside to `<step>.damaged`, with the command that puts it
+    back and the steps that will be replayed. When none restores, nothing is moved and
+    `CheckpointDamagedError` names each step and its reason. A checkpoint that cannot be read now
+    raises `CheckpointUnreadableError` at once, with nothing moved.
     """
     directory = epath.Path(mngr.directory)
+    check_step_entries(directory)
     failed: list[tuple[int, str]] = []
     for step in sorted(mngr.all_steps(), reverse=True):
+        step_dir = directory / str(step)
+        unreadable: CheckpointUnreadableError | None = None
         try:
+            check_readable(step_dir)
             params, opt_state, meta = restore(mngr, step, abstract_params, abstract_opt_state)
             int(meta["data_step"])
-            ok, reason = True, ""
-        except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
-            ok, reason = False, failure_reason(e)
-        if not _all_processes(ok):
-            reason = reason or "failed on another process"
-            logging.warning("checkpoint %s cannot be restored: %s", directory / str(step), reason)
+            outcome, reason = _RESTORED, ""
+        except CheckpointUnreadableError as e:
+            outcome, unreadable = _UNREADABLE, e
+        except Exception as e:  # noqa: BLE001 - sorted here: unreadable now, or damaged
+            cause = unreadable_cause(e, step_dir)
+            if cause is not None:
+                outcome, unreadable = _UNREADABLE, unreadable_error(f"checkpoint {step}", cause)
+            else:
+                outcome, reason = _DAMAGED, failure_reason(e)
+        outcome = _agreed(outcome)
+        if outcome == _UNREADABLE:
+            raise unreadable or unreadable_error(
+                f"checkpoint {step}", f"{step_dir} cannot be read on another process (its log)"
+            )
+        if outcome == _DAMAGED:
+            reason = reason or "damaged on another process"
+            logging.warning("checkpoint %s cannot be restored: %s", step_dir, reason)
             failed.append((step, reason))
             continue
         if failed:
-            if jax.process_index() == 0:
-                for bad, _ in failed:
-                    moved = move_aside(directory / str(bad))
-                    logging.warning("moved the damaged checkpoint %d aside to %s", bad, moved)
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices("vit_jax: damaged checkpoints moved aside")
-            mngr.reload()
+            _move_aside_all(mngr, [bad for bad, _ in failed], restored=step)
         return params, opt_state, dict(meta), step
     if failed:
         tried = "; ".join(f"step {s}: {r}" for s, r in failed)
@@ -180,11 +252,37 @@ def restore_newest(
     return None
 
 
+class _DemoteOrbaxErrors(py_logging.Filter):
+    """Orbax's own ERROR records become INFO (seen with --verbose only): it logs a failed save
+    several times over, before `CheckpointWriter` reports it once, as `CheckpointSaveError`."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        if record.levelno >= py_logging.ERROR and _ORBAX_CODE in record.pathname:
+            record.levelno, record.levelname = py_logging.INFO, "INFO"
+        return True
+
+
+_ORBAX_CODE = os.sep + os.path.join("orbax", "checkpoint") + os.sep
+
+
+@contextlib.contextmanager
+def orbax_errors_demoted():
+    """While open, Orbax's ERROR records (on absl's logger, where it logs) are INFO records."""
+    demote = _DemoteOrbaxErrors()
+    logger = py_logging.getLogger("absl")
+    logger.addFilter(demote)
+    try:
+        yield
+    finally:
+        logger.removeFilter(demote)
+
+
 class CheckpointWriter:
     """Orbax saves whose failures (async ones included) surface as `CheckpointSaveError`.
 
     `save` starts a save; `poll` (cheap, every step) and `wait` report a failed one. A failed
-    save leaves nothing that looks complete (see `_discard`).
+    save leaves nothing that looks complete (see `_discard`). Until `close`, Orbax's own error
+    lines are INFO (`orbax_errors_demoted`): the failure is reported once, by us.
     """
 
     def __init__(self, mngr: ocp.CheckpointManager, *, async_save: bool):
@@ -192,6 +290,8 @@ class CheckpointWriter:
         self.directory = epath.Path(mngr.directory)
         self.pending: int | None = None
         self.failure: CheckpointSaveError | None = None
+        self._demoted = contextlib.ExitStack()
+        self._demoted.enter_context(orbax_errors_demoted())
 
     def save(self, step: int, params, opt_state, meta: dict) -> None:
         self.wait()
@@ -238,6 +338,8 @@ class CheckpointWriter:
             except Exception:  # noqa: BLE001 - the failure was reported already
                 if self.failure is None:
                     raise
+            finally:
+                self._demoted.close()
 
     def _discard(self, step: int) -> None:
         """A finalized directory of a failed save is moved aside: it must not look complete.
