@@ -3,8 +3,8 @@
 `Converted` is the result of reading any supported format: our parameters plus a complete model
 config (`vit_jax.models.get_config` fields: hidden size, heads, layers, patch, GELU kind,
 LayerNorm epsilon, pooling), the class names and the image size the position embeddings were
-made for. `vit_facts` checks that one of our ViTs can be expressed in a PyTorch format and
-reads off its dimensions.
+made for. `vit_facts` checks, against the format's capability table (`options`), that one of
+our ViTs can be expressed in a PyTorch format and reads off its dimensions.
 """
 
 from __future__ import annotations
@@ -17,15 +17,14 @@ import ml_collections
 import numpy as np
 
 from vit_jax import models
+from vit_jax.weights import options
 from vit_jax.weights.errors import ConversionError
 from vit_jax.weights.tree import flatten
 
 __all__ = [
-    "LAYER_SCALE_KEY",
     "class_names_for",
     "Converted",
     "native_posemb",
-    "uses_layer_scale",
     "vit_facts",
     "VitFacts",
 ]
@@ -49,9 +48,6 @@ class Converted(NamedTuple):
         }
 
 
-LAYER_SCALE_KEY = "Transformer/encoderblock_0/LayerScale_1/scale"
-
-
 def native_posemb(
     image_size: tuple[int, int], patch: tuple[int, int], resample: str
 ) -> dict[str, Any]:
@@ -60,12 +56,6 @@ def native_posemb(
     on the fly) and the source library's own interpolation (`posemb_resample`)."""
     grid = (int(image_size[0]) // int(patch[0]), int(image_size[1]) // int(patch[1]))
     return dict(posemb_grid=grid, posemb_resample=resample)
-
-
-def uses_layer_scale(config: ml_collections.ConfigDict) -> bool:
-    """Whether the model config turns LayerScale on (`transformer.layer_scale_init`)."""
-    t = config.get("transformer") or {}
-    return t.get("layer_scale_init") is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,33 +91,15 @@ def vit_facts(
     model_config: Any,
     *,
     image_size: int | tuple[int, int] | None,
-    target: str,
-    classifiers: tuple[str, ...],
-    features_representation: bool,
-    distillation: bool,
-    layer_scale: bool,
+    can: options.Capabilities,
 ) -> VitFacts:
-    """Checks that `target` can express the model and returns its dimensions.
-
-    `features_representation`: whether `target` has a representation layer (`pre_logits`) for
-    models without a head; `layer_scale`: whether it has LayerScale (`LayerScale_1`, `_3`).
-    `image_size` defaults to the square grid the position embeddings hold.
-    """
+    """Checks that the format whose capability table is `can` expresses the model (one error
+    naming every option it cannot) and returns the model's dimensions. `image_size` defaults
+    to the square grid the position embeddings hold."""
     config = models.get_config(model_config)
     flat = {k: np.asarray(v) for k, v in flatten(models.unstack_layers(params)).items()}
     num_classes = int(flat["head/kernel"].shape[-1]) if "head/kernel" in flat else None
-    problems = _architecture_problems(config, classifiers, distillation)
-    if not layer_scale and (uses_layer_scale(config) or LAYER_SCALE_KEY in flat):
-        problems.append(f"LayerScale ({LAYER_SCALE_KEY})")
-    if config.get("representation_size") and (num_classes or not features_representation):
-        problems.append(
-            "a representation layer (pre_logits)"
-            + (" followed by a head" if features_representation else "")
-        )
-    if problems:
-        raise ConversionError(
-            f"{target} cannot express {config.name or 'this model'}: " + "; ".join(problems)
-        )
+    options.check(can, config, flat)
     patch = tuple(int(p) for p in config.patches.size)
     hidden = int(config.hidden_size)
     prefix = models.num_posemb_prefix_tokens(config)
@@ -135,6 +107,13 @@ def vit_facts(
     if posemb is None:
         raise ConversionError("params have no Transformer/posembed_input/pos_embedding")
     image_size = _image_size(image_size, posemb.shape[1] - prefix, patch)
+    if can.square and (image_size[0] != image_size[1] or patch[0] != patch[1]):
+        options.check(
+            can,
+            config,
+            flat,
+            [f"image {image_size} / patch {patch} not square ({can.short} takes square ones)"],
+        )
     t = config.transformer
     return VitFacts(
         config=config,
@@ -148,22 +127,6 @@ def vit_facts(
         num_prefix_tokens=prefix,
         num_classes=num_classes,
     )
-
-
-def _architecture_problems(config: Any, classifiers: tuple[str, ...], distillation: bool) -> list:
-    """What a PyTorch ViT format cannot express about `config` (empty when it can)."""
-    if config.model_type != "ViT":
-        return [f"model_type {config.model_type!r} (only ViT converts)"]
-    problems = []
-    if config.resnet is not None:
-        problems.append("a ResNet stem (hybrid models)")
-    if config.posemb != "learn":
-        problems.append(f"posemb {config.posemb!r} (learned position embeddings only)")
-    if config.classifier not in classifiers:
-        problems.append(f"classifier {config.classifier!r} (supported: {', '.join(classifiers)})")
-    if config.distillation_token and not distillation:
-        problems.append("a distillation token")
-    return problems
 
 
 def _image_size(

@@ -23,7 +23,6 @@ HF ViT classifies from the class token (classifier 'token'); `hidden_act` 'gelu'
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,29 +30,17 @@ import numpy as np
 from etils import epath
 
 from vit_jax import models
-from vit_jax.weights import hf_common, hf_dinov2, hf_siglip, npz, options
+from vit_jax.weights import codec, hf_common, hf_dinov2, hf_siglip, npz, options
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import ConversionError
-from vit_jax.weights.facts import (
-    LAYER_SCALE_KEY,
-    Converted,
-    VitFacts,
-    class_names_for,
-    native_posemb,
-    uses_layer_scale,
-    vit_facts,
-)
+from vit_jax.weights.facts import Converted, VitFacts
 from vit_jax.weights.hf_common import CONFIG, WEIGHTS, read_files, shard_files
-from vit_jax.weights.table import (
-    CONV,
-    DENSE,
-    IDENTITY,
-    Row,
-    Table,
-)
-from vit_jax.weights.tree import flatten, unflatten
+from vit_jax.weights.options import Can
+from vit_jax.weights.table import BLOCK, CONV, DENSE, IDENTITY, Row, Table, pair
+from vit_jax.weights.tree import flatten
 
 __all__ = [
+    "CODECS",
     "CONFIG",
     "TABLE",
     "WEIGHTS",
@@ -64,26 +51,9 @@ __all__ = [
     "to_hf",
 ]
 
-
-# transformers 5 in-memory names -> hub names (applied after removing a leading `vit.` / `deit.`).
-_V5_NAMES = (
-    (re.compile(r"^layers\.(\d+)\."), r"encoder.layer.\1."),
-    (re.compile(r"\.attention\.q_proj\."), ".attention.attention.query."),
-    (re.compile(r"\.attention\.k_proj\."), ".attention.attention.key."),
-    (re.compile(r"\.attention\.v_proj\."), ".attention.attention.value."),
-    (re.compile(r"\.attention\.o_proj\."), ".attention.output.dense."),
-    (re.compile(r"\.mlp\.fc1\."), ".intermediate.dense."),
-    (re.compile(r"\.mlp\.fc2\."), ".output.dense."),
-)
 # model_type -> the backbone's prefix in classifier checkpoints
 _PREFIX = {"vit": "vit.", "deit": "deit."}
-
-
-def _hub_name(key: str, prefix: str = "vit.") -> str:
-    key = key.removeprefix(prefix)
-    for pattern, replacement in _V5_NAMES:
-        key = pattern.sub(replacement, key)
-    return key
+_L, _E = BLOCK, hf_common.LAYER
 
 
 def read_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -94,17 +64,8 @@ def read_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndar
 
 
 def _hub_state(path: Any, config: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
-    prefix = _PREFIX.get(config.get("model_type"), "vit.")
-    state: dict[str, np.ndarray] = {}
-    for key, value in raw.items():
-        name = _hub_name(key, prefix)
-        if name in state:
-            raise ConversionError(f"{path}: {key!r} and another key both mean {name!r}")
-        state[name] = value
-    return state
-
-
-_L, _E = hf_common.BLOCK, hf_common.LAYER
+    model_type = config.get("model_type") if config.get("model_type") in _PREFIX else "vit"
+    return hf_common.hub_state(path, raw, (_PREFIX[model_type],), model_type)
 
 
 # Hub names without `vit.` / `deit.`; `to_hf` adds the prefix when the model has a classifier.
@@ -113,36 +74,59 @@ TABLE = Table(
         Row("cls", "embeddings.cls_token", IDENTITY, "1 1 D"),
         Row("dist", "embeddings.distillation_token", IDENTITY, "1 1 D", when="distillation"),
         Row(npz.POSEMB_KEY, "embeddings.position_embeddings", IDENTITY, "1 T D"),
-        Row("embedding/kernel", "embeddings.patch_embeddings.projection.weight", CONV, "ph pw 3 D"),
-        Row("embedding/bias", "embeddings.patch_embeddings.projection.bias", IDENTITY, "D"),
-        Row("Transformer/encoder_norm/scale", "layernorm.weight", IDENTITY, "D"),
-        Row("Transformer/encoder_norm/bias", "layernorm.bias", IDENTITY, "D"),
-        Row("pre_logits/kernel", "pooler.dense.weight", DENSE, "D R", when="representation"),
-        Row("pre_logits/bias", "pooler.dense.bias", IDENTITY, "R", when="representation"),
-        Row("head/kernel", "classifier.weight", DENSE, "D N", when="head"),
-        Row("head/bias", "classifier.bias", IDENTITY, "N", when="head"),
+        *pair("embedding", "embeddings.patch_embeddings.projection", CONV, "ph pw 3 D"),
+        *pair("Transformer/encoder_norm", "layernorm"),
+        *pair("pre_logits", "pooler.dense", DENSE, "D R", when="representation"),
+        *pair("head", "classifier", DENSE, "D N", when="head"),
         # DeiTForImageClassificationWithTeacher: one head on each of cls and dist
-        Row("head/kernel", "cls_classifier.weight", DENSE, "D N", when="deit_heads"),
-        Row("head/bias", "cls_classifier.bias", IDENTITY, "N", when="deit_heads"),
-        Row("head_dist/kernel", "distillation_classifier.weight", DENSE, "D N", when="deit_heads"),
-        Row("head_dist/bias", "distillation_classifier.bias", IDENTITY, "N", when="deit_heads"),
+        *pair("head", "cls_classifier", DENSE, "D N", when="deit_heads"),
+        *pair("head_dist", "distillation_classifier", DENSE, "D N", when="deit_heads"),
     ),
     block=(
-        Row(f"{_L}LayerNorm_0/scale", f"{_E}layernorm_before.weight", IDENTITY, "D"),
-        Row(f"{_L}LayerNorm_0/bias", f"{_E}layernorm_before.bias", IDENTITY, "D"),
-        Row(f"{_L}LayerNorm_2/scale", f"{_E}layernorm_after.weight", IDENTITY, "D"),
-        Row(f"{_L}LayerNorm_2/bias", f"{_E}layernorm_after.bias", IDENTITY, "D"),
+        *pair(f"{_L}LayerNorm_0", f"{_E}layernorm_before"),
+        *pair(f"{_L}LayerNorm_2", f"{_E}layernorm_after"),
         *hf_common.attention_rows(),
-        Row(f"{_L}MlpBlock_3/Dense_0/kernel", f"{_E}intermediate.dense.weight", DENSE, "D M"),
-        Row(f"{_L}MlpBlock_3/Dense_0/bias", f"{_E}intermediate.dense.bias", IDENTITY, "M"),
-        Row(f"{_L}MlpBlock_3/Dense_1/kernel", f"{_E}output.dense.weight", DENSE, "M D"),
-        Row(f"{_L}MlpBlock_3/Dense_1/bias", f"{_E}output.dense.bias", IDENTITY, "D"),
+        *pair(f"{_L}MlpBlock_3/Dense_0", f"{_E}intermediate.dense", DENSE, "D M"),
+        *pair(f"{_L}MlpBlock_3/Dense_1", f"{_E}output.dense", DENSE, "M D"),
     ),
 )
+
+# What ViT / DeiT express of our options and the config.json key recording each: the pooler
+# (`pooler.dense` + tanh, our `pre_logits`) in models without a classifier head; DeiT always
+# has its distillation token.
+_POOLER = Can(
+    "representation",
+    "representation",
+    "pooler_output_size",
+    lambda f: int(f.config.representation_size),
+    alone=True,
+)
+_DISTILLATION = Can("distillation_token", "distillation", required=True)
 _VIT_TYPES = ("vit", "deit")
 
 
-def _read_config(path: Any, config: Mapping[str, Any], state: Mapping[str, Any]) -> dict:
+def from_hf(path: str | os.PathLike) -> Converted:
+    """Our parameters, model config, class names and image size from a transformers model
+    directory: ViT, DeiT, SigLIP (vision tower) or DINOv2 (with registers), by `model_type`."""
+    config, raw = hf_common.read_files(path)
+    model_type = config.get("model_type")
+    if model_type in hf_siglip.MODEL_TYPES:
+        return hf_siglip.from_state(path, config, raw)
+    if model_type in hf_dinov2.MODEL_TYPES:
+        return hf_dinov2.from_state(path, config, raw)
+    if model_type not in _VIT_TYPES:
+        supported = (*_VIT_TYPES, *hf_siglip.MODEL_TYPES, *hf_dinov2.MODEL_TYPES)
+        raise ConversionError(
+            f"{path}: model_type {model_type!r}; supported: {', '.join(map(repr, supported))}"
+        )
+    state = _hub_state(path, config, raw)
+    parsed = _parse(path, config, state)
+    c = CODECS[model_type]
+    what = f"a {c.can.target} of this config.json"
+    return codec.read(c, state, parsed, source=str(path), what=what)
+
+
+def _parse(path: Any, config: Mapping[str, Any], state: Mapping[str, Any]) -> codec.Parsed:
     """The table's dims and features plus our model-config fields, from a ViT / DeiT
     `config.json` and the keys present (the classifier kind, the pooler)."""
     deit = config.get("model_type") == "deit"
@@ -172,64 +156,27 @@ def _read_config(path: Any, config: Mapping[str, Any], state: Mapping[str, Any])
             features.discard("representation")
             ignore["unused by the classifier"] = ["pooler.dense.weight", "pooler.dense.bias"]
     qkv_bias = bool(config.get("qkv_bias", True))
-    features.update(["qkv_bias"] if qkv_bias else [])
-    return dict(
+    return codec.Parsed(
+        name=str(config.get("_name_or_path") or epath.Path(path).name),
+        layers=int(config["num_hidden_layers"]),
         dims=dims,
-        features=features,
+        features=features | ({"qkv_bias"} if qkv_bias else set()),
         zeros=() if qkv_bias else ("qkv_bias",),
         ignore=ignore,
-        layers=int(config["num_hidden_layers"]),
         image_size=(h, w),
-        gelu_approximate=hf_common.gelu_approximate(path, config, "gelu"),
-        deit=deit,
-    )
-
-
-def from_hf(path: str | os.PathLike) -> Converted:
-    """Our parameters, model config, class names and image size from a transformers model
-    directory: ViT, DeiT, SigLIP (vision tower) or DINOv2 (with registers), by `model_type`."""
-    config, raw = hf_common.read_files(path)
-    model_type = config.get("model_type")
-    if model_type in hf_siglip.MODEL_TYPES:
-        return hf_siglip.from_state(path, config, raw)
-    if model_type in hf_dinov2.MODEL_TYPES:
-        return hf_dinov2.from_state(path, config, raw)
-    if model_type not in _VIT_TYPES:
-        supported = (*_VIT_TYPES, *hf_siglip.MODEL_TYPES, *hf_dinov2.MODEL_TYPES)
-        raise ConversionError(
-            f"{path}: model_type {model_type!r}; supported: {', '.join(map(repr, supported))}"
-        )
-    state = _hub_state(path, config, raw)
-    f = _read_config(path, config, state)
-    keys = TABLE.at(layers=f["layers"], dims=f["dims"], features=f["features"], zeros=f["zeros"])
-    kind = "DeiT" if f["deit"] else "ViT"
-    what = f"a transformers {kind} of this config.json"
-    flat = keys.to_ours(state, source=str(path), what=what, ignore=f["ignore"])
-    dims = f["dims"]
-    model_config = models.get_config(
-        dict(
-            name=str(config.get("_name_or_path") or epath.Path(path).name),
-            patches=dict(size=(dims["ph"], dims["pw"])),
-            hidden_size=dims["D"],
+        resample="bicubic",  # transformers ViT / DeiT interpolate_pos_encoding: no antialiasing
+        values=dict(representation=dims.get("R")),
+        fields=dict(
             transformer=dict(
-                mlp_dim=dims["M"],
-                num_heads=dims["H"],
-                num_layers=f["layers"],
                 dropout_rate=float(config.get("hidden_dropout_prob", 0.0)),
                 attention_dropout_rate=float(config.get("attention_probs_dropout_prob", 0.0)),
             ),
             classifier="token",
-            distillation_token=f["deit"],
-            representation_size=dims["R"] if "representation" in f["features"] else None,
-            gelu_approximate=f["gelu_approximate"],
+            gelu_approximate=hf_common.gelu_approximate(path, config, "gelu"),
             layernorm_epsilon=float(config.get("layer_norm_eps", 1e-12)),
-            # transformers ViT / DeiT interpolate_pos_encoding: bicubic, no antialiasing
-            **native_posemb(f["image_size"], (dims["ph"], dims["pw"]), "bicubic"),
-        )
+        ),
+        class_names=hf_common.class_names(config, dims.get("N")),
     )
-    params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
-    names = hf_common.class_names(config, dims.get("N"))
-    return Converted(params, model_config, names, f["image_size"])
 
 
 def hf_model_type(model_config: Any, params: Mapping[str, Any]) -> str:
@@ -240,7 +187,7 @@ def hf_model_type(model_config: Any, params: Mapping[str, Any]) -> str:
     flat = flatten(models.unstack_layers(params))
     if config.get("classifier") == "map":
         return "siglip_vision_model"
-    dinov2 = uses_layer_scale(config) or LAYER_SCALE_KEY in flat or options.num_registers(config)
+    dinov2 = options.layer_scale(config, flat) or options.num_registers(config)
     if dinov2 and "head/kernel" not in flat and not config.get("distillation_token"):
         return "dinov2_with_registers" if options.num_registers(config) else "dinov2"
     return "deit" if config.get("distillation_token") else "vit"
@@ -251,14 +198,12 @@ def to_hf(
     model_config: Any,
     path: str | os.PathLike,
     *,
-    class_names: list[str] | None = None,
-    image_size: int | tuple[int, int] | None = None,
-    source: str = "params",
     model_type: str | None = None,
-    normalization: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
+    **kwargs: Any,
 ) -> epath.Path:
-    """Writes a transformers model directory (config.json + model.safetensors, hub key names).
+    """Writes a transformers model directory (config.json + model.safetensors, hub key names;
+    `codec.write`'s keyword arguments: class_names, image_size, source, normalization,
+    overwrite).
 
     `model_type` (default: `hf_model_type`) picks the transformers family: 'vit' (with a head
     `ViTForImageClassification`, else `ViTModel`, whose pooler is our `pre_logits`), 'deit'
@@ -269,69 +214,81 @@ def to_hf(
     whole or not at all; an existing one is refused unless `overwrite` (`hf_common.write_dir`).
     """
     model_type = model_type or hf_model_type(model_config, params)
-    written = dict(normalization=normalization, image_size=image_size, overwrite=overwrite)
-    args = dict(class_names=class_names, source=source, **written)
-    if model_type in hf_siglip.MODEL_TYPES:
-        return hf_siglip.to_dir(params, model_config, path, **args)
-    if model_type in hf_dinov2.MODEL_TYPES:
-        return hf_dinov2.to_dir(params, model_config, path, **args)
-    if model_type not in _VIT_TYPES:
+    if model_type not in CODECS:
         raise ConversionError(f"{path}: cannot write transformers model_type {model_type!r}")
-    deit = model_type == "deit"
-    f = vit_facts(
-        params,
-        model_config,
-        image_size=image_size,
-        target=f"transformers {'DeiT' if deit else 'ViT'}",
-        classifiers=("token",),
-        features_representation=True,
-        distillation=deit,
-        layer_scale=False,
-    )
-    options.check_options(f.config, f"transformers {'DeiT' if deit else 'ViT'}")
-    if deit and not f.config.distillation_token:
-        raise ConversionError(f"transformers DeiT needs a distillation token ({f.config.name})")
-    names = class_names_for(f.num_classes, class_names)
-    representation = f.config.get("representation_size")
-    features = {"qkv_bias", *(["distillation"] if deit else [])}
-    if f.num_classes:
-        features.add("deit_heads" if deit else "head")
-    features.update(["representation"] if representation else [])
-    keys = TABLE.at(layers=f.layers, dims={**f.dims, "R": representation or 0}, features=features)
-    state = keys.to_theirs(f.flat, source=source, what=f"a {f.config.name or 'ViT'} of this config")
-    if f.num_classes:  # the classifier classes: the backbone under `vit.` / `deit.`
+    return codec.write(CODECS[model_type], params, model_config, path, **kwargs)
+
+
+def _features(f: VitFacts) -> set[str]:
+    """The table's structural rows (the options': the capability rows)."""
+    head = "deit_heads" if f.config.distillation_token else "head"
+    return {"qkv_bias", *([head] if f.num_classes else [])}
+
+
+def _classifier_prefix(model_type: str):
+    def add(f: VitFacts, state: dict[str, Any]) -> dict[str, Any]:
+        """With a classifier, the backbone's keys under `vit.` / `deit.`."""
+        if not f.num_classes:
+            return state
         prefix = _PREFIX[model_type]
-        state = {k if "classifier." in k else f"{prefix}{k}": v for k, v in state.items()}
-    return hf_common.write_dir(state, _hf_config(f, names, model_type), path, **written)
+        return {k if "classifier." in k else f"{prefix}{k}": v for k, v in state.items()}
+
+    return add
 
 
-def _hf_config(f: VitFacts, names: list[str] | None, model_type: str) -> dict[str, Any]:
-    """The transformers `config.json` of the ViT / DeiT model `f` describes."""
-    t, (ph, pw), d = f.config.transformer, f.patch, f.hidden
+def _hf_config(model_type: str):
     classes = {
         "vit": ("ViTForImageClassification", "ViTModel"),
         "deit": ("DeiTForImageClassificationWithTeacher", "DeiTModel"),
     }[model_type]
-    config = {
-        "architectures": [classes[0] if f.num_classes else classes[1]],
-        "model_type": model_type,
-        "hidden_size": d,
-        "num_hidden_layers": f.layers,
-        "num_attention_heads": f.heads,
-        "intermediate_size": f.mlp,
-        "hidden_act": "gelu_pytorch_tanh" if f.config.gelu_approximate else "gelu",
-        "hidden_dropout_prob": float(t.dropout_rate),
-        "attention_probs_dropout_prob": float(t.attention_dropout_rate),
-        "initializer_range": 0.02,
-        "layer_norm_eps": float(f.config.layernorm_epsilon),
-        "image_size": f.image_size[0] if f.image_size[0] == f.image_size[1] else list(f.image_size),
-        "patch_size": ph if ph == pw else [ph, pw],
-        "num_channels": 3,
-        "qkv_bias": True,
-        "encoder_stride": ph,
-        "pooler_output_size": int(f.config.get("representation_size") or d),
-        "pooler_act": "tanh",
-        **hf_common.labels_config(names, f.num_classes),
-        "dtype": "float32",
-    }
+
+    def config(f: VitFacts, names: list[str] | None) -> dict[str, Any]:
+        """The transformers `config.json` of the ViT / DeiT model `f` describes."""
+        t, (ph, pw), d = f.config.transformer, f.patch, f.hidden
+        return {
+            "architectures": [classes[0] if f.num_classes else classes[1]],
+            "model_type": model_type,
+            "hidden_size": d,
+            "num_hidden_layers": f.layers,
+            "num_attention_heads": f.heads,
+            "intermediate_size": f.mlp,
+            "hidden_act": "gelu_pytorch_tanh" if f.config.gelu_approximate else "gelu",
+            "hidden_dropout_prob": float(t.dropout_rate),
+            "attention_probs_dropout_prob": float(t.attention_dropout_rate),
+            "initializer_range": 0.02,
+            "layer_norm_eps": float(f.config.layernorm_epsilon),
+            "image_size": f.image_size[0] if len(set(f.image_size)) == 1 else list(f.image_size),
+            "patch_size": ph if ph == pw else [ph, pw],
+            "num_channels": 3,
+            "qkv_bias": True,
+            "encoder_stride": ph,
+            "pooler_output_size": d,
+            "pooler_act": "tanh",
+            **hf_common.labels_config(names, f.num_classes),
+            "dtype": "float32",
+        }
+
     return config
+
+
+# Every family `to_hf` writes, by model_type.
+CODECS = {
+    "vit": codec.Codec(
+        options.Capabilities("transformers ViT", rows=(_POOLER,)),
+        TABLE,
+        config=_hf_config("vit"),
+        save=hf_common.save,
+        features=_features,
+        state=_classifier_prefix("vit"),
+    ),
+    "deit": codec.Codec(
+        options.Capabilities("transformers DeiT", rows=(_POOLER, _DISTILLATION)),
+        TABLE,
+        config=_hf_config("deit"),
+        save=hf_common.save,
+        features=_features,
+        state=_classifier_prefix("deit"),
+    ),
+    **{model_type: hf_siglip.CODEC for model_type in hf_siglip.MODEL_TYPES},
+    **dict(zip(hf_dinov2.MODEL_TYPES, hf_dinov2.CODECS, strict=True)),
+}

@@ -9,8 +9,10 @@ writes a family's state dict and config back. `hf.from_hf` / `hf.to_hf` are the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,24 +24,24 @@ from vit_jax.weights import files, run
 from vit_jax.weights import normalization as norm
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import CheckpointNotFoundError, ConversionError
-from vit_jax.weights.table import HEADS_BIAS, HEADS_IN, HEADS_OUT, IDENTITY, Row
+from vit_jax.weights.table import ATTENTION, HEADS_IN, HEADS_OUT, Row, pair
 
 __all__ = [
-    "ATTENTION",
-    "BLOCK",
     "CONFIG",
     "GELU",
     "LAYER",
+    "RENAMES",
     "WEIGHTS",
     "attention_rows",
     "check_channels_and_heads",
     "class_names",
     "gelu_approximate",
+    "hub_state",
     "labels_config",
     "read_files",
     "replaceable",
+    "save",
     "shard_files",
-    "strip_prefix",
     "write_dir",
 ]
 
@@ -47,10 +49,21 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 # transformers `hidden_act` -> our `gelu_approximate`
 GELU = {"gelu": False, "gelu_python": False, "gelu_pytorch_tanh": True, "gelu_new": True}
-# Per-block names: our encoder block and its attention, transformers' ViT-layout layer.
-BLOCK = "Transformer/encoderblock_{i}/"
-ATTENTION = f"{BLOCK}MultiHeadDotProductAttention_1/"
+# transformers' ViT-layout layer (ViT, DeiT, DINOv2)
 LAYER = "encoder.layer.{i}."
+_VIT, _DINOV2 = ("vit", "deit"), ("dinov2", "dinov2_with_registers")
+# transformers 5 in-memory names -> the hub names (which transformers 4 and 5 both load), and
+# the model_types whose keys are renamed so (after their prefix is removed)
+RENAMES = (
+    (r"^layers\.(\d+)\.", r"encoder.layer.\1.", _VIT),
+    (r"\.attention\.q_proj\.", ".attention.attention.query.", _VIT + _DINOV2),
+    (r"\.attention\.k_proj\.", ".attention.attention.key.", _VIT + _DINOV2),
+    (r"\.attention\.v_proj\.", ".attention.attention.value.", _VIT + _DINOV2),
+    (r"\.attention\.o_proj\.", ".attention.output.dense.", _VIT + _DINOV2),
+    (r"\.mlp\.fc1\.", ".intermediate.dense.", _VIT),
+    (r"\.mlp\.fc2\.", ".output.dense.", _VIT),
+    (r"\.mlp\.down_proj\.", ".mlp.weights_out.", _DINOV2),
+)
 
 
 def attention_rows() -> tuple[Row, ...]:
@@ -59,14 +72,11 @@ def attention_rows() -> tuple[Row, ...]:
     rows = []
     for name in ("query", "key", "value"):
         theirs = f"{LAYER}attention.attention.{name}"
-        rows.append(Row(f"{ATTENTION}{name}/kernel", f"{theirs}.weight", HEADS_IN, "D H hd"))
-        rows.append(
-            Row(f"{ATTENTION}{name}/bias", f"{theirs}.bias", HEADS_BIAS, "H hd", when="qkv_bias")
-        )
+        kernel, bias = pair(f"{ATTENTION}{name}", theirs, HEADS_IN, "D H hd")
+        rows += [kernel, dataclasses.replace(bias, when="qkv_bias")]
     return (
         *rows,
-        Row(f"{ATTENTION}out/kernel", f"{LAYER}attention.output.dense.weight", HEADS_OUT, "H hd D"),
-        Row(f"{ATTENTION}out/bias", f"{LAYER}attention.output.dense.bias", IDENTITY, "D"),
+        *pair(f"{ATTENTION}out", f"{LAYER}attention.output.dense", HEADS_OUT, "H hd D"),
     )
 
 
@@ -145,11 +155,20 @@ def shard_files(folder: epath.Path, index: epath.Path) -> list[epath.Path]:
     return shards
 
 
-def strip_prefix(path: Any, state: Mapping[str, np.ndarray], prefix: str) -> dict[str, Any]:
-    """`state` with a leading `prefix` removed where present; a clash is an error."""
+def hub_state(
+    path: Any, state: Mapping[str, np.ndarray], prefixes: tuple[str, ...], model_type: str
+) -> dict[str, Any]:
+    """`state` under the hub names: each leading prefix in `prefixes` removed where present
+    (in turn), then the transformers-5 names of `model_type` renamed (`RENAMES`); two keys
+    meaning one name are an error."""
+    renames = [(re.compile(a), b) for a, b, types in RENAMES if model_type in types]
     out: dict[str, np.ndarray] = {}
     for key, value in state.items():
-        name = key.removeprefix(prefix)
+        name = key
+        for prefix in prefixes:
+            name = name.removeprefix(prefix)
+        for pattern, replacement in renames:
+            name = pattern.sub(replacement, name)
         if name in out:
             raise ConversionError(f"{path}: {key!r} and another key both mean {name!r}")
         out[name] = value
@@ -238,3 +257,16 @@ def write_dir(
         norm.write_hf(staging, normalization, image_size)
     logging.info("wrote transformers %s to %s", config["architectures"][0], out)
     return out
+
+
+def save(
+    state: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+    path: Any,
+    facts: Any,
+    names: Any,
+    **kw: Any,
+) -> epath.Path:
+    """`write_dir` as a `codec.Codec`'s save (the config already holds the class names)."""
+    del facts, names
+    return write_dir(state, config, path, **kw)

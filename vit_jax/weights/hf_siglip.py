@@ -16,99 +16,74 @@ Our model: no class token, learned position embeddings over the patch grid (`nn.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from absl import logging
 from etils import epath
 
-from vit_jax import models
-from vit_jax.weights import hf_common, npz, options
+from vit_jax.weights import codec, hf_common, npz, options
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import ConversionError
-from vit_jax.weights.facts import Converted, native_posemb, vit_facts
+from vit_jax.weights.facts import Converted, VitFacts
 from vit_jax.weights.table import (
+    ATTENTION,
+    BLOCK,
     CONV,
     DENSE,
     HEADS_BIAS,
     HEADS_IN,
     HEADS_OUT,
     IDENTITY,
+    MAP,
+    MAP_ATTENTION,
     UNBATCHED,
     Row,
     Table,
+    pair,
 )
-from vit_jax.weights.tree import unflatten
 
-__all__ = ["MODEL_TYPES", "PREFIX", "TABLE", "from_state", "to_dir"]
+__all__ = ["CAN", "CODEC", "MODEL_TYPES", "PREFIX", "TABLE", "from_state"]
 
 MODEL_TYPES = ("siglip_vision_model", "siglip")
 PREFIX = "vision_model."
 _QKV = ("query", "key", "value")
-_L = "Transformer/encoderblock_{i}/"
-_A = f"{_L}MultiHeadDotProductAttention_1/"
+_L, _A, _M, _MA = BLOCK, ATTENTION, MAP, MAP_ATTENTION
 _E = "encoder.layers.{i}."
-_M = "MAPHead_0/"
-_MA = f"{_M}MultiHeadDotProductAttention_0/"
-
-
-def _norm(ours: str, theirs: str) -> tuple[Row, Row]:
-    return (
-        Row(f"{ours}/scale", f"{theirs}.weight", IDENTITY, "D"),
-        Row(f"{ours}/bias", f"{theirs}.bias", IDENTITY, "D"),
-    )
-
-
-def _dense(ours: str, theirs: str, shape: str) -> tuple[Row, Row]:
-    return (
-        Row(f"{ours}/kernel", f"{theirs}.weight", DENSE, shape),
-        Row(f"{ours}/bias", f"{theirs}.bias", IDENTITY, shape.split()[-1]),
-    )
-
-
-def _projection(ours: str, theirs: str) -> tuple[Row, Row]:
-    return (
-        Row(f"{_A}{ours}/kernel", f"{_E}self_attn.{theirs}.weight", HEADS_IN, "D H hd"),
-        Row(f"{_A}{ours}/bias", f"{_E}self_attn.{theirs}.bias", HEADS_BIAS, "H hd"),
-    )
 
 
 # Hub names without `vision_model.`.
 TABLE = Table(
     rows=(
-        Row("embedding/kernel", "embeddings.patch_embedding.weight", CONV, "ph pw 3 D"),
-        Row("embedding/bias", "embeddings.patch_embedding.bias", IDENTITY, "D"),
+        *pair("embedding", "embeddings.patch_embedding", CONV, "ph pw 3 D"),
         Row(npz.POSEMB_KEY, "embeddings.position_embedding.weight", UNBATCHED, "1 T D"),
-        *_norm("Transformer/encoder_norm", "post_layernorm"),
+        *pair("Transformer/encoder_norm", "post_layernorm"),
         Row(f"{_M}probe", "head.probe", IDENTITY, "1 1 D"),
-        Row(
-            tuple(f"{_MA}{n}/kernel" for n in _QKV),
-            "head.attention.in_proj_weight",
-            HEADS_IN,
-            "D H hd",
-        ),
-        Row(
-            tuple(f"{_MA}{n}/bias" for n in _QKV), "head.attention.in_proj_bias", HEADS_BIAS, "H hd"
-        ),
-        Row(f"{_MA}out/kernel", "head.attention.out_proj.weight", HEADS_OUT, "H hd D"),
-        Row(f"{_MA}out/bias", "head.attention.out_proj.bias", IDENTITY, "D"),
-        *_norm(f"{_M}LayerNorm_0", "head.layernorm"),
-        *_dense(f"{_M}MlpBlock_0/Dense_0", "head.mlp.fc1", "D M"),
-        *_dense(f"{_M}MlpBlock_0/Dense_1", "head.mlp.fc2", "M D"),
+        Row(tuple(f"{_MA}{n}/kernel" for n in _QKV), "head.attention.in_proj_weight", HEADS_IN,
+            "D H hd"),
+        Row(tuple(f"{_MA}{n}/bias" for n in _QKV), "head.attention.in_proj_bias", HEADS_BIAS,
+            "H hd"),
+        *pair(f"{_MA}out", "head.attention.out_proj", HEADS_OUT, "H hd D"),
+        *pair(f"{_M}LayerNorm_0", "head.layernorm"),
+        *pair(f"{_M}MlpBlock_0/Dense_0", "head.mlp.fc1", DENSE, "D M"),
+        *pair(f"{_M}MlpBlock_0/Dense_1", "head.mlp.fc2", DENSE, "M D"),
     ),
     block=(
-        *_norm(f"{_L}LayerNorm_0", f"{_E}layer_norm1"),
-        *_projection("query", "q_proj"),
-        *_projection("key", "k_proj"),
-        *_projection("value", "v_proj"),
-        Row(f"{_A}out/kernel", f"{_E}self_attn.out_proj.weight", HEADS_OUT, "H hd D"),
-        Row(f"{_A}out/bias", f"{_E}self_attn.out_proj.bias", IDENTITY, "D"),
-        *_norm(f"{_L}LayerNorm_2", f"{_E}layer_norm2"),
-        *_dense(f"{_L}MlpBlock_3/Dense_0", f"{_E}mlp.fc1", "D M"),
-        *_dense(f"{_L}MlpBlock_3/Dense_1", f"{_E}mlp.fc2", "M D"),
+        *pair(f"{_L}LayerNorm_0", f"{_E}layer_norm1"),
+        *pair(f"{_A}query", f"{_E}self_attn.q_proj", HEADS_IN, "D H hd"),
+        *pair(f"{_A}key", f"{_E}self_attn.k_proj", HEADS_IN, "D H hd"),
+        *pair(f"{_A}value", f"{_E}self_attn.v_proj", HEADS_IN, "D H hd"),
+        *pair(f"{_A}out", f"{_E}self_attn.out_proj", HEADS_OUT, "H hd D"),
+        *pair(f"{_L}LayerNorm_2", f"{_E}layer_norm2"),
+        *pair(f"{_L}MlpBlock_3/Dense_0", f"{_E}mlp.fc1", DENSE, "D M"),
+        *pair(f"{_L}MlpBlock_3/Dense_1", f"{_E}mlp.fc2", DENSE, "M D"),
     ),
+)  # fmt: skip
+
+# SiglipVisionModel expresses none of our options: MAP pooling, no classifier head (e.g.
+# big_vision's `img/head` projection is refused, naming it), square images and patches.
+CAN = options.Capabilities(
+    "transformers SiglipVisionModel", classifiers=("map",), head=False, square=True
 )
 
 
@@ -128,8 +103,8 @@ def _vision_state(path: Any, config: Mapping[str, Any], raw: Mapping[str, Any]):
                 rest[0],
             )
         raw = {k: v for k, v in raw.items() if k.startswith(PREFIX)}
-        return vision, hf_common.strip_prefix(path, raw, PREFIX)
-    return dict(config), hf_common.strip_prefix(path, raw, PREFIX)
+        return vision, hf_common.hub_state(path, raw, (PREFIX,), "siglip")
+    return dict(config), hf_common.hub_state(path, raw, (PREFIX,), "siglip")
 
 
 def from_state(path: Any, config: Mapping[str, Any], raw: Mapping[str, Any]) -> Converted:
@@ -143,75 +118,30 @@ def from_state(path: Any, config: Mapping[str, Any], raw: Mapping[str, Any]) -> 
     d, heads = hf_common.check_channels_and_heads(path, vision)
     ph, pw = pt.pair(vision.get("patch_size", 16), "patch_size")
     h, w = pt.pair(vision.get("image_size", 224), "image_size")
-    layers, mlp = int(vision["num_hidden_layers"]), int(vision["intermediate_size"])
-    dims = dict(D=d, H=heads, hd=d // heads, M=mlp, ph=ph, pw=pw, T=(h // ph) * (w // pw))
-    flat = TABLE.at(layers=layers, dims=dims).to_ours(
-        state, source=str(path), what="a transformers SiglipVisionModel of this config.json"
-    )
-    model_config = models.get_config(
-        dict(
-            name=str(config.get("_name_or_path") or epath.Path(path).name),
-            patches=dict(size=(ph, pw)),
-            hidden_size=d,
-            transformer=dict(
-                mlp_dim=mlp,
-                num_heads=heads,
-                num_layers=layers,
-                attention_dropout_rate=float(vision.get("attention_dropout", 0.0)),
-            ),
+    mlp = int(vision["intermediate_size"])
+    parsed = codec.Parsed(
+        name=str(config.get("_name_or_path") or epath.Path(path).name),
+        layers=int(vision["num_hidden_layers"]),
+        dims=dict(D=d, H=heads, hd=d // heads, M=mlp, ph=ph, pw=pw, T=(h // ph) * (w // pw)),
+        features=set(),
+        image_size=(h, w),
+        resample="bicubic",  # SiglipVisionEmbeddings.interpolate_pos_encoding: plain bicubic
+        fields=dict(
+            transformer=dict(attention_dropout_rate=float(vision.get("attention_dropout", 0.0))),
             classifier="map",
             posemb="learn",
             gelu_approximate=hf_common.gelu_approximate(path, vision, "gelu_pytorch_tanh"),
             layernorm_epsilon=float(vision.get("layer_norm_eps", 1e-6)),
-            # transformers SiglipVisionEmbeddings.interpolate_pos_encoding: plain bicubic
-            **native_posemb((h, w), (ph, pw), "bicubic"),
-        )
+        ),
     )
-    params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
-    return Converted(params, model_config, None, (h, w))
+    what = "a transformers SiglipVisionModel of this config.json"
+    return codec.read(CODEC, state, parsed, source=str(path), what=what)
 
 
-def to_dir(
-    params: Mapping[str, Any],
-    model_config: Any,
-    path: str | os.PathLike,
-    *,
-    class_names: list[str] | None = None,
-    image_size: int | tuple[int, int] | None = None,
-    source: str = "params",
-    normalization: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-) -> epath.Path:
-    """Writes a `SiglipVisionModel` directory (square images only, as transformers has them;
-    `hf_common.write_dir`). It has no place for a classifier `head` (e.g. big_vision's
-    `img/head` projection): such models are refused, naming it."""
-    del class_names  # SiglipVisionModel has no classifier
-    target = "transformers SiglipVisionModel"
-    f = vit_facts(
-        params,
-        model_config,
-        image_size=image_size,
-        target=target,
-        classifiers=("map",),
-        features_representation=False,
-        distillation=False,
-        layer_scale=False,
-    )
-    options.check_options(f.config, target)
-    if f.num_classes:
-        raise ConversionError(
-            f"{target} has no classifier: {f.config.name or 'the model'} has head/kernel "
-            f"{tuple(f.flat['head/kernel'].shape)}; convert it without its head"
-        )
-    (ph, pw), (h, w) = f.patch, f.image_size
-    if ph != pw or h != w:
-        raise ConversionError(
-            f"{target} takes square images and patches; got image {h}x{w}, patch {ph}x{pw}"
-        )
-    state = TABLE.at(layers=f.layers, dims=f.dims).to_theirs(
-        f.flat, source=source, what=f"a {f.config.name or 'SigLIP'} of this config"
-    )
-    config = {
+def _config(f: VitFacts, names: Any) -> dict[str, Any]:
+    """The `config.json` of the SigLIP image tower `f` describes."""
+    del names  # SiglipVisionModel has no classifier
+    return {
         "architectures": ["SiglipVisionModel"],
         "model_type": "siglip_vision_model",
         "hidden_size": f.hidden,
@@ -219,14 +149,20 @@ def to_dir(
         "num_hidden_layers": f.layers,
         "num_attention_heads": f.heads,
         "num_channels": 3,
-        "image_size": h,
-        "patch_size": ph,
+        "image_size": f.image_size[0],
+        "patch_size": f.patch[0],
         "hidden_act": "gelu_pytorch_tanh" if f.config.gelu_approximate else "gelu",
         "layer_norm_eps": float(f.config.layernorm_epsilon),
         "attention_dropout": float(f.config.transformer.attention_dropout_rate),
         "vision_use_head": True,
         "dtype": "float32",
     }
-    written = dict(normalization=normalization, image_size=image_size, overwrite=overwrite)
-    state = {f"{PREFIX}{k}": v for k, v in state.items()}
-    return hf_common.write_dir(state, config, path, **written)
+
+
+CODEC = codec.Codec(
+    CAN,
+    TABLE,
+    config=_config,
+    save=hf_common.save,
+    state=lambda f, state: {f"{PREFIX}{k}": v for k, v in state.items()},
+)

@@ -20,7 +20,9 @@ Transforms are named pairs (to ours, to theirs) with the shape rule between them
 ((H*hd,) <-> (H, hd)), `UNBATCHED` ((1, N, D) <-> (N, D): an `nn.Embedding` position table).
 A row with several of our keys is *fused*: their array is the concatenation of the transformed
 parts along the first axis (timm's `attn.qkv`, torch `nn.MultiheadAttention`'s `in_proj_weight`),
-split again when reading. Adding a parameter to a format is one row.
+split again when reading. Adding a parameter to a format is one row; `pair` writes the (weight,
+bias) rows of one layer in one call. Which of our options a format can express is its capability
+table's (`weights.options`); `weights.codec` runs both tables.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import ConversionError
 
 __all__ = [
+    "ATTENTION",
+    "BLOCK",
     "CONV",
     "DENSE",
     "HEADS_BIAS",
@@ -42,13 +46,23 @@ __all__ = [
     "HEADS_OUT",
     "IDENTITY",
     "KeyMap",
+    "MAP",
+    "MAP_ATTENTION",
     "Row",
     "Table",
     "Transform",
     "UNBATCHED",
+    "pair",
 ]
 
 Shape = tuple[int, ...]
+
+# Our names that every table uses: an encoder block ({i}: the layer), its self-attention, the
+# MAP head and its attention.
+BLOCK = "Transformer/encoderblock_{i}/"
+ATTENTION = f"{BLOCK}MultiHeadDotProductAttention_1/"
+MAP = "MAPHead_0/"
+MAP_ATTENTION = f"{MAP}MultiHeadDotProductAttention_0/"
 
 
 class Transform(NamedTuple):
@@ -116,6 +130,25 @@ class Row:
     optional: bool = False
 
 
+def pair(
+    ours: str, theirs: str, transform: Transform = IDENTITY, shape: str = "D", **kw
+) -> tuple[Row, Row]:
+    """The (weight, bias) rows of one layer: our `scale` (a norm, `IDENTITY`) or `kernel` and
+    `bias`, their `.weight` and `.bias`; a q/k/v projection's bias is (H, hd) per head."""
+    first = "scale" if transform is IDENTITY else "kernel"
+    heads = transform is HEADS_IN
+    return (
+        Row(f"{ours}/{first}", f"{theirs}.weight", transform, shape, **kw),
+        Row(
+            f"{ours}/bias",
+            f"{theirs}.bias",
+            HEADS_BIAS if heads else IDENTITY,
+            "H hd" if heads else shape.split()[-1],
+            **kw,
+        ),
+    )
+
+
 class Entry(NamedTuple):
     """A row for one model: keys with the layer filled in, shapes resolved."""
 
@@ -160,6 +193,15 @@ class Table:
                 Entry(ours, row.theirs, row.transform, shape, theirs, row.optional, zero)
             )
         return KeyMap(tuple(entries))
+
+    def detect(self, state: Mapping[str, object], features: Iterable[str]) -> set[str]:
+        """Those of `features` whose first row (in layer 0 for block rows) is in their `state`:
+        the optional parts a file holds, read off its keys."""
+        rows = [*self.rows, *_layer(self.block, 0)]
+        first = {}
+        for row in rows:
+            first.setdefault(row.when, row.theirs)
+        return {f for f in features if first.get(f) in state}
 
 
 def _layer(block: Sequence[Row], i: int) -> list[Row]:

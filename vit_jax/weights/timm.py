@@ -30,31 +30,30 @@ from absl import logging
 from etils import epath
 
 from vit_jax import models
-from vit_jax.weights import files, npz, options
+from vit_jax.weights import codec, files, npz, options
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import ConversionError
-from vit_jax.weights.facts import (
-    LAYER_SCALE_KEY,
-    Converted,
-    VitFacts,
-    class_names_for,
-    native_posemb,
-    uses_layer_scale,
-    vit_facts,
-)
+from vit_jax.weights.facts import Converted, VitFacts
+from vit_jax.weights.options import Can
 from vit_jax.weights.table import (
+    ATTENTION,
+    BLOCK,
     CONV,
     DENSE,
     HEADS_BIAS,
     HEADS_IN,
     HEADS_OUT,
     IDENTITY,
+    MAP,
+    MAP_ATTENTION,
     Row,
     Table,
+    pair,
 )
-from vit_jax.weights.tree import unflatten
 
 __all__ = [
+    "CAN",
+    "CODEC",
     "HUB_WEIGHTS",
     "TABLE",
     "from_timm",
@@ -92,17 +91,10 @@ _GELU_TANH = frozenset(
     for res in resolutions
 )
 _QKV = ("query", "key", "value")
-# table features -> the key whose presence in a state dict turns them on
-_FEATURE_KEYS = {
-    "class_token": "cls_token",
-    "distillation": "dist_token",
-    "head": "head.weight",
-    "head_dist": "head_dist.weight",
-    "registers": "reg_token",
-    "map": "attn_pool.latent",
-    "qk_norm": "blocks.0.attn.q_norm.weight",
-}
-_LAYER_SCALE = re.compile(r"^blocks\.\d+\.ls[12]\.gamma$")
+# the table's optional parts that the keys of a state dict show (`Table.detect`)
+_DETECTED = (
+    "class_token", "distillation", "head", "head_dist", "registers", "map", "qk_norm", "layer_scale"
+)  # fmt: skip
 _UNSUPPORTED = {
     "norm_pre.": "a pre-norm (CLIP-style norm_pre)",
     "patch_embed.backbone.": "a CNN backbone (hybrid)",
@@ -161,48 +153,23 @@ def _timm_hub_config(path: epath.Path) -> dict[str, Any]:
     return config if isinstance(config, dict) and "architecture" in config else {}
 
 
-_L = "Transformer/encoderblock_{i}/"
-_A = f"{_L}MultiHeadDotProductAttention_1/"
+_L, _A, _M, _MA = BLOCK, ATTENTION, MAP, MAP_ATTENTION
 _B = "blocks.{i}."
-_M = "MAPHead_0/"
-_MA = f"{_M}MultiHeadDotProductAttention_0/"
-
-
-def _rows(ours: str, theirs: str, transform, shape: str, **kw) -> tuple[Row, Row]:
-    """(weight, bias) rows: `kernel` (Dense / attention) or `scale` (norms), and `bias`."""
-    first = "scale" if transform is IDENTITY else "kernel"
-    bias = HEADS_BIAS if transform is HEADS_IN else IDENTITY
-    bias_shape = "H hd" if transform is HEADS_IN else shape.split()[-1]
-    return (
-        Row(f"{ours}/{first}", f"{theirs}.weight", transform, shape, **kw),
-        Row(f"{ours}/bias", f"{theirs}.bias", bias, bias_shape, **kw),
-    )
 
 
 # timm's AttentionPoolLatent (`global_pool='map'`): a latent query, `q` and a fused `kv`.
 _MAP_ROWS = (
     Row(f"{_M}probe", "attn_pool.latent", IDENTITY, "1 1 D", when="map"),
-    *_rows(f"{_MA}query", "attn_pool.q", HEADS_IN, "D H hd", when="map"),
-    Row(
-        tuple(f"{_MA}{n}/kernel" for n in ("key", "value")),
-        "attn_pool.kv.weight",
-        HEADS_IN,
-        "D H hd",
-        when="map",
-    ),
-    Row(
-        tuple(f"{_MA}{n}/bias" for n in ("key", "value")),
-        "attn_pool.kv.bias",
-        HEADS_BIAS,
-        "H hd",
-        when="map",
-    ),
-    Row(f"{_MA}out/kernel", "attn_pool.proj.weight", HEADS_OUT, "H hd D", when="map"),
-    Row(f"{_MA}out/bias", "attn_pool.proj.bias", IDENTITY, "D", when="map"),
-    *_rows(f"{_M}LayerNorm_0", "attn_pool.norm", IDENTITY, "D", when="map"),
-    *_rows(f"{_M}MlpBlock_0/Dense_0", "attn_pool.mlp.fc1", DENSE, "D M", when="map"),
-    *_rows(f"{_M}MlpBlock_0/Dense_1", "attn_pool.mlp.fc2", DENSE, "M D", when="map"),
-)
+    *pair(f"{_MA}query", "attn_pool.q", HEADS_IN, "D H hd", when="map"),
+    Row(tuple(f"{_MA}{n}/kernel" for n in _QKV[1:]), "attn_pool.kv.weight", HEADS_IN, "D H hd",
+        when="map"),
+    Row(tuple(f"{_MA}{n}/bias" for n in _QKV[1:]), "attn_pool.kv.bias", HEADS_BIAS, "H hd",
+        when="map"),
+    *pair(f"{_MA}out", "attn_pool.proj", HEADS_OUT, "H hd D", when="map"),
+    *pair(f"{_M}LayerNorm_0", "attn_pool.norm", when="map"),
+    *pair(f"{_M}MlpBlock_0/Dense_0", "attn_pool.mlp.fc1", DENSE, "D M", when="map"),
+    *pair(f"{_M}MlpBlock_0/Dense_1", "attn_pool.mlp.fc2", DENSE, "M D", when="map"),
+)  # fmt: skip
 
 TABLE = Table(
     rows=(
@@ -212,40 +179,43 @@ TABLE = Table(
         Row("dist", "dist_token", IDENTITY, "1 1 D", when="distillation"),
         Row("registers", "reg_token", IDENTITY, "1 NR D", when="registers"),
         Row(npz.POSEMB_KEY, "pos_embed", IDENTITY, "1 T D"),
-        Row("Transformer/encoder_norm/scale", "norm.weight", IDENTITY, "D"),
-        Row("Transformer/encoder_norm/bias", "norm.bias", IDENTITY, "D"),
-        Row("head/kernel", "head.weight", DENSE, "D N", when="head"),
-        Row("head/bias", "head.bias", IDENTITY, "N", when="head"),
-        Row("head_dist/kernel", "head_dist.weight", DENSE, "D N", when="head_dist"),
-        Row("head_dist/bias", "head_dist.bias", IDENTITY, "N", when="head_dist"),
+        *pair("Transformer/encoder_norm", "norm"),
+        *pair("head", "head", DENSE, "D N", when="head"),
+        *pair("head_dist", "head_dist", DENSE, "D N", when="head_dist"),
         *_MAP_ROWS,
     ),
     block=(
-        Row(f"{_L}LayerNorm_0/scale", f"{_B}norm1.weight", IDENTITY, "D"),
-        Row(f"{_L}LayerNorm_0/bias", f"{_B}norm1.bias", IDENTITY, "D"),
+        *pair(f"{_L}LayerNorm_0", f"{_B}norm1"),
         Row(tuple(f"{_A}{n}/kernel" for n in _QKV), f"{_B}attn.qkv.weight", HEADS_IN, "D H hd"),
-        Row(
-            tuple(f"{_A}{n}/bias" for n in _QKV),
-            f"{_B}attn.qkv.bias",
-            HEADS_BIAS,
-            "H hd",
-            optional=True,
-        ),
-        *_rows(f"{_A}query_norm", f"{_B}attn.q_norm", IDENTITY, "hd", when="qk_norm"),
-        *_rows(f"{_A}key_norm", f"{_B}attn.k_norm", IDENTITY, "hd", when="qk_norm"),
-        Row(f"{_A}out/kernel", f"{_B}attn.proj.weight", HEADS_OUT, "H hd D"),
-        Row(f"{_A}out/bias", f"{_B}attn.proj.bias", IDENTITY, "D"),
+        Row(tuple(f"{_A}{n}/bias" for n in _QKV), f"{_B}attn.qkv.bias", HEADS_BIAS, "H hd",
+            optional=True),
+        *pair(f"{_A}query_norm", f"{_B}attn.q_norm", shape="hd", when="qk_norm"),
+        *pair(f"{_A}key_norm", f"{_B}attn.k_norm", shape="hd", when="qk_norm"),
+        *pair(f"{_A}out", f"{_B}attn.proj", HEADS_OUT, "H hd D"),
         Row(f"{_L}LayerScale_1/scale", f"{_B}ls1.gamma", IDENTITY, "D", when="layer_scale"),
-        Row(f"{_L}LayerNorm_2/scale", f"{_B}norm2.weight", IDENTITY, "D"),
-        Row(f"{_L}LayerNorm_2/bias", f"{_B}norm2.bias", IDENTITY, "D"),
-        *_rows(f"{_L}MlpBlock_3/Dense_0", f"{_B}mlp.fc1", DENSE, "D M", when="gelu_mlp"),
+        *pair(f"{_L}LayerNorm_2", f"{_B}norm2"),
+        *pair(f"{_L}MlpBlock_3/Dense_0", f"{_B}mlp.fc1", DENSE, "D M", when="gelu_mlp"),
         # SwiGLUPacked (DINOv2-g): fc1 holds [x1 | x2] rows, hidden = silu(x1) * x2
-        *_rows(f"{_L}MlpBlock_3/Dense_0", f"{_B}mlp.fc1", DENSE, "D M2", when="swiglu"),
-        Row(f"{_L}MlpBlock_3/Dense_1/kernel", f"{_B}mlp.fc2.weight", DENSE, "M D"),
-        Row(f"{_L}MlpBlock_3/Dense_1/bias", f"{_B}mlp.fc2.bias", IDENTITY, "D"),
+        *pair(f"{_L}MlpBlock_3/Dense_0", f"{_B}mlp.fc1", DENSE, "D M2", when="swiglu"),
+        *pair(f"{_L}MlpBlock_3/Dense_1", f"{_B}mlp.fc2", DENSE, "M D"),
         Row(f"{_L}LayerScale_3/scale", f"{_B}ls2.gamma", IDENTITY, "D", when="layer_scale"),
     ),
-)
+)  # fmt: skip
+
+# What timm's VisionTransformer expresses of our options: the key-table feature each turns on
+# and the constructor argument (`VisionTransformer(**kwargs)`) that records it.
+CAN = options.Capabilities(
+    "timm VisionTransformer",
+    classifiers=("token", "gap", "map"),
+    rows=(
+        Can("distillation_token", "distillation"),  # VisionTransformerDistilled
+        Can("layer_scale", "layer_scale", "init_values",
+            lambda f: float(f.config.transformer.get("layer_scale_init") or 1e-5)),
+        Can("num_registers", "registers", "reg_tokens", lambda f: options.num_registers(f.config)),
+        Can("qk_norm", "qk_norm", "qk_norm", lambda f: True),
+        Can("swiglu", "swiglu", "mlp_layer", lambda f: "SwiGLUPacked", off="gelu_mlp"),
+    ),
+)  # fmt: skip
 
 
 # timm's resample_abs_pos_embed (dynamic_img_size, checkpoint_filter_fn): bicubic, antialiased
@@ -268,50 +238,8 @@ def from_timm(
             raise ConversionError(f"{path}: the model has {feature}, which our ViT does not")
     meta = npz.read_metadata(path)
     hub = _timm_hub_config(path)
-    f = _read_facts(path, state, meta, hub, model=model, num_heads=num_heads, size=image_size)
-    keys = TABLE.at(layers=f["layers"], dims=f["dims"], features=f["features"])
-    flat = keys.to_ours(f["state"], source=str(path), what="a timm VisionTransformer")
-
-    dims, stored = f["dims"], meta.get("model") or {}
-    transformer = dict(mlp_dim=dims["M"], num_heads=dims["H"], num_layers=f["layers"])
-    if "layer_scale" in f["features"]:
-        transformer["layer_scale_init"] = _layer_scale_init(stored, meta, hub)
-    if "qk_norm" in f["features"]:
-        transformer["qk_norm"] = True
-    if "swiglu" in f["features"]:
-        transformer["mlp_type"] = "swiglu"
-    resample = stored.get("posemb_resample", _TIMM_RESAMPLE)  # ours: as its sidecar says
-    extra = native_posemb(f["image_size"], (dims["ph"], dims["pw"]), resample)
-    if dims["NR"]:
-        extra["num_registers"] = dims["NR"]
-    if not f["covers_prefix"]:
-        extra["posemb_covers_prefix"] = False
-    model_config = models.get_config(
-        dict(
-            **extra,
-            name=str(stored.get("name") or model or hub.get("architecture") or path.stem),
-            patches=dict(size=(dims["ph"], dims["pw"])),
-            hidden_size=dims["D"],
-            transformer=transformer,
-            classifier=f["classifier"],
-            distillation_token="distillation" in f["features"],
-            gelu_approximate=bool(stored.get("gelu_approximate", _architecture(hub) in _GELU_TANH)),
-            layernorm_epsilon=float(stored.get("layernorm_epsilon", 1e-6)),
-        )
-    )
-    num_classes = dims.get("N")
-    names = (
-        meta.get("class_names")
-        or hub.get("label_names")
-        or (hub.get("pretrained_cfg") or {}).get("label_names")
-    )
-    if names is not None and (num_classes is None or len(names) != num_classes):
-        logging.warning(
-            "%s: %d class names for %s classes; ignoring them", path, len(names), num_classes
-        )
-        names = None
-    params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
-    return Converted(params, model_config, list(names) if names else None, f["image_size"])
+    parsed = _parse(path, state, meta, hub, model=model, num_heads=num_heads, size=image_size)
+    return codec.read(CODEC, state, parsed, source=str(path), what="a timm VisionTransformer")
 
 
 def _patch_and_depth(path, state) -> tuple[int, int, int, int]:
@@ -332,8 +260,9 @@ def _patch_and_depth(path, state) -> tuple[int, int, int, int]:
     return d, ph, pw, layers
 
 
-def _read_facts(path, state, meta, hub, *, model, num_heads, size) -> dict[str, Any]:
-    """The table's dims and features, the pooling and the image size of a timm state dict.
+def _parse(path, state, meta, hub, *, model, num_heads, size) -> codec.Parsed:
+    """The table's dims and features, the pooling, the image size and the class names of a
+    timm state dict (with our sidecar `meta` and the hub config beside it).
 
     `pos_embed` without rows for the prefix tokens (`no_embed_class`) is our
     `posemb_covers_prefix=False`. Checks run in the order their errors are most useful.
@@ -369,22 +298,43 @@ def _read_facts(path, state, meta, hub, *, model, num_heads, size) -> dict[str, 
     swiglu = fc1 is not None and int(fc1.shape[0]) == 2 * mlp != 0
     dims = dict(D=d, H=heads, hd=d // heads, M=mlp, M2=2 * mlp, NR=registers)
     dims.update(ph=ph, pw=pw, T=grid_tokens + (prefix if covers_prefix else 0))
-    features = {name for name, key in _FEATURE_KEYS.items() if key in state}
-    features.add("swiglu" if swiglu else "gelu_mlp")
-    if any(_LAYER_SCALE.match(k) for k in state):
-        features.add("layer_scale")
+    features = TABLE.detect(state, _DETECTED) | {"swiglu" if swiglu else "gelu_mlp"}
     for head in ("head_dist", "head"):  # the class count: head's, else head_dist's
         if head in features:
             dims["N"] = int(state[f"{head}.weight"].shape[0])
-    return dict(
-        state=state,
-        dims=dims,
-        layers=layers,
-        features=features,
+    fields = dict(
         classifier=pooling,
-        image_size=(h, w),
-        covers_prefix=covers_prefix,
+        gelu_approximate=bool(stored.get("gelu_approximate", _architecture(hub) in _GELU_TANH)),
+        layernorm_epsilon=float(stored.get("layernorm_epsilon", 1e-6)),
     )
+    if not covers_prefix:
+        fields["posemb_covers_prefix"] = False
+    return codec.Parsed(
+        name=str(stored.get("name") or model or hub.get("architecture") or path.stem),
+        layers=layers,
+        dims=dims,
+        features=features,
+        image_size=(h, w),
+        resample=stored.get("posemb_resample", _TIMM_RESAMPLE),  # ours: as its sidecar says
+        values=dict(layer_scale=_layer_scale_init(stored, meta, hub), num_registers=registers),
+        fields=fields,
+        class_names=_class_names(path, meta, hub, dims.get("N")),
+    )
+
+
+def _class_names(path, meta, hub, num_classes: int | None) -> list[str] | None:
+    """From our sidecar or the hub config, when they fit the head."""
+    names = (
+        meta.get("class_names")
+        or hub.get("label_names")
+        or (hub.get("pretrained_cfg") or {}).get("label_names")
+    )
+    if names is not None and (num_classes is None or len(names) != num_classes):
+        logging.warning(
+            "%s: %d class names for %s classes; ignoring them", path, len(names), num_classes
+        )
+        names = None
+    return list(names) if names else None
 
 
 def _image_size(path, state, meta, hub, size, *, prefix, d, patch) -> tuple[int, int]:
@@ -472,14 +422,11 @@ def to_timm(
     params: Mapping[str, Any],
     model_config: Any,
     path: str | os.PathLike,
-    *,
-    class_names: list[str] | None = None,
-    image_size: int | tuple[int, int] | None = None,
-    source: str = "params",
-    normalization: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
+    **kwargs: Any,
 ) -> epath.Path:
-    """Writes a timm `VisionTransformer` state dict (`.safetensors`) and its JSON sidecar.
+    """Writes a timm `VisionTransformer` state dict (`.safetensors`) and its JSON sidecar
+    (`codec.write`'s keyword arguments: class_names, image_size, source, normalization,
+    overwrite).
 
     The sidecar (`x.json`) holds our model config, class names, image size, `normalization`
     (when given) and the timm constructor arguments (`timm.create_model('vit_base_patch16_224',
@@ -487,78 +434,22 @@ def to_timm(
     distillation token). Both appear complete or not at all; existing ones are refused unless
     `overwrite` (`weights.files.staged_files`).
     """
-    f = vit_facts(
-        params,
-        model_config,
-        image_size=image_size,
-        target="timm VisionTransformer",
-        classifiers=("token", "gap", "map"),
-        features_representation=False,
-        distillation=True,
-        layer_scale=True,
-    )
-    options.check_options(
-        f.config, "timm VisionTransformer", registers=True, query_key_norm=True, swiglu_mlp=True
-    )
-    names = class_names_for(f.num_classes, class_names)
-    distilled = bool(f.config.distillation_token)
-    layer_scale = uses_layer_scale(f.config) or LAYER_SCALE_KEY in f.flat
-    on = _features_on(f, layer_scale=layer_scale)
-    dims = {**f.dims, "M2": 2 * f.mlp, "NR": options.num_registers(f.config)}
-    keys = TABLE.at(layers=f.layers, dims=dims, features=[k for k, v in on.items() if v])
-    state = keys.to_theirs(f.flat, source=source, what=f"a {f.config.name or 'ViT'} of this config")
-    kwargs = _timm_kwargs(f, layer_scale=layer_scale)
-    if float(f.config.layernorm_epsilon) != 1e-6:
-        logging.warning(
-            "%s: the model uses LayerNorm epsilon %g; timm's VisionTransformer uses 1e-6 unless "
-            "given norm_layer=partial(nn.LayerNorm, eps=%g)",
-            path,
-            f.config.layernorm_epsilon,
-            f.config.layernorm_epsilon,
-        )
-    timm_class = "VisionTransformerDistilled" if distilled else "VisionTransformer"
-    meta = Converted({}, f.config, names, f.image_size).metadata(
-        timm={"class": timm_class, "kwargs": kwargs}
-    )
-    if normalization is not None:
-        meta["normalization"] = normalization
-    out = _write(path, state, meta, overwrite=overwrite)
-    logging.info("wrote timm %s state dict to %s", timm_class, out)
-    return out
+    return codec.write(CODEC, params, model_config, path, **kwargs)
 
 
-def _write(
-    path: str | os.PathLike, state: Mapping[str, Any], meta: dict[str, Any], *, overwrite: bool
-) -> epath.Path:
-    """The state dict (float32) and its sidecar, both or neither (`files.staged_files`)."""
-    out = epath.Path(path)
-    sidecar = npz.metadata_path(out).name
-    with files.staged_files(out, [sidecar], overwrite=overwrite) as staging:
-        pt.dump_safetensors({k: v.astype(np.float32) for k, v in state.items()}, staging / out.name)
-        (staging / sidecar).write_text(json.dumps(meta, indent=2))
-    return out
-
-
-def _features_on(f: VitFacts, *, layer_scale: bool) -> dict[str, bool]:
-    """Which of the table's optional rows a model of these facts has."""
-    distilled = bool(f.config.distillation_token)
-    swiglu = options.swiglu(f.config)
+def _features(f: VitFacts) -> set[str]:
+    """The table's structural rows a model of these facts has (the options': `CAN`)."""
+    heads = {"head", "head_dist"} if f.config.distillation_token else {"head"}
     return {
-        "class_token": f.config.classifier == "token",
-        "distillation": distilled,
-        "head": bool(f.num_classes),
-        "head_dist": bool(f.num_classes) and distilled,
-        "layer_scale": layer_scale,
-        "registers": bool(options.num_registers(f.config)),
-        "map": f.config.classifier == "map",
-        "qk_norm": options.qk_norm(f.config),
-        "swiglu": swiglu,
-        "gelu_mlp": not swiglu,
+        *(["class_token"] if f.config.classifier == "token" else []),
+        *(["map"] if f.config.classifier == "map" else []),
+        *(heads if f.num_classes else []),
     }
 
 
-def _timm_kwargs(f: VitFacts, *, layer_scale: bool) -> dict[str, Any]:
-    """timm's constructor arguments for the model `f` describes."""
+def _timm_kwargs(f: VitFacts, names: list[str] | None) -> dict[str, Any]:
+    """timm's constructor arguments for the model `f` describes (the options': `CAN`)."""
+    del names  # the sidecar's
     (ph, pw), d = f.patch, f.hidden
     kwargs = {
         "img_size": list(f.image_size),
@@ -566,7 +457,7 @@ def _timm_kwargs(f: VitFacts, *, layer_scale: bool) -> dict[str, Any]:
         "embed_dim": d,
         "depth": f.layers,
         "num_heads": f.heads,
-        "mlp_ratio": f.mlp / d,
+        "mlp_ratio": f.mlp * (2 if options.swiglu(f.config) else 1) / d,
         "qkv_bias": True,
         "class_token": f.config.classifier == "token",
         "global_pool": {"token": "token", "gap": "avg"}.get(f.config.classifier, "map"),
@@ -575,15 +466,37 @@ def _timm_kwargs(f: VitFacts, *, layer_scale: bool) -> dict[str, Any]:
     }
     if f.config.gelu_approximate:
         kwargs["act_layer"] = "gelu_tanh"
-    if layer_scale:
-        kwargs["init_values"] = float(f.config.transformer.get("layer_scale_init") or 1e-5)
-    if options.num_registers(f.config):
-        kwargs["reg_tokens"] = options.num_registers(f.config)
     if not f.config.get("posemb_covers_prefix", True):
         kwargs["no_embed_class"] = True
-    if options.qk_norm(f.config):
-        kwargs["qk_norm"] = True
-    if options.swiglu(f.config):
-        kwargs["mlp_layer"] = "SwiGLUPacked"
-        kwargs["mlp_ratio"] = f.mlp * 2 / d
     return kwargs
+
+
+def _save(state, kwargs, path, f: VitFacts, names, *, normalization, image_size, overwrite):
+    """The state dict (float32) and its sidecar, both or neither (`files.staged_files`)."""
+    del image_size  # the facts'
+    if float(f.config.layernorm_epsilon) != 1e-6:
+        logging.warning(
+            "%s: the model uses LayerNorm epsilon %g; timm's VisionTransformer uses 1e-6 unless "
+            "given norm_layer=partial(nn.LayerNorm, eps=%g)",
+            path,
+            f.config.layernorm_epsilon,
+            f.config.layernorm_epsilon,
+        )
+    timm_class = (
+        "VisionTransformerDistilled" if f.config.distillation_token else "VisionTransformer"
+    )
+    meta = Converted({}, f.config, names, f.image_size).metadata(
+        timm={"class": timm_class, "kwargs": kwargs}
+    )
+    if normalization is not None:
+        meta["normalization"] = normalization
+    out = epath.Path(path)
+    sidecar = npz.metadata_path(out).name
+    with files.staged_files(out, [sidecar], overwrite=overwrite) as staging:
+        pt.dump_safetensors({k: v.astype(np.float32) for k, v in state.items()}, staging / out.name)
+        (staging / sidecar).write_text(json.dumps(meta, indent=2))
+    logging.info("wrote timm %s state dict to %s", timm_class, out)
+    return out
+
+
+CODEC = codec.Codec(CAN, TABLE, config=_timm_kwargs, save=_save, features=_features)
