@@ -1,9 +1,14 @@
-"""The model-family registry: dispatch, checkpoint-fitting facts, weight decay, sharding rules."""
+"""The model-family table: dispatch, checkpoint-fitting facts, weight decay, layer decay,
+sharding rules."""
 
 import re
+import subprocess
+import sys
 import types
 
 import jax
+import ml_collections
+import numpy as np
 import pytest
 
 from vit_jax import models, sharding, weights
@@ -176,3 +181,123 @@ def test_vit_rules_and_fsdp_unchanged():
     with pytest.raises(ValueError, match=r"num_heads=4 is not divisible .*mesh.model=3"):
         path = block + "MultiHeadDotProductAttention_1/query/kernel"
         sharding.partition_spec(path, shapes[path].shape, _mesh(model=3))
+
+
+# Tiny examples of every family in the table (with the variants that add parameters), and the
+# depth each config asks for: the table's rules are checked against what the models really hold.
+EXAMPLES = {
+    "ViT": [
+        TINY,
+        dict(TINY, classifier="map", representation_size=8),
+        dict(TINY, distillation_token=True, num_registers=2),
+        dict(TINY, resnet=dict(num_layers=(1,), width_factor=0.5)),
+    ],
+    "Mixer": [MIXER],
+}
+DEPTH = {"ViT": lambda c: c.transformer.num_layers, "Mixer": lambda c: c.num_blocks}
+
+
+def test_every_family_in_the_table_has_examples():
+    assert list(models.FAMILIES) == models.known_families() == ["ViT", "Mixer"]
+    assert set(EXAMPLES) == set(DEPTH) == set(models.FAMILIES)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["per-layer", "scanned"])
+@pytest.mark.parametrize(
+    "family,config",
+    [(name, config) for name, configs in EXAMPLES.items() for config in configs],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
+def test_layer_decay_rule_places_every_parameter_by_depth(family, config, scan):
+    """The table's rule gives every parameter a layer in [0, L + 1]: block i is i + 1 (scanned:
+    1..L along the depth axis), L the config's depth, both ends used; optim reads the same rule."""
+    from vit_jax import optim
+
+    config = models.get_config(dict(config, scan=scan))
+    shapes = models.init_shapes(models.get_model(config, num_classes=5), 16)
+    rule = models.get_family(family)
+    ids, num_layers = rule.layer_ids(shapes)
+    depth = DEPTH[family](config)
+    assert num_layers == depth
+    flat_ids, flat_shapes = weights.flatten(ids), weights.flatten(shapes)
+    block = re.compile(rf"(^|/){rule.scan_block}(_(\d+))?/")
+    ends = set()
+    for path, layer in flat_ids.items():
+        if m := block.search(path):
+            if scan:
+                assert m.group(2) is None, path
+                assert layer.shape == (depth,) + (1,) * (len(flat_shapes[path].shape) - 1), path
+                assert layer.reshape(-1).tolist() == list(range(1, depth + 1)), path
+            else:
+                assert layer == int(m.group(3)) + 1, path
+        else:
+            assert layer in (0, depth + 1), path
+            ends.add(layer)
+    assert ends == {0, depth + 1}
+    # The optimizer's layer decay reads the same rule for this config's model.
+    d = 0.5
+    tx_config = ml_collections.ConfigDict(dict(model=config.to_dict()))
+    block_names, embedding = optim._layer_rules(tx_config)
+    mults = weights.flatten(
+        optim.layer_decay_multipliers(shapes, d, block_names=block_names, embedding=embedding)
+    )
+    for path, layer in flat_ids.items():
+        np.testing.assert_array_equal(mults[path], np.float32(d) ** (depth + 1 - layer))
+
+
+@pytest.mark.parametrize("family", list(EXAMPLES))
+def test_every_rule_of_the_table_matches_a_parameter_of_its_family(family):
+    """No stale row: each `embedding`, `no_decay` and `logical_axes` regex of a family matches a
+    parameter of one of its examples; `tokens_param` is one of its parameters."""
+    rule = models.get_family(family)
+    paths = set()
+    for config in EXAMPLES[family]:
+        paths |= set(_paths(config))
+    patterns = list(rule.embedding) + list(rule.no_decay) + [p for p, _ in rule.logical_axes]
+    for pattern in patterns:
+        assert any(re.search(pattern, p) for p in paths), (family, pattern)
+    if rule.tokens_param is not None:
+        assert rule.tokens_param in paths
+
+
+def test_importing_the_table_alone_lists_every_family():
+    """The table is complete once `vit_jax.models.families` is imported: nothing registers
+    itself later (the import-cycle test in test_project.py checks the graph)."""
+    code = (
+        "import sys; import vit_jax.models.families as f; "
+        "print(f.known_families(), f.block_names(), len(f.logical_axes()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
+    assert out.strip() == "['ViT', 'Mixer'] ('encoderblock', 'MixerBlock') 9"
+
+
+def test_a_family_registered_at_run_time_joins_the_table():
+    from vit_jax import optim
+    from vit_jax.models import families
+
+    toy = models.Family(
+        **{
+            **vars(models.get_family("Mixer")),
+            "name": "Toy",
+            "scan_block": "toyblock",
+            "embedding": (r"^toy_stem/",),
+            "logical_axes": ((r"toy_mlp/kernel$", ("embed", "mlp")),),
+        }
+    )
+    assert models.register_family(toy) is toy
+    try:
+        assert models.known_families() == ["ViT", "Mixer", "Toy"]
+        assert models.FAMILIES["Toy"] is toy and models.get_family("Toy") is toy
+        assert models.layout.block_names()[-1] == "toyblock"
+        assert sharding.default_rules()[-1] == (r"toy_mlp/kernel$", ("embed", "mlp"))
+        tree = {"toy_stem": {"kernel": 1.0}, "toyblock_0": {"w": 1.0}, "toyblock_1": {"w": 1.0}}
+        mults = optim.layer_decay_multipliers(dict(tree, head=1.0), 0.5)
+        assert mults == {
+            "toy_stem": {"kernel": 0.125}, "toyblock_0": {"w": 0.25}, "toyblock_1": {"w": 0.5},
+            "head": 1.0,
+        }  # fmt: skip
+    finally:
+        del families._TABLE["Toy"]
+    assert "Toy" not in models.known_families()

@@ -18,12 +18,13 @@ the first match wins), `freeze` (tuple of regexes), `layer_decay`.
 
 Layer-wise learning-rate decay (`layer_decay` = d in (0, 1]; 1 = off), the BEiT / DINOv2 / timm
 fine-tuning recipe: with L blocks, block i (0-based) gets lr multiplier d^(L - i), the
-embeddings (`EMBEDDING_PATTERNS`: patch embedding or stem, class / distillation / register
-tokens, position table) d^(L + 1), everything after the blocks (final norm, MAP head,
-pre-logits, head) 1. It multiplies the `lr_mults` / `freeze` multiplier. Blocks are recognised by
-the model family's block name (`models.scan_block`: `encoderblock_{i}`, `MixerBlock_{i}`); in the
-scanned layout (`scan=True`, one `encoderblock` with a leading layer axis) a leaf's multiplier is
-an array of shape (L, 1, ...) along that axis.
+embeddings (patch embedding or stem, class / distillation / register tokens, position table)
+d^(L + 1), everything after the blocks (final norm, MAP head, pre-logits, head) 1: a parameter
+of layer k (`vit_jax.models.family.layer_ids`) gets d^(L + 1 - k). It multiplies the `lr_mults` /
+`freeze` multiplier. Blocks and embeddings are recognised by the model family's names in the
+family table (`vit_jax.models.families`: `scan_block` -> `encoderblock_{i}`, `MixerBlock_{i}`;
+`embedding`); in the scanned layout (`scan=True`, one `encoderblock` with a leading layer axis)
+a leaf's multiplier is an array of shape (L, 1, ...) along that axis.
 
 Adding an optimizer: a function `(config) -> list of optax transformations` (the update
 direction, before weight decay and the learning rate) registered with `register(name, fn)`.
@@ -41,10 +42,11 @@ import ml_collections
 import numpy as np
 import optax
 
+from vit_jax.models import families, zoo
+from vit_jax.models.family import layer_ids
 from vit_jax.sharding import path_str
 
 __all__ = [
-    "EMBEDDING_PATTERNS",
     "NO_DECAY_PATTERNS",
     "OPTIMIZERS",
     "add_decayed_weights",
@@ -60,14 +62,6 @@ __all__ = [
 # Parameters without weight decay, by the last component of their path.
 NO_DECAY_PATTERNS: tuple[str, ...] = tuple(
     rf"(^|/){name}$" for name in ("bias", "scale", "pos_embedding", "cls", "dist", "probe")
-)
-
-# Parameters before the first block (layer decay's "layer 0"), by path: ViT's patch embedding,
-# hybrid ResNet stem, class / distillation / register tokens and position table; Mixer's stem.
-EMBEDDING_PATTERNS: tuple[str, ...] = (
-    r"^(embedding|stem|conv_root|gn_root|block\d+|cls|dist|reg|registers?)(/|$)",
-    r"(^|/)posembed_input/",
-    r"(^|/)pos_embedding$",
 )
 
 Direction = Callable[[ml_collections.ConfigDict], list[optax.GradientTransformation]]
@@ -187,17 +181,20 @@ def _layer_decay(config: ml_collections.ConfigDict) -> float:
     return decay
 
 
-def _block_names(config: ml_collections.ConfigDict | None) -> tuple[str, ...]:
-    """The scanned-block name of `config.model`'s family; without a model, every family's."""
-    from vit_jax import models
-
+def _layer_rules(
+    config: ml_collections.ConfigDict | None,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(block names, embedding regexes) of `config.model`'s family; without a model (or with one
+    the family table does not know), every family's."""
     model = config.get("model") if config is not None else None
     if model:
         try:
-            return (models.scan_block(model),)
+            family = families.get_family(zoo.get_config(model).model_type)
         except (ValueError, KeyError, AttributeError):
             pass
-    return models.layout.block_names()
+        else:
+            return (family.scan_block,), family.embedding
+    return families.block_names(), families.embedding_patterns()
 
 
 def layer_decay_multipliers(
@@ -205,7 +202,7 @@ def layer_decay_multipliers(
     decay: float,
     *,
     block_names: Sequence[str] | None = None,
-    embedding: Sequence[str] = EMBEDDING_PATTERNS,
+    embedding: Sequence[str] | None = None,
 ) -> Any:
     """Per-parameter lr multipliers of layer-wise decay (see the module docstring).
 
@@ -213,37 +210,22 @@ def layer_decay_multipliers(
     of block `{name}_{i}` gets the float `decay ** (L - i)`; a leaf of a scanned block `{name}`
     an array `decay ** (L - arange(L))` shaped (L, 1, ...); an `embedding` match
     `decay ** (L + 1)`; anything else 1. L: the number of blocks found in `params`.
-    `block_names`: default every registered family's (`vit_jax.models.layout.block_names()`).
+    `block_names`, `embedding`: default every family's in the family table.
     """
-    if block_names is None:
-        block_names = _block_names(None)
-    alternatives = "|".join(re.escape(n) for n in block_names)
-    numbered = re.compile(rf"(^|/)({alternatives})_(\d+)/")
-    stacked = re.compile(rf"(^|/)({alternatives})/")
-    embedding_rules = [re.compile(p) for p in embedding]
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    depths = set()
-    for path, leaf in leaves:
-        name = path_str(path)
-        if m := numbered.search(name):
-            depths.add(int(m.group(3)) + 1)
-        elif stacked.search(name):
-            depths.add(int(leaf.shape[0]))
-    num_layers = max(depths, default=0)
+    every_block, every_embedding = _layer_rules(None)
+    ids, num_layers = layer_ids(
+        params,
+        every_block if block_names is None else block_names,
+        every_embedding if embedding is None else embedding,
+    )
 
-    def mult(path, leaf):
-        name = path_str(path)
-        if m := numbered.search(name):
-            return float(decay ** (num_layers - int(m.group(3))))
-        if stacked.search(name):
-            n = int(leaf.shape[0])
-            per_layer = decay ** (num_layers - np.arange(n, dtype=np.float64))
-            return per_layer.astype(np.float32).reshape((n,) + (1,) * (len(leaf.shape) - 1))
-        if any(rule.search(name) for rule in embedding_rules):
-            return float(decay ** (num_layers + 1))
-        return 1.0
+    def mult(layer):
+        if isinstance(layer, int):
+            return float(decay ** (num_layers + 1 - layer))
+        per_layer = decay ** (num_layers + 1 - layer.astype(np.float64))
+        return per_layer.astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(mult, params)
+    return jax.tree.map(mult, ids)
 
 
 def decay_multipliers(
@@ -320,8 +302,9 @@ def make_optimizer(
     if config.get("freeze") or config.get("lr_mults") or layer_decay != 1.0:
         multipliers = lr_multipliers(params, config)
         if layer_decay != 1.0:
+            block_names, embedding = _layer_rules(config)
             per_layer = layer_decay_multipliers(
-                params, layer_decay, block_names=_block_names(config)
+                params, layer_decay, block_names=block_names, embedding=embedding
             )
             multipliers = jax.tree.map(_times, multipliers, per_layer)
         parts.append(scale_by_multipliers(multipliers))

@@ -4,9 +4,9 @@ The mesh has three axes, `data`, `fsdp` and `model`. The batch is split over `('
 Every parameter (and every optimizer-state leaf that mirrors one) gets a `PartitionSpec` from:
 
 1. logical axis names, found by regex on its path (`.../query/kernel` -> `(embed, heads, kv)`)
-   from the model family's rules (`vit_jax.models.families`; Mixer: its token- and
-   channel-mixing MLPs), of which `heads` and `mlp` map onto the `model` axis (Megatron-style
-   tensor parallelism of attention heads and the MLP hidden dimension);
+   from the model family's rules (the family table, `vit_jax.models.families`; Mixer: its
+   token- and channel-mixing MLPs), of which `heads` and `mlp` map onto the `model` axis
+   (Megatron-style tensor parallelism of attention heads and the MLP hidden dimension);
 2. FSDP: the largest remaining dimension divisible by the `fsdp` axis size is split over `fsdp`.
 
 So the mesh shape alone selects the strategy: `data=-1` is pure data parallelism (parameters
@@ -50,17 +50,15 @@ LogicalAxes = tuple[tuple[str, tuple[str | None, ...]], ...]
 
 
 def default_rules() -> LogicalAxes:
-    """Every registered model family's (path regex, logical axes) rules, in registry order.
+    """Every model family's (path regex, logical axes) rules, in family-table order.
 
-    Each family declares its own (`vit_jax.models.families.Family.logical_axes`); their patterns
+    Each family's rules are a row of the family table (`vit_jax.models.families`); their patterns
     name family-specific modules, so the union shards any family's parameters (and the optimizer
     state that mirrors them) as that family's rules say. A leading scan axis stays unsharded.
     """
-    from vit_jax import models
+    from vit_jax.models import families
 
-    return tuple(
-        rule for name in models.known_families() for rule in models.get_family(name).logical_axes
-    )
+    return families.logical_axes()
 
 
 LOGICAL_TO_MESH = {"heads": "model", "mlp": "model"}

@@ -1,6 +1,7 @@
-"""Model library: ViT (with hybrids), MLP-Mixer, the published zoo, the family registry, layouts."""
+"""Model library: ViT (with hybrids), MLP-Mixer, the published zoo, the family table, layouts."""
 
-from vit_jax.models.families import Family, get_family, known_families, register_family
+from vit_jax.models.families import FAMILIES, get_family, known_families, register_family
+from vit_jax.models.family import Family
 from vit_jax.models.layout import is_stacked, stack_layers, unstack_layers
 from vit_jax.models.mixer import MlpMixer
 from vit_jax.models.posemb import (
@@ -33,6 +34,7 @@ from vit_jax.models.zoo import (
 __all__ = [
     "AUGREG_NAMES",
     "DEFAULT_RESOLUTION",
+    "FAMILIES",
     "MODEL_CONFIGS",
     "RESAMPLE_METHODS",
     "Family",

@@ -8,10 +8,9 @@ resolution. The `head` and `resolution` columns say what each row counts; `--num
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from vit_jax.models import zoo
+from vit_jax import cli
 
 __all__ = ["FEATURE_EXTRACTORS", "counted_as", "main"]
 
@@ -33,6 +32,8 @@ def counted_as(
     `num_classes` 0 counts no head. The native resolution is the stored position grid times
     the patch stride (`posemb_grid`: SigLIP, DINOv2, DeiT-III), else `DEFAULT_RESOLUTION`.
     """
+    from vit_jax.models import zoo
+
     if num_classes is None:
         num_classes = None if name.startswith(FEATURE_EXTRACTORS) else 1000
     if resolution is None:
@@ -43,12 +44,8 @@ def counted_as(
     return num_classes or None, resolution
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m vit_jax.models",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(prog="python -m vit_jax.models", description=__doc__)
     parser.add_argument(
         "--num-classes",
         type=int,
@@ -59,6 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per model")
     args = parser.parse_args(argv)
+    if (args.num_classes or 0) < 0 or (args.resolution is not None and args.resolution < 1):
+        parser.error("--num-classes must be at least 0 and --resolution at least 1")
+
+    from vit_jax.models import zoo
+
     if not args.json:
         print(f"{'model':<22} {'parameters':>13}  {'head':>4}  {'patch':>5}  resolution")
     for name in zoo.list_models():
@@ -79,7 +81,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:<22} {count:>13,}  {head:>4}  {patch:>5}  {resolution}")
     if not args.json:
         print(f"\n{FOOTNOTE}")
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(cli.run(main))

@@ -1,170 +1,146 @@
-"""Model families: what turns a config into a model, and the layout facts the rest of the code uses.
+"""The model families, in one static table: per `model_type`, its builder and config schema and
+everything family-specific the rest of the code reads (see `vit_jax.models.family.Family`):
 
-A family (ViT with its hybrids, MLP-Mixer, ...) is registered once under its `model_type` and
-declares, next to its builder and config defaults:
+- fitting a checkpoint (`weights.fit`, `weights.open`): `stride`, `num_prefix_tokens`,
+  `num_posemb_prefix_tokens`, `tokens_param`;
+- the parameter layout: `scan_block` (`vit_jax.models.layout`), `embedding` + `scan_block`
+  (layer-wise lr decay, `vit_jax.optim`), `no_decay` (weight decay), `logical_axes`
+  (`vit_jax.sharding`).
 
-- `no_decay`: regexes over '/'-joined parameter paths that take no weight decay;
-- `logical_axes`: (regex, logical axis names of the trailing dimensions) for `vit_jax.sharding`;
-- what fitting a checkpoint needs: `stride(config)`, `num_prefix_tokens(config)` (tokens
-  before the patches in the sequence), `num_posemb_prefix_tokens(config)` (rows of the position
-  table before the grid; default: the same), `token_grid` and the name of the scanned block
-  (`scan_block`).
-
-Adding a family is one module that builds a `Family` and calls `register_family` on import (see
-`vit_jax/models/vit.py` and `mixer.py`), plus its import in `vit_jax/models/__init__.py`.
+The table is built when this module is imported, from the family modules it imports (their
+Flax code, defaults and builders); nothing registers itself. A family added at run time
+(`register_family`) joins the same table. Adding a built-in family: its module (the Flax
+model, `CONFIG_DEFAULTS`, `build`) and its row here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from typing import Any
+import types
+from collections.abc import Mapping
 
-import flax.linen as nn
-import jax.numpy as jnp
-import ml_collections
+from vit_jax.models import mixer, vit
+from vit_jax.models.family import Family, LogicalAxes
 
 __all__ = [
-    "COMMON_DEFAULTS",
-    "common_fields",
-    "Family",
-    "LogicalAxes",
+    "FAMILIES",
+    "block_names",
+    "embedding_patterns",
     "get_family",
     "known_families",
-    "pair",
+    "logical_axes",
     "register_family",
 ]
 
-LogicalAxes = tuple[tuple[str, tuple[str | None, ...]], ...]
-
-# Config fields shared by every family, with their defaults.
-COMMON_DEFAULTS: dict[str, Any] = dict(
-    name="",
-    model_type="ViT",
-    gelu_approximate=True,  # tanh GELU, as the published checkpoints were trained
-    layernorm_epsilon=1e-6,  # HF transformers' ViT uses 1e-12
-    head_bias_init=0.0,
-    scan=False,  # nn.scan over the blocks: one compiled block, a stacked parameter layout
-    remat=False,
-    remat_policy="nothing_saveable",
-    dtype="float32",  # compute dtype, e.g. "bfloat16"
-    param_dtype="float32",
+_VIT = Family(
+    name="ViT",
+    defaults=vit.CONFIG_DEFAULTS,
+    builder=vit.build,
+    optional=frozenset(
+        {
+            "resnet",
+            "representation_size",
+            "attention_implementation",
+            "layer_scale_init",
+            "posemb_grid",
+        }
+    ),
+    optional_types={
+        "representation_size": int,
+        "attention_implementation": str,
+        "layer_scale_init": float,
+        "posemb_grid": tuple,
+    },
+    templates={"resnet": dict(num_layers=None, width_factor=1)},
+    stride=vit.config_stride,
+    num_prefix_tokens=vit.config_num_prefix_tokens,
+    num_posemb_prefix_tokens=vit.config_num_posemb_prefix_tokens,
+    scan_block="encoderblock",
+    # Before the blocks: patch embedding, the hybrids' ResNet stem, class / distillation /
+    # register tokens, the position table.
+    embedding=(
+        r"^(embedding|conv_root|gn_root|block\d+|cls|dist|reg|registers?)(/|$)",
+        r"(^|/)posembed_input/",
+        r"(^|/)pos_embedding$",
+    ),
+    # Norm scales and biases (LayerNorm, GroupNorm, LayerScale), all biases, the position
+    # embeddings and the learned tokens / MAP probe take no weight decay.
+    no_decay=(
+        r"(^|/)bias$",
+        r"(^|/)scale$",
+        r"(^|/)pos_embedding$",
+        r"(^|/)cls$",
+        r"(^|/)dist$",
+        r"(^|/)registers$",
+        r"(^|/)probe$",
+    ),
+    # `heads` and `mlp` are tensor-parallel.
+    logical_axes=(
+        (r"(query|key|value)/kernel$", ("embed", "heads", "kv")),
+        (r"(query|key|value)/bias$", ("heads", "kv")),
+        (r"MultiHeadDotProductAttention_\d+/out/kernel$", ("heads", "kv", "embed")),
+        (r"MlpBlock_\d+/Dense_0/kernel$", ("embed", "mlp")),
+        (r"MlpBlock_\d+/Dense_0/bias$", ("mlp",)),
+        (r"MlpBlock_\d+/Dense_1/kernel$", ("mlp", "embed")),
+    ),
 )
 
+_MIXER = Family(
+    name="Mixer",
+    defaults=mixer.CONFIG_DEFAULTS,
+    builder=mixer.build,
+    stride=mixer.config_stride,
+    num_prefix_tokens=lambda config: 0,
+    tokens_param="MixerBlock_0/token_mixing/Dense_0/kernel",  # (tokens, tokens_mlp_dim)
+    scan_block="MixerBlock",
+    embedding=(r"^stem(/|$)",),
+    no_decay=(r"(^|/)bias$", r"(^|/)scale$"),  # LayerNorm scales, all biases
+    # Token- and channel-mixing MLPs: their hidden dimension is tensor-parallel, as ViT's.
+    logical_axes=(
+        (r"(token|channel)_mixing/Dense_0/kernel$", ("embed", "mlp")),
+        (r"(token|channel)_mixing/Dense_0/bias$", ("mlp",)),
+        (r"(token|channel)_mixing/Dense_1/kernel$", ("mlp", "embed")),
+    ),
+)
 
-def common_fields(config: ml_collections.ConfigDict, num_classes: int | None) -> dict[str, Any]:
-    """The module fields every family takes from its config: the `COMMON_DEFAULTS` (typed),
-    the patch size and the number of classes."""
-    return dict(
-        num_classes=num_classes,
-        patch_size=pair(config.patches.size, "patches.size"),
-        gelu_approximate=bool(config.gelu_approximate),
-        layernorm_epsilon=float(config.layernorm_epsilon),
-        head_bias_init=float(config.head_bias_init),
-        scan=bool(config.scan),
-        remat=bool(config.remat),
-        remat_policy=config.remat_policy,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
-    )
-
-
-def pair(value: Any, field: str) -> tuple[int, int]:
-    """An int or an (h, w) pair as an (h, w) tuple; `field` names the value in the error."""
-    if isinstance(value, int):
-        return (value, value)
-    if len(value) != 2:
-        raise ValueError(f"{field} must be an int or a pair (h, w), got {value!r}")
-    return (int(value[0]), int(value[1]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """One model family: its builder, config defaults and parameter-layout facts.
-
-    `builder(config, num_classes, **overrides)` gets a complete config (`zoo.get_config`);
-    `overrides` replace the module fields it derives from the config (e.g. `dtype=...`).
-    `defaults` is the complete config template (`COMMON_DEFAULTS` plus the family's fields);
-    `optional` the fields that may stay None; `templates` the defaults of nested fields that
-    are None until set (the hybrids' `resnet`).
-    """
-
-    name: str
-    defaults: Mapping[str, Any]
-    builder: Callable[..., nn.Module]
-    stride: Callable[[ml_collections.ConfigDict], tuple[int, int]]
-    num_prefix_tokens: Callable[[ml_collections.ConfigDict], int]
-    scan_block: str
-    no_decay: tuple[str, ...]
-    logical_axes: LogicalAxes
-    optional: frozenset[str] = frozenset()
-    # Types of the optional fields whose default is None, so `--config.model.X=...` can set them
-    # (ml_collections overrides only typed fields).
-    optional_types: Mapping[str, type] = dataclasses.field(default_factory=dict)
-    templates: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
-    num_posemb_prefix_tokens: Callable[[ml_collections.ConfigDict], int] | None = None
-
-    def posemb_prefix_tokens(self, config: ml_collections.ConfigDict) -> int:
-        """Rows of the position table before the grid (`num_prefix_tokens` unless declared)."""
-        if self.num_posemb_prefix_tokens is None:
-            return self.num_prefix_tokens(config)
-        return self.num_posemb_prefix_tokens(config)
-
-    def build(
-        self, config: ml_collections.ConfigDict, num_classes: int | None, **overrides: Any
-    ) -> nn.Module:
-        """The Flax module for a complete config; `num_classes` None/0: no head."""
-        if config.model_type != self.name:
-            raise ValueError(
-                f"config has model_type {config.model_type!r}; family {self.name!r} builds only "
-                f"its own"
-            )
-        return self.builder(config, num_classes, **overrides)
-
-    def token_grid(
-        self, config: ml_collections.ConfigDict, image_size: int | tuple[int, int]
-    ) -> tuple[int, int]:
-        """(grid_h, grid_w) of patch tokens for `image_size`; an error when not divisible."""
-        h, w = pair(image_size, "image_size")
-        sh, sw = self.stride(config)
-        if h % sh or w % sw:
-            raise ValueError(
-                f"image size {h}x{w} is not divisible by the patch stride {sh}x{sw} of model "
-                f"{config.get('name') or self.name!r}"
-            )
-        return h // sh, w // sw
-
-
-_REGISTRY: dict[str, Family] = {}
+# model_type -> Family; the default model_type (ViT) first. Read it through the functions
+# below; `register_family` adds to it.
+_TABLE: dict[str, Family] = {f.name: f for f in (_VIT, _MIXER)}
+FAMILIES: Mapping[str, Family] = types.MappingProxyType(_TABLE)
 
 
 def register_family(family: Family) -> Family:
-    """Registers `family` under its `name` (the config's `model_type`); returns it."""
-    if family.name in _REGISTRY and _REGISTRY[family.name] is not family:
+    """Adds a user-defined `family` to the table under its `name` (the config's `model_type`);
+    returns it. A name already taken by another family is an error."""
+    if family.name in _TABLE and _TABLE[family.name] is not family:
         raise ValueError(f"model family {family.name!r} is already registered")
-    _REGISTRY[family.name] = family
+    _TABLE[family.name] = family
     return family
 
 
 def known_families() -> list[str]:
-    """The registered `model_type`s: the default one (ViT) first, then in registration order.
-
-    A fixed order, whichever module was imported first (errors, sharding rules, layouts).
-    """
-    _load_builtin()
-    default = COMMON_DEFAULTS["model_type"]
-    return sorted(_REGISTRY, key=lambda name: name != default)
+    """The `model_type`s in the table: the built-in ones (ViT first), then those registered."""
+    return list(_TABLE)
 
 
 def get_family(model_type: str) -> Family:
-    """The family registered as `model_type`; an error listing the known ones."""
-    _load_builtin()
-    if model_type not in _REGISTRY:
-        known = ", ".join(repr(k) for k in known_families())
+    """The family of `model_type`; an error listing the known ones."""
+    if model_type not in _TABLE:
+        known = ", ".join(repr(k) for k in _TABLE)
         raise ValueError(f"unknown model_type {model_type!r}; known: {known}")
-    return _REGISTRY[model_type]
+    return _TABLE[model_type]
 
 
-def _load_builtin() -> None:
-    """Imports the built-in families (they register themselves on import)."""
-    import vit_jax.models  # noqa: F401
+def block_names() -> tuple[str, ...]:
+    """Every family's block name (`encoderblock`, `MixerBlock`, ...), in table order."""
+    return tuple(f.scan_block for f in _TABLE.values())
+
+
+def embedding_patterns() -> tuple[str, ...]:
+    """Every family's `embedding` regexes (layer 0 of layer decay), in table order."""
+    return tuple(p for f in _TABLE.values() for p in f.embedding)
+
+
+def logical_axes() -> LogicalAxes:
+    """Every family's (path regex, logical axes) sharding rules, in table order: their patterns
+    name family-specific modules, so the union shards any family's parameters."""
+    return tuple(rule for f in _TABLE.values() for rule in f.logical_axes)

@@ -15,14 +15,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax.models import families
+from vit_jax.models.families import block_names
 
 __all__ = ["block_names", "is_stacked", "stack_layers", "unstack_layers"]
-
-
-def block_names() -> tuple[str, ...]:
-    """The scanned-block names of the registered families (`encoderblock`, `MixerBlock`, ...)."""
-    return tuple(families.get_family(t).scan_block for t in families.known_families())
 
 
 def _numbered() -> re.Pattern:

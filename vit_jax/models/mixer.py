@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vit_jax.models import families, layers, precision
+from vit_jax.models import family, layers, precision
 from vit_jax.models.layers import MlpBlock, ModuleDef
 
-__all__ = ["FAMILY", "MixerBlock", "MlpMixer", "build"]
+__all__ = ["CONFIG_DEFAULTS", "MixerBlock", "MlpMixer", "build", "config_stride"]
 
 
 class MixerBlock(nn.Module):
@@ -57,7 +57,7 @@ class MlpMixer(nn.Module):
 
     def stride(self) -> tuple[int, int]:
         """Input pixels per token along (height, width)."""
-        return families.pair(self.patch_size, "patch_size")
+        return family.pair(self.patch_size, "patch_size")
 
     @nn.compact
     def __call__(
@@ -139,10 +139,10 @@ class MlpMixer(nn.Module):
         return x
 
 
-# --- The Mixer family: config defaults, builder and layout facts (see `vit_jax.models.families`).
+# --- The Mixer family's config defaults and builder (its layout facts: `vit_jax.models.families`).
 
 CONFIG_DEFAULTS = dict(
-    families.COMMON_DEFAULTS,
+    family.COMMON_DEFAULTS,
     model_type="Mixer",
     patches=dict(size=None),
     hidden_dim=None,
@@ -151,20 +151,11 @@ CONFIG_DEFAULTS = dict(
     channels_mlp_dim=None,
 )
 
-# Token- and channel-mixing MLPs: their hidden dimension is tensor-parallel (`mlp`), as ViT's.
-LOGICAL_AXES: families.LogicalAxes = (
-    (r"(token|channel)_mixing/Dense_0/kernel$", ("embed", "mlp")),
-    (r"(token|channel)_mixing/Dense_0/bias$", ("mlp",)),
-    (r"(token|channel)_mixing/Dense_1/kernel$", ("mlp", "embed")),
-)
-
-NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$")  # LayerNorm scales, all biases
-
 
 def build(config: ml_collections.ConfigDict, num_classes: int | None, **overrides: Any):
     """`MlpMixer` for a complete Mixer config; `overrides` replace derived fields."""
     kwargs = dict(
-        families.common_fields(config, num_classes),
+        family.common_fields(config, num_classes),
         hidden_dim=config.hidden_dim,
         num_blocks=config.num_blocks,
         tokens_mlp_dim=config.tokens_mlp_dim,
@@ -173,15 +164,6 @@ def build(config: ml_collections.ConfigDict, num_classes: int | None, **override
     return MlpMixer(**{**kwargs, **overrides})
 
 
-FAMILY = families.register_family(
-    families.Family(
-        name="Mixer",
-        defaults=CONFIG_DEFAULTS,
-        builder=build,
-        stride=lambda config: families.pair(config.patches.size, "patches.size"),
-        num_prefix_tokens=lambda config: 0,
-        scan_block="MixerBlock",
-        no_decay=NO_DECAY,
-        logical_axes=LOGICAL_AXES,
-    )
-)
+def config_stride(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """Input pixels per token of a Mixer config: its patch size."""
+    return family.pair(config.patches.size, "patches.size")

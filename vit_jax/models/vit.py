@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax.models import families, layers, precision, resnet
+from vit_jax.models import family, layers, precision, resnet
 from vit_jax.models.attention import ATTENTION_IMPLEMENTATIONS, MultiHeadAttention
 from vit_jax.models.layers import (
     MLP_TYPES,
@@ -49,7 +49,7 @@ from vit_jax.models.posemb import (
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "CLASSIFIERS",
-    "FAMILY",
+    "CONFIG_DEFAULTS",
     "POOLINGS",
     "POSITION_EMBEDDINGS",
     "REMAT_POLICIES",
@@ -72,6 +72,9 @@ __all__ = [
     "ViTLayers",
     "VisionTransformer",
     "build",
+    "config_num_posemb_prefix_tokens",
+    "config_num_prefix_tokens",
+    "config_stride",
     "drop_path",
     "num_prefix_tokens",
     "patch_stride",
@@ -681,10 +684,10 @@ class VisionTransformer(nn.Module):
         return (logits_cls + logits_dist) / 2, out
 
 
-# --- The ViT family: config defaults, builder and layout facts (see `vit_jax.models.families`).
+# --- The ViT family's config defaults and builder (its layout facts: `vit_jax.models.families`).
 
 CONFIG_DEFAULTS = dict(
-    families.COMMON_DEFAULTS,
+    family.COMMON_DEFAULTS,
     patches=dict(size=None),
     hidden_size=None,
     transformer=dict(
@@ -716,33 +719,11 @@ CONFIG_DEFAULTS = dict(
     attention_implementation=None,  # None | "xla" | "cudnn" (jax.nn.dot_product_attention)
 )
 
-# (path regex, logical axes of the trailing dimensions); `heads` and `mlp` are tensor-parallel.
-LOGICAL_AXES: families.LogicalAxes = (
-    (r"(query|key|value)/kernel$", ("embed", "heads", "kv")),
-    (r"(query|key|value)/bias$", ("heads", "kv")),
-    (r"MultiHeadDotProductAttention_\d+/out/kernel$", ("heads", "kv", "embed")),
-    (r"MlpBlock_\d+/Dense_0/kernel$", ("embed", "mlp")),
-    (r"MlpBlock_\d+/Dense_0/bias$", ("mlp",)),
-    (r"MlpBlock_\d+/Dense_1/kernel$", ("mlp", "embed")),
-)
-
-# Norm scales and biases (LayerNorm, GroupNorm, LayerScale), all biases, the position
-# embeddings and the learned tokens / MAP probe take no weight decay.
-NO_DECAY = (
-    r"(^|/)bias$",
-    r"(^|/)scale$",
-    r"(^|/)pos_embedding$",
-    r"(^|/)cls$",
-    r"(^|/)dist$",
-    r"(^|/)registers$",
-    r"(^|/)probe$",
-)
-
 
 def config_stride(config: ml_collections.ConfigDict) -> tuple[int, int]:
     """Input pixels per token of a ViT config (hybrids: times the stem's downsampling)."""
     layers = None if config.resnet is None else tuple(config.resnet.num_layers)
-    return patch_stride(families.pair(config.patches.size, "patches.size"), layers)
+    return patch_stride(family.pair(config.patches.size, "patches.size"), layers)
 
 
 def config_num_prefix_tokens(config: ml_collections.ConfigDict) -> int:
@@ -764,7 +745,7 @@ def build(config: ml_collections.ConfigDict, num_classes: int | None, **override
     """`VisionTransformer` for a complete ViT config; `overrides` replace derived fields."""
     t = config.transformer
     kwargs = dict(
-        families.common_fields(config, num_classes),
+        family.common_fields(config, num_classes),
         hidden_size=config.hidden_size,
         mlp_dim=t.mlp_dim,
         num_heads=t.num_heads,
@@ -784,41 +765,10 @@ def build(config: ml_collections.ConfigDict, num_classes: int | None, **override
         mlp_type=t.mlp_type,
         posemb_grid=None
         if config.posemb_grid is None
-        else families.pair(config.posemb_grid, "posemb_grid"),
+        else family.pair(config.posemb_grid, "posemb_grid"),
         posemb_covers_prefix=bool(config.posemb_covers_prefix),
         posemb_resample=str(config.posemb_resample),
         posemb_sincos2d_variant=str(config.posemb_sincos2d_variant),
         attention_implementation=config.attention_implementation,
     )
     return VisionTransformer(**{**kwargs, **overrides})
-
-
-FAMILY = families.register_family(
-    families.Family(
-        name="ViT",
-        defaults=CONFIG_DEFAULTS,
-        builder=build,
-        stride=config_stride,
-        num_prefix_tokens=config_num_prefix_tokens,
-        num_posemb_prefix_tokens=config_num_posemb_prefix_tokens,
-        scan_block="encoderblock",
-        no_decay=NO_DECAY,
-        logical_axes=LOGICAL_AXES,
-        optional=frozenset(
-            {
-                "resnet",
-                "representation_size",
-                "attention_implementation",
-                "layer_scale_init",
-                "posemb_grid",
-            }
-        ),
-        optional_types={
-            "representation_size": int,
-            "attention_implementation": str,
-            "layer_scale_init": float,
-            "posemb_grid": tuple,
-        },
-        templates={"resnet": dict(num_layers=None, width_factor=1)},
-    )
-)

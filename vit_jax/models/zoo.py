@@ -18,10 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_jax.models import families
-
-# The built-in families register themselves on import.
-from vit_jax.models import mixer as _mixer_family  # noqa: F401
-from vit_jax.models import vit as _vit_family  # noqa: F401
+from vit_jax.models.family import Family, LogicalAxes, pair
 
 ConfigLike = ml_collections.ConfigDict | Mapping[str, Any]
 
@@ -308,8 +305,8 @@ def _check_required(config: ml_collections.ConfigDict, where: str, optional: fro
             raise ValueError(f"model config field {where}{key!r} must be set")
 
 
-def get_family(config: str | ConfigLike) -> families.Family:
-    """The family (`vit_jax.models.families.Family`) of a zoo name or config."""
+def get_family(config: str | ConfigLike) -> Family:
+    """The family (`vit_jax.models.family.Family`) of a zoo name or config."""
     return families.get_family(get_config(config).model_type)
 
 
@@ -347,7 +344,7 @@ def position_table_grid(
     c = get_config(config)
     fixed = c.get("posemb_grid")
     if fixed is not None:
-        return families.pair(fixed, "posemb_grid")
+        return pair(fixed, "posemb_grid")
     return token_grid(c, image_size)
 
 
@@ -361,7 +358,7 @@ def no_decay_patterns(config: str | ConfigLike) -> list[str]:
     return list(get_family(config).no_decay)
 
 
-def logical_axes(config: str | ConfigLike) -> families.LogicalAxes:
+def logical_axes(config: str | ConfigLike) -> LogicalAxes:
     """(path regex, logical axis names) sharding rules of the config's family."""
     return get_family(config).logical_axes
 
@@ -381,7 +378,7 @@ def get_model(
 
 def init_shapes(model: nn.Module, image_size: int | tuple[int, int] = DEFAULT_RESOLUTION):
     """Parameter shapes/dtypes (`jax.ShapeDtypeStruct` tree) without allocating anything."""
-    h, w = families.pair(image_size, "image_size")
+    h, w = pair(image_size, "image_size")
     images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
     return variables["params"]

@@ -17,8 +17,10 @@ Remote files are cached locally (`vit_jax.weights.cache`).
 `final.npz` `eval_preprocessing` (`{'resize', 'crop', 'antialias'}` the run was evaluated with; kept
 by `save` into `.npz` sidecars) and, for a run, `step`. Modules: `errors` and `tree` (leaves),
 `files` (no odd file opened, no destination clobbered), `cache`, `npz`, `run`, `pytorch` (file
-readers/writers), `table` (the converter engine: key tables run both ways), `hf` and `timm`
-(their tables and config facts), `facts`, `fit`, `names`.
+readers/writers), `table` (the key engine: key tables run both ways), `options` (capability
+tables: which of our options a format expresses), `codec` (one write path and one read path for
+every PyTorch format), `hf` and `timm` (their tables and what the tables cannot say), `facts`,
+`fit`, `names`.
 """
 
 from __future__ import annotations
@@ -90,13 +92,14 @@ def _metadata(fmt: str, converted: Converted) -> dict[str, Any]:
 
 def _square_image_size(params: Mapping[str, Any], config: Any) -> list[int] | None:
     """The square image size the stored tokens were made for: the position table's rows after
-    the family's prefix tokens (or, without one, the rows of Mixer's token-mixing kernel)."""
+    the family's prefix tokens (or, without one, the rows of the family's `tokens_param`)."""
     flat = flatten(models.unstack_layers(params))
     posemb = flat.get(npz.POSEMB_KEY)
     if posemb is not None:
         tokens = posemb.shape[1] - models.num_posemb_prefix_tokens(config)
     else:
-        kernel = flat.get("MixerBlock_0/token_mixing/Dense_0/kernel")
+        key = models.get_family(config.model_type).tokens_param
+        kernel = None if key is None else flat.get(key)
         tokens = None if kernel is None else kernel.shape[0]
     if not tokens or math.isqrt(tokens) ** 2 != tokens:
         return None
