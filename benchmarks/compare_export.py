@@ -58,7 +58,9 @@ def main() -> None:
             npz = Path(tmp) / f"{model}.npz"
             random_npz(model, npz)
             row = {
-                "xla": _json([*bench, "--model", model, "--mode", "infer", "--resolution", "224"])
+                "xla": _json(
+                    [*bench, "--architecture", model, "--mode", "infer", "--resolution", "224"]
+                )
             }
             for fmt in ("onnx", "saved_model"):
                 out = Path(tmp) / f"{model}_{fmt}"

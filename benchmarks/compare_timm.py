@@ -31,7 +31,7 @@ def ours(model, batch, mode, dtype="float32", steps=5, extra=()):
             sys.executable,
             "-m",
             "vit_jax.benchmark",
-            "--model",
+            "--architecture",
             model,
             "--batch",
             str(batch),

@@ -12,7 +12,7 @@ python3 -m venv /tmp/vj && . /tmp/vj/bin/activate
 pip install -q -U "jax[cuda12]" && pip install -q -e . 2>&1 | tail -1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 for impl in cudnn xla explicit; do
-  timeout 110 python -m vit_jax.benchmark --model ViT-B_16 --batch 256 --resolution 224 \
+  timeout 110 python -m vit_jax.benchmark --architecture ViT-B_16 --batch 256 --resolution 224 \
     --mode train --dtype bfloat16 --steps 20 --scan --json \
     --attention $impl | tee -a "$OUT/vit_jax.jsonl" || true
 done

@@ -5,7 +5,7 @@ inference function, on random data already on the device, after warm-up; reports
 the model's FLOPs per second (XLA's cost analysis of the compiled step) over a matmul peak of the
 same dtype measured on the spot (a 2048^3 matmul on this device).
 
-    python -m vit_jax.benchmark --model ViT-B_16 --batch 16 --resolution 224 --mode train --json
+    python -m vit_jax.benchmark --architecture ViT-B_16 --batch 16 --mode train --json
 
 `--artifact DIR` times an exported model instead (`python -m vit_jax.export`), with the runtime a
 deployment would use: ONNX Runtime (CPU) for `onnx`, TensorFlow for `saved_model` (its
@@ -25,15 +25,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from vit_jax import cli, configs, models, optim, sharding, trainer  # cli first: quiets TF
-from vit_jax.models import precision
+from vit_jax import cli
+
+if TYPE_CHECKING:
+    import ml_collections
+
+# jax, TensorFlow and the trainer are imported inside the functions: `python -m vit_jax.benchmark`
+# parses its flags and starts its console (`cli.start`) before anything loads them.
 
 KEYS = ("img_per_sec", "step_time_s", "compile_time_s", "mfu", "peak_memory_bytes")
 
@@ -44,6 +46,11 @@ def matmul_peak_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
     That is the precision policy's product (`vit_jax.models.precision.dot_general`): float32
     operands for float32, 16-bit operands with float32 accumulation for bfloat16.
     """
+    import jax
+    import jax.numpy as jnp
+
+    from vit_jax.models import precision
+
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
     dot = precision.dot_general(dtype)
@@ -65,6 +72,8 @@ def _flops(compiled) -> float:
 
 
 def _peak_memory(compiled) -> int:
+    import jax
+
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"])
@@ -76,6 +85,10 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The trainer's config (`vit_jax.configs`) with the reference fine-tuning recipe (SGD
     momentum 0.9, grad clip 1) at lr 0.01 with a short warmup; `overrides` set any key. A
     ConfigDict value (a model's config) replaces the key's sub-config, a dict is merged into it."""
+    import ml_collections
+
+    from vit_jax import configs
+
     c = configs.get_config()
     c.update(dict(base_lr=0.01, warmup_steps=10, total_steps=1000))
     for key, value in overrides.items():
@@ -101,6 +114,10 @@ def build_step(
 
     With `compile=False`: (the lowered step, None, seconds to lower), e.g. for its cost analysis.
     """
+    import jax
+
+    from vit_jax import models, optim, sharding, trainer
+
     if mode not in ("train", "infer"):
         raise ValueError(f"--mode must be 'train' or 'infer', got {mode!r}")
     model = models.get_model(
@@ -116,11 +133,7 @@ def build_step(
     )
     params, opt_state, psh, osh = trainer.create_state(model, tx, mesh, size, seed=0)
     bsh = sharding.batch_sharding(mesh)
-    rng = np.random.default_rng(0)
-    images = jax.device_put(rng.uniform(-1, 1, (batch, *size, 3)).astype(np.float32), bsh)
-    labels = jax.device_put(
-        np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)], bsh
-    )
+    images, labels = _random_batch(batch, size, num_classes, bsh)
     t0 = time.perf_counter()
     if mode == "train":
         fn = trainer.TrainStep(model, tx, config, mesh, psh, osh)
@@ -145,8 +158,22 @@ def build_step(
     return compiled, lambda i: compiled(params, images), time.perf_counter() - t0
 
 
+def _random_batch(batch: int, size: tuple[int, int], num_classes: int, sharding) -> tuple:
+    """(images in [-1, 1], one-hot labels) of a fixed seed, placed with `sharding`."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    images = jax.device_put(rng.uniform(-1, 1, (batch, *size, 3)).astype(np.float32), sharding)
+    labels = jax.device_put(
+        np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)], sharding
+    )
+    return images, labels
+
+
 def _median_step_time(one_step: Callable[[int], Any], warmup: int, steps: int) -> float:
     """Median wall time of `steps` calls after `warmup` untimed ones (each run to completion)."""
+    import jax
+
     for i in range(warmup):
         jax.block_until_ready(one_step(i))
     times = []
@@ -174,6 +201,10 @@ def run(
 
     Long: the record's fields are listed here, in one place.
     """
+    import jax
+
+    from vit_jax.models import precision
+
     compiled, one_step, compile_time = build_step(
         model_name,
         batch=batch,
@@ -238,6 +269,8 @@ def _artifact_runner(path: Path, meta: dict, x: np.ndarray) -> tuple[Callable[[i
         inputs = tf.constant(x)
         return lambda i: fn(inputs=inputs)["logits"].numpy(), f"tensorflow {tf.__version__}"
     if fmt == "stablehlo":
+        import jax
+
         exported = jax.export.deserialize(bytearray((path / "model.jax_exported").read_bytes()))
         call = jax.jit(exported.call)
         device_x = jax.device_put(x)
@@ -248,6 +281,8 @@ def _artifact_runner(path: Path, meta: dict, x: np.ndarray) -> tuple[Callable[[i
 def run_artifact(path: str, *, batch: int, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
     """Benchmarks inference of an exported model directory; returns the JSON record
     (`load_time_s`: loading it and the first call, the counterpart of `compile_time_s`)."""
+    import jax
+
     root = Path(path)
     try:
         meta = json.loads((root / "model.json").read_text())
@@ -280,14 +315,16 @@ def run_artifact(path: str, *, batch: int, steps: int = 10, warmup: int = 2) -> 
 
 
 def _flags(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m vit_jax.benchmark",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.ArgumentParser(prog="python -m vit_jax.benchmark", description=__doc__)
+    p.add_argument(
+        "--architecture",
+        default="ViT-B_16",
+        metavar="NAME",
+        help="zoo name of the model to build and time, random weights (e.g. ViT-Ti_16)",
     )
-    p.add_argument("--model", default="ViT-B_16", help="zoo name, e.g. ViT-Ti_16")
+    cli.add_deprecated_alias(p, "--model", "--architecture")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--resolution", type=int, default=224, help="input size")
     p.add_argument("--mode", choices=("train", "infer"), default="train")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
@@ -302,10 +339,9 @@ def _flags(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--artifact",
         help="an exported model directory (python -m vit_jax.export) to time instead "
-        "(inference; --model, --mode, --dtype and the model flags do not apply)",
+        "(inference; --architecture, --mode, --dtype and the model flags do not apply)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     return p.parse_args(argv)
 
 
@@ -331,19 +367,18 @@ def _print_run(r: dict[str, Any]) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = _flags(argv)
     if args.artifact:
         try:
             r = run_artifact(args.artifact, batch=args.batch, steps=args.steps, warmup=args.warmup)
         except ValueError as e:
-            print(f"error: {cli.one_line(e)}", file=sys.stderr)
-            sys.exit(2)
+            return cli.fail(e, cli.EXIT_CONFIG)
         if args.json:
             print(json.dumps(r))
         else:
             _print_artifact(r)
-        return
+        return cli.EXIT_OK
     overrides = {"scan": True} if args.scan else {}
     if args.remat:
         overrides["remat"] = True
@@ -351,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides["attention_implementation"] = args.attention
     try:
         r = run(
-            args.model,
+            args.architecture,
             batch=args.batch,
             resolution=args.resolution,
             mode=args.mode,
@@ -361,12 +396,12 @@ def main(argv: list[str] | None = None) -> None:
             model_overrides=overrides,
         )
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return cli.fail(e, cli.EXIT_CONFIG)
     if args.json:
         print(json.dumps(r))
     else:
         _print_run(r)
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,4 +1,13 @@
-"""What the CLIs share: exit codes, one-line errors, and a console without library chatter.
+"""What the CLIs share: one start-up, one flag vocabulary, exit codes and one-line errors.
+
+Start-up: `start()` sets up the console and TensorFlow's device policy; `python -m vit_jax.X`
+runs it first (`run(main)`), before anything imports TensorFlow. Importing a vit_jax module does
+nothing of the kind (no hooks, no redirected descriptors, no hidden devices, no environment
+read or written); a notebook or a program that wants the CLIs' console calls `start()` itself.
+
+Flags: every CLI that reads weights takes `--checkpoint` (what to read), `--model` (a zoo name
+for files that record no model), `--resolution` (the input size; default what the weights were
+made for) and `--verbose` (`add_weights_flags`, `ArgumentParser`).
 
 Exit codes: 0 success; 1 a runtime failure (an input image that cannot be read, a test set that
 fails while evaluating, an output that cannot be written); 2 a configuration error, found before
@@ -16,6 +25,7 @@ set (`TF_CPP_MIN_LOG_LEVEL`) are never overridden.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.abc
 import importlib.util
 import logging
@@ -31,9 +41,14 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_OK",
     "EXIT_RUNTIME",
+    "MODEL_HELP",
+    "RESOLUTION_HELP",
     "VERBOSE_HELP",
+    "add_deprecated_alias",
+    "add_max_pixels_flag",
     "add_weights_flags",
     "config_argv",
+    "config_error",
     "ArgumentParser",
     "ConsoleHandler",
     "fail",
@@ -41,15 +56,33 @@ __all__ = [
     "quiet_libraries",
     "run",
     "setup_console",
+    "start",
     "wants_verbose",
 ]
 
+# `python -m NAME` for each of our CLIs.
+CLI_MODULES = frozenset(
+    f"vit_jax.{name}"
+    for name in (
+        "train",
+        "predict",
+        "evaluate",
+        "visualize",
+        "convert.__main__",
+        "benchmark",
+        "probe",
+        "serve",
+        "export",
+        "models.__main__",
+        "install_missing",
+    )
+)
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 
-VERBOSE_HELP = "also show the libraries' logs (TensorFlow, JAX, Orbax) in absl's long format"
+VERBOSE_HELP = "also show the libraries' logs (TensorFlow, JAX, Orbax) in absl's format"
 
 
 def one_line(error: BaseException | str) -> str:
@@ -64,8 +97,18 @@ def fail(error: BaseException | str, code: int = EXIT_CONFIG) -> int:
     return code
 
 
+# ----------------------------------------------------------------------------- flags
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one `error: ...` line (exit 2) instead of usage + error."""
+    """argparse whose usage errors are one `error: ...` line (exit 2) instead of usage + error,
+    with the shared `--verbose` flag (unless `verbose=False`: a CLI without a console)."""
+
+    def __init__(self, *args, verbose: bool = True, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        if verbose:
+            self.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     def error(self, message: str) -> NoReturn:
         sys.exit(fail(f"{message} (see {self.prog} --help)", EXIT_CONFIG))
@@ -80,14 +123,56 @@ def add_weights_flags(p: argparse.ArgumentParser, *, resolution: bool = True) ->
         help="a run (workdir, checkpoints/ or a step dir), an .npz, a transformers dir, "
         "a timm file or hub folder",
     )
-    p.add_argument("--model", help="zoo name, for files that don't record their model")
+    p.add_argument("--model", help=MODEL_HELP)
     if resolution:
-        p.add_argument(
-            "--resolution", type=int, help="input size (default: what the weights were made for)"
-        )
+        p.add_argument("--resolution", type=int, help=RESOLUTION_HELP)
 
 
-# ----------------------------------------------------------------------------- quiet libraries
+def add_max_pixels_flag(p: argparse.ArgumentParser) -> None:
+    """`--max-pixels`: the largest image a CLI decodes, read from its header first."""
+    from vit_jax.data import image_header  # light: no TensorFlow until an image is read
+
+    default = image_header.DEFAULT_MAX_PIXELS
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=default,
+        help=f"largest image, read from its header before decoding (default {default})",
+    )
+
+
+MODEL_HELP = "zoo name, for files that don't record their model"
+RESOLUTION_HELP = "input size (default: what the weights were made for)"
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: stores into the new flag's place, with a one-line warning."""
+
+    def __init__(self, option_strings, dest, *, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(p: argparse.ArgumentParser, old: str, new: str, **kwargs) -> None:
+    """`old` keeps working as `new` (same value type), warns once per use, and is left out of
+    --help."""
+    dest = new.lstrip("-").replace("-", "_")
+    p.add_argument(
+        old,
+        dest=dest,
+        action=_DeprecatedAlias,
+        new=new,
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+        **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------- --config
 
 
 def config_argv(argv: Sequence[str]) -> list[str]:
@@ -171,6 +256,75 @@ def wants_verbose(argv: Sequence[str]) -> bool:
     return verbose
 
 
+# ----------------------------------------------------------------------------- start-up
+
+
+def start(verbose: bool | None = None, *, timestamps: bool = False) -> ConsoleHandler | None:
+    """The start-up of every CLI, and of any program or notebook that wants their console.
+
+    1. TensorFlow's policy: it runs on the CPU only (tf.data needs no accelerator; a GPU build
+       would otherwise reserve the memory JAX uses) and, unless `verbose`, its C++ load banners
+       are dropped: `TF_CPP_MIN_LOG_LEVEL` becomes 2 (errors) when the user has not set it, and
+       that level is applied to the lines TensorFlow prints while it loads.
+    2. The console (`setup_console`): one short line per event, libraries' INFO dropped
+       (`verbose`: absl's handler and format, everything).
+
+    Both act on TensorFlow when it is imported, so call this before anything imports it (or
+    jax, which sets its own TF_CPP_MIN_LOG_LEVEL default). The CLIs guarantee that by
+    construction: their modules import only the standard library and `vit_jax.cli` at module
+    level (`tests/test_cli_start.py` checks it), `python -m vit_jax.X` calls `run(main)`, which
+    calls this first, and everything heavy is imported inside functions after it. Called later
+    (TensorFlow already loaded), the device policy is applied at once, with a warning when
+    TensorFlow has already placed work on a GPU. `verbose` None: as `--verbose` in sys.argv.
+    Calling it again replaces the console set up before. Returns the console handler (None
+    when verbose).
+    """
+    if verbose is None:
+        verbose = wants_verbose(sys.argv[1:])
+    _tensorflow_policy(verbose)
+    return setup_console(verbose, timestamps=timestamps)
+
+
+def quiet_libraries(argv: Sequence[str] | None = None) -> bool:
+    """The TensorFlow half of `start()` alone (for a CLI that sets up its console later);
+    verbose as `--verbose` in argv (default sys.argv). Returns verbose."""
+    verbose = wants_verbose(sys.argv[1:] if argv is None else argv)
+    _tensorflow_policy(verbose)
+    return verbose
+
+
+def _tensorflow_policy(verbose: bool) -> None:
+    """TensorFlow on the CPU only, and quiet while it loads unless verbose (see `start`)."""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        min_level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        min_level = 0
+    chatter = None if verbose or min_level <= 0 else _tf_load_chatter(min_level)
+    if "tensorflow" in sys.modules:
+        _tensorflow_on_cpu(sys.modules["tensorflow"])
+        return
+    loader = next((f for f in sys.meta_path if isinstance(f, _TensorFlowLoader)), None)
+    if loader is None:
+        sys.meta_path.insert(0, _TensorFlowLoader(chatter))
+    else:
+        loader.chatter = chatter
+
+
+def _tensorflow_on_cpu(tf) -> None:
+    """Hides the GPUs from TensorFlow (it must not have initialised its devices yet)."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        if tf.config.list_logical_devices("GPU"):
+            from absl import logging as absl_logging
+
+            absl_logging.warning(
+                "TensorFlow already uses the GPU; call vit_jax.cli.start() before using TensorFlow"
+            )
+
+
 def _tf_load_chatter(min_level: int) -> re.Pattern:
     """What TensorFlow prints from C++ while it loads, below TF_CPP_MIN_LOG_LEVEL=`min_level`.
 
@@ -178,8 +332,6 @@ def _tf_load_chatter(min_level: int) -> re.Pattern:
     come from absl C++ logging, which ignores TF_CPP_MIN_LOG_LEVEL: the level is applied here.
     """
     levels = "IW"[: max(0, min(min_level, 2))]
-    if not levels:
-        return re.compile(r"(?!)")  # matches nothing
     return re.compile(
         r"^(WARNING: All log messages before absl::InitializeLog\(\)"
         rf"|[{levels}]\d{{4}} [\d:.]+ +\d+ \S+:\d+\]"
@@ -187,13 +339,14 @@ def _tf_load_chatter(min_level: int) -> re.Pattern:
     )
 
 
-class _QuietImport(importlib.abc.MetaPathFinder):
-    """Loads `tensorflow` with file descriptor 2 captured; replays all but its load chatter."""
+class _TensorFlowLoader(importlib.abc.MetaPathFinder):
+    """Loads `tensorflow` as `start()` wants it: with file descriptor 2 captured and replayed
+    without `chatter` (None: not captured), then kept off the GPUs. Removes itself once used."""
 
     name = "tensorflow"
 
-    def __init__(self, min_level: int):
-        self.chatter = _tf_load_chatter(min_level)
+    def __init__(self, chatter: re.Pattern | None):
+        self.chatter = chatter
         self.finding = False
 
     def find_spec(self, fullname, path, target=None):
@@ -208,13 +361,15 @@ class _QuietImport(importlib.abc.MetaPathFinder):
             return spec
         exec_module = spec.loader.exec_module
 
-        def quiet_exec_module(module):
+        def policy_exec_module(module):
             if self in sys.meta_path:  # loaded once (find_spec alone may be a probe)
                 sys.meta_path.remove(self)
-            with _CapturedStderr(self.chatter):
+            quiet = _CapturedStderr(self.chatter) if self.chatter else contextlib.nullcontext()
+            with quiet:
                 exec_module(module)
+                _tensorflow_on_cpu(module)
 
-        spec.loader.exec_module = quiet_exec_module
+        spec.loader.exec_module = policy_exec_module
         return spec
 
 
@@ -247,32 +402,7 @@ class _CapturedStderr:
         return False
 
 
-def quiet_libraries(argv: Sequence[str] | None = None) -> bool:
-    """Library chatter off unless `--verbose` is in argv (default sys.argv); returns verbose.
-
-    Call it when a CLI starts, before anything imports TensorFlow. TF_CPP_MIN_LOG_LEVEL decides
-    what TensorFlow's C++ code prints, its load banners included (which it applies to those
-    only through us): the user's value if they set one, else 2 (errors only).
-    """
-    import vit_jax
-
-    verbose = wants_verbose(sys.argv[1:] if argv is None else argv)
-    if verbose:
-        return True
-    user = vit_jax._USER_TF_CPP_MIN_LOG_LEVEL  # read before `import jax` sets its default
-    if user is None:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    try:
-        min_level = int(os.environ["TF_CPP_MIN_LOG_LEVEL"])
-    except ValueError:
-        min_level = 0
-    if (
-        min_level > 0
-        and "tensorflow" not in sys.modules
-        and not any(isinstance(f, _QuietImport) for f in sys.meta_path)
-    ):
-        sys.meta_path.insert(0, _QuietImport(min_level))
-    return False
+# ----------------------------------------------------------------------------- the console
 
 
 _OWN_CODE = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -387,11 +517,16 @@ def setup_console(verbose: bool, *, timestamps: bool = False) -> ConsoleHandler 
 
     Verbose: absl's handler and format, INFO from every library. Otherwise: a `ConsoleHandler`
     replaces the root logger's stderr handlers (absl's included), INFO from our code only,
-    Python warnings as one line. Returns the handler (None when verbose).
+    Python warnings as one line. A console set up before is replaced. Returns the handler
+    (None when verbose).
     """
     from absl import logging as absl_logging
 
     root = logging.getLogger()
+    for h in list(root.handlers):  # set up before (start() called again)
+        if isinstance(h, ConsoleHandler):
+            root.removeHandler(h)
+            h.close()
     if verbose:
         absl_logging.use_absl_handler()  # (sets levels from absl's flags: set ours after it)
     root.setLevel(logging.INFO)
@@ -410,36 +545,9 @@ def setup_console(verbose: bool, *, timestamps: bool = False) -> ConsoleHandler 
     return handler
 
 
-CLI_MODULES = frozenset(
-    f"vit_jax.{name}"
-    for name in (
-        "train",
-        "predict",
-        "evaluate",
-        "visualize",
-        "convert.__main__",
-        "benchmark",
-        "probe",
-        "serve",
-        "export",
-    )
-)
-
-
-def _running_cli() -> bool:
-    """Whether this process runs one of our CLIs (`python -m vit_jax.X`)."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return getattr(spec, "name", None) in CLI_MODULES
-
-
-def run(main: Callable[[], int | None]) -> int:
-    """A reader CLI's entry point: quiet libraries (unless --verbose), short console, main()."""
-    verbose = quiet_libraries()
-    setup_console(verbose)
+def run(main: Callable[[], int | None], *, timestamps: bool = False) -> int:
+    """`python -m vit_jax.X`'s entry point: `start()` (verbose as `--verbose` in sys.argv asks),
+    then `main()`; its exit code (None: 0). `main(argv)` itself starts nothing, so tests and
+    programs can call it in-process."""
+    start(wants_verbose(sys.argv[1:]), timestamps=timestamps)
     return main() or EXIT_OK
-
-
-# A CLI that imports this module before TensorFlow (every one of ours does) loads it quietly,
-# even when its own module-level imports pull TensorFlow in (benchmark -> trainer -> data).
-if _running_cli():
-    quiet_libraries()

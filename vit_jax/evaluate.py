@@ -1,5 +1,9 @@
 """`python -m vit_jax.evaluate --checkpoint PATH --config=configs/vit.py:b16,imagenet2012 [--json]`.
 
+Flags: `--checkpoint`, `--model`, `--resolution`, `--verbose` as in every CLI that reads
+weights; `--config` (the trainer's config files, `--config.KEY=VALUE` overrides, parsed by
+ml_collections as in train).
+
 Runs the trainer's eval pipeline (resize, central crop, padded and masked batches) over the
 config's test split (`pp.test`) and reports top-1 / top-5 accuracy and loss. PATH is anything
 `vit_jax.inference.load_model` reads. What the checkpoint records wins: its model config, its
@@ -21,6 +25,7 @@ dataset, classes that differ from the dataset's, a test image over `--max-pixels
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -68,10 +73,15 @@ def evaluate_checkpoint(
     checkpoint: str,
     config,
     *,
+    model: str | None = None,
+    resolution: int | None = None,
     allow_class_mismatch: bool = False,
     max_pixels: int | None = None,
 ) -> dict[str, float]:
     """top-1 / top-5 accuracy, loss and example count of `checkpoint` on config's test split.
+
+    `model` (a zoo name) and `resolution` as in `inference.load_model`; without `model` an
+    `.npz` that records none is read as the config's model.
 
     `max_pixels` (None: `image_header.DEFAULT_MAX_PIXELS`) caps an image folder's test images,
     read from their headers before anything is decoded. Raises ValueError (CheckpointError,
@@ -85,7 +95,10 @@ def evaluate_checkpoint(
     from vit_jax.data import image_header, sources
 
     trained = inference.load_model(
-        checkpoint, default_model=config.get("model") or config.get("model_name")
+        checkpoint,
+        model=model,
+        default_model=config.get("model") or config.get("model_name"),
+        resolution=resolution,
     )
     split = sources.open_split(config, config.pp.test)
     image_header.check_files(_image_files(split), max_pixels or image_header.DEFAULT_MAX_PIXELS)
@@ -101,15 +114,7 @@ def evaluate_checkpoint(
         if not allow_class_mismatch:
             raise
         logging.warning("%s (evaluating anyway: --allow-class-mismatch)", e)
-    config = config.copy_and_resolve_references()
-    if int(config.pp.crop) != trained.crop:
-        logging.warning(
-            "evaluating at the checkpoint's image size %d, not config.pp.crop=%d",
-            trained.crop,
-            config.pp.crop,
-        )
-        config.pp.resize = round(int(config.pp.resize) * trained.crop / int(config.pp.crop))
-        config.pp.crop = trained.crop
+    config = _at_size(config, trained.crop, "--resolution" if resolution else None)
     mesh = sharding.make_mesh(**config.mesh.to_dict())
     param_sh = sharding.tree_shardings(trained.params, mesh)
     params = sharding.put_sharded(trained.params, param_sh)
@@ -126,77 +131,110 @@ def evaluate_checkpoint(
         raise EvaluationError(str(e)) from e
 
 
+def _at_size(config, crop: int, why: str | None):
+    """config (resolved, a copy) evaluating at `crop`, its resize scaled alike."""
+    from absl import logging
+
+    config = config.copy_and_resolve_references()
+    if int(config.pp.crop) != crop:
+        logging.warning(
+            "evaluating at %s %d, not config.pp.crop=%d",
+            why or "the checkpoint's image size",
+            crop,
+            config.pp.crop,
+        )
+        config.pp.resize = round(int(config.pp.resize) * crop / int(config.pp.crop))
+        config.pp.crop = crop
+    return config
+
+
 class EvaluationError(RuntimeError):
     """The evaluation failed while running (e.g. an unreadable test image)."""
 
 
-def _flags(argv: list[str]):
-    """Parses argv into a fresh FlagValues (so main can run more than once in a process)."""
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m vit_jax.evaluate", description=__doc__)
+    cli.add_weights_flags(p)
+    p.add_argument(
+        "--config",
+        metavar="FILE[:ARG]",
+        help="the trainer's config with the data settings (a file, or a packaged recipe: "
+        "configs/NAME.py[:ARG]); --config.KEY=VALUE overrides one of its keys",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--allow-class-mismatch",
+        action="store_true",
+        help="evaluate even when the checkpoint's classes differ from the dataset's",
+    )
+    cli.add_max_pixels_flag(p)
+    return p
+
+
+def _flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The shared flags (argparse) and the `--config.KEY[=VALUE]` overrides, in order."""
+    p = _parser()
+    args, rest = p.parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):
+        if not rest[i].startswith("--config."):
+            p.error(f"unrecognized arguments: {' '.join(rest[i:])}")
+        overrides.append(rest[i])
+        if "=" not in rest[i] and i + 1 < len(rest) and not rest[i + 1].startswith("-"):
+            overrides.append(rest[i + 1])  # `--config.KEY VALUE`
+            i += 1
+        i += 1
+    if args.max_pixels < 1:
+        p.error("--max-pixels must be at least 1")
+    return args, overrides
+
+
+def _config(spec: str, overrides: list[str]):
+    """The config `--config=spec` names with `overrides` applied (absl / ml_collections, as in
+    train), locked. Raises what they raise, FileNotFoundError for an unknown recipe."""
     from absl import flags
     from ml_collections import config_flags
 
-    from vit_jax.data import image_header
-
-    argv = cli.config_argv(argv)
+    argv = cli.config_argv(["vit_jax.evaluate", f"--config={spec}", *overrides])
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", None, "Config with the data settings.", flag_values=fv, sys_argv=argv
     )
-    flags.DEFINE_string(
-        "checkpoint", None, "Workdir, checkpoint, .npz or converted file.", flag_values=fv
-    )
-    flags.DEFINE_bool("json", False, "Print one JSON object.", flag_values=fv)
-    flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP, flag_values=fv)
-    flags.DEFINE_bool(
-        "allow-class-mismatch",
-        False,
-        "Evaluate even when the checkpoint's classes differ from the dataset's.",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "max-pixels",
-        image_header.DEFAULT_MAX_PIXELS,
-        "Largest test image (image folders), read from its header before decoding.",
-        lower_bound=1,
-        flag_values=fv,
-    )
-    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help(include_special_flags=False))
-        return None
-    rest = fv(argv)
-    if len(rest) > 1:
-        raise ValueError(f"unexpected argument {rest[1]!r}")
-    return fv
+    fv(argv)
+    return fv.config
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv if argv is None else ["vit_jax.evaluate", *argv]
     try:
-        fv = _flags(argv)
-        if fv is None:  # --help
-            return cli.EXIT_OK
-        config = fv.config
+        args, overrides = _flags(argv)
+    except SystemExit as e:  # a usage error (one line, printed) or --help
+        return e.code
+    if not args.config:
+        return cli.fail("--checkpoint and --config are required", cli.EXIT_CONFIG)
+    try:
+        config = _config(args.config, overrides)
     except Exception as e:  # noqa: BLE001 (flag and config-file errors: one line, no traceback)
         try:
-            message = cli.config_error(cli.config_argv(argv), e)
+            argv = cli.config_argv(["vit_jax.evaluate", f"--config={args.config}", *overrides])
+            message = cli.config_error(argv, e)
         except FileNotFoundError as missing:  # not a file, nor a packaged recipe
             message = str(missing)
         return cli.fail(f"{message} (see python -m vit_jax.evaluate --help)", cli.EXIT_CONFIG)
-    checkpoint = fv.checkpoint
-    if config is None or not checkpoint:
-        return cli.fail("--checkpoint and --config are required", cli.EXIT_CONFIG)
+    checkpoint = args.checkpoint
     try:
         results = evaluate_checkpoint(
             checkpoint,
             config,
-            allow_class_mismatch=fv["allow-class-mismatch"].value,
-            max_pixels=fv["max-pixels"].value,
+            model=args.model,
+            resolution=args.resolution,
+            allow_class_mismatch=args.allow_class_mismatch,
+            max_pixels=args.max_pixels,
         )
     except EvaluationError as e:
         return cli.fail(e, cli.EXIT_RUNTIME)
     except (ValueError, OSError) as e:  # CheckpointError, DataError (ImageTooLargeError), ...
         return cli.fail(e, cli.EXIT_CONFIG)
-    if fv.json:
+    if args.json:
         print(json.dumps({"checkpoint": checkpoint, **results}))
     else:
         print(

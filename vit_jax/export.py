@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vit_jax import cli  # first: quiets TensorFlow's import
+from vit_jax import cli
 
 __all__ = [
     "FORMATS",
@@ -453,7 +453,6 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help=f"onnx: the ONNX opset, {ONNX_OPSETS[0]}-{ONNX_OPSETS[-1]} (default {ONNX_OPSET})",
     )
-    p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     return p
 
 

@@ -15,13 +15,14 @@ too, with a warning naming both. The missing ones go to pip with every installed
 pinned as a constraint, so pip picks versions of the new packages that fit what is there (or
 says which requirement conflicts) and never upgrades, downgrades or replaces anything.
 
-It imports nothing beyond the standard library and pip's own `packaging`, so it runs right
-after `pip install --no-deps`, before any of the requirements are there.
+It imports nothing beyond the standard library, pip's own `packaging` and `vit_jax.cli` (the
+CLIs' one-line flag errors; itself standard library only), so it runs right after
+`pip install --no-deps`, before any of the requirements are there. For the same reason it does
+not call `cli.start()`: there is no TensorFlow or absl to set up yet.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata as metadata
 import os
 import re
@@ -36,6 +37,8 @@ try:  # `packaging` is on most runtimes; pip always carries a copy
 except ImportError:  # pragma: no cover - a bare venv
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.version import InvalidVersion, Version
+
+from vit_jax import cli
 
 # Distributions that provide the same importable package as the one we require.
 EQUIVALENT = {
@@ -122,9 +125,10 @@ def constraints(have: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m vit_jax.install_missing",
         description="Install vit_jax's missing requirements; change nothing installed.",
+        verbose=False,
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, install nothing")
     args = parser.parse_args(argv)

@@ -22,7 +22,6 @@ import argparse
 import json
 import sys
 
-import jax
 import numpy as np
 
 from vit_jax import cli
@@ -32,6 +31,8 @@ __all__ = ["answer", "main", "top_k", "top_k_size"]
 
 def top_k(logits: np.ndarray, k: int, class_names: list[str]) -> list[dict]:
     """The k most probable classes of one logits row: [{"label", "index", "probability"}]."""
+    import jax
+
     probs = np.asarray(jax.nn.softmax(logits.astype(np.float32)))
     order = np.argsort(-probs, kind="stable")[:k]
     return [
@@ -55,8 +56,6 @@ def answer(image: str, logits: np.ndarray, k: int, class_names: list[str]) -> di
 
 
 def _flags(argv: list[str] | None) -> argparse.Namespace:
-    from vit_jax.data import image_header
-
     p = cli.ArgumentParser(
         prog="python -m vit_jax.predict",
         description=__doc__,
@@ -66,13 +65,7 @@ def _flags(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=image_header.DEFAULT_MAX_PIXELS,
-        help=f"largest image, read from its header (default {image_header.DEFAULT_MAX_PIXELS})",
-    )
-    p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
+    cli.add_max_pixels_flag(p)
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
     if min(args.batch, args.top_k, args.max_pixels) < 1:

@@ -416,7 +416,7 @@ def _parser() -> cli.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    cli.add_weights_flags(p, resolution=False)
+    cli.add_weights_flags(p)
     p.add_argument("--dataset", default="digits", help="digits, an image folder or a tfds name")
     p.add_argument("--data-dir", help="tfds data dir (config.tfds_data_dir)")
     p.add_argument(
@@ -434,7 +434,6 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="images per forward pass")
     p.add_argument("--out", help="save features and labels to this .npz (never overwritten)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     return p
 
 
@@ -454,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         pp = _parse_pp(args.pp)
     except ValueError as e:
         p.error(str(e))
+    if args.resolution and "crop" in pp and int(pp["crop"]) != args.resolution:
+        p.error(f"--resolution {args.resolution} and --pp crop={pp['crop']} disagree")
 
     from absl import logging
 
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = probe_config(args.dataset, pp, batch=args.batch, data_dir=args.data_dir)
-        resolution = int(pp["crop"]) if "crop" in pp else None
+        resolution = args.resolution or (int(pp["crop"]) if "crop" in pp else None)
         trained = inference.load_model(args.checkpoint, model=args.model, resolution=resolution)
         logging.info(
             "model %s from %s: %dx%d input, eval resize %d",

@@ -551,12 +551,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest upload (default 8 MiB)"
     )
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help=f"largest image, read from its header before decoding (default {DEFAULT_MAX_PIXELS})",
-    )
+    cli.add_max_pixels_flag(p)
     p.add_argument(
         "--max-requests",
         type=int,
@@ -571,7 +566,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-batch", type=int, default=8, help="most requests run as one batch")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a batch waits")
-    p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     args = p.parse_args(argv)
     for flag in ("top_k", "max_bytes", "max_pixels", "max_requests", "max_decodes", "max_batch"):
         if getattr(args, flag) < 1:

@@ -39,14 +39,15 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 
 
-EXIT_RUN_FAILED = 1  # the run failed: NaN loss, a save, no checkpoint restores, bad data, I/O
-EXIT_CONFIG = 2  # it cannot run as asked: bad flag or config value, workdir in use, config change
+EXIT_RUN_FAILED = cli.EXIT_RUNTIME  # the run failed: NaN loss, a save, no checkpoint restores,
+# bad data, I/O
+EXIT_CONFIG = cli.EXIT_CONFIG  # it cannot run as asked: bad flag or config value, workdir in
+# use, config change
 EXIT_INTERRUPTED = 130  # a second Ctrl-C (128 + SIGINT, the shell's convention)
 
 
 def _fail(error: BaseException | str, code: int) -> None:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(code)
+    sys.exit(cli.fail(error, code))
 
 
 def initialize_distributed() -> None:
@@ -78,7 +79,7 @@ def _without_closed_loop_callbacks(hook):
 
 def main(argv: list[str]) -> None:
     started = time.perf_counter()
-    console = cli.setup_console(_VERBOSE.value, timestamps=True)
+    console = cli.start(_VERBOSE.value, timestamps=True)  # again: absl's app.run reset logging
     sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}", EXIT_CONFIG)
@@ -133,16 +134,23 @@ def exit_for(error: BaseException, wd) -> tuple[int, str] | None:
     failed = (
         trainer.NonFiniteLossError,
         trainer.OtherProcessError,
+        trainer.MetricsWriteError,
         workdir_lib.CheckpointSaveError,
         workdir_lib.CheckpointDamagedError,
+        workdir_lib.CheckpointUnreadableError,
         data.BadImageError,
     )
     if isinstance(error, failed):
         return EXIT_RUN_FAILED, str(error)
     if isinstance(error, (run_lock.WorkdirLockedError, ValueError, FileNotFoundError)):
         return EXIT_CONFIG, str(error)
-    if isinstance(error, OSError):  # a full disk or a lost mount: metrics, events, final.npz
+    if isinstance(error, OSError):  # a full disk or a lost mount: final.npz, config files, lock
+        if error.filename is None and error.strerror:  # (os.write names no file)
+            return EXIT_RUN_FAILED, f"{wd}: {error.strerror}"
         return EXIT_RUN_FAILED, str(error)
+    if isinstance(error, trainer.write_error_types()):  # TensorFlow's, from its file system
+        path, reason = trainer.write_error_text(error)
+        return EXIT_RUN_FAILED, f"{path}: {reason}" if path else reason
     if isinstance(error, KeyboardInterrupt):
         from vit_jax.weights import run
 
@@ -232,6 +240,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    cli.quiet_libraries()
+    # The start-up every CLI runs first (cli.start), here before absl parses the flags: loading
+    # the config file imports jax, which would otherwise load TensorFlow with its banners.
+    cli.start()
     flags.mark_flags_as_required(["workdir"])
     app.run(main, flags_parser=parse_flags)

@@ -223,8 +223,6 @@ def _taken(outputs: list[str]) -> str | None:
 
 
 def _flags(argv: list[str] | None):
-    from vit_jax.data import image_header
-
     p = cli.ArgumentParser(
         prog="python -m vit_jax.visualize",
         description=__doc__,
@@ -242,13 +240,7 @@ def _flags(argv: list[str] | None):
     p.add_argument(
         "--overwrite", action="store_true", help="replace existing files of the same names"
     )
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=image_header.DEFAULT_MAX_PIXELS,
-        help=f"largest image, read from its header (default {image_header.DEFAULT_MAX_PIXELS})",
-    )
-    p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
+    cli.add_max_pixels_flag(p)
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
     if args.max_pixels < 1:

@@ -1,6 +1,6 @@
 """Converting weights between formats: our `.npz`, Hugging Face transformers and timm.
 
-    python -m vit_jax.convert SRC DST [--model NAME] [--image-size H[xW]] [--num-heads N]
+    python -m vit_jax.convert SRC DST [--model NAME] [--resolution H[xW]] [--num-heads N]
         [--overwrite]
 
 Reading and writing are `vit_jax.weights.open` and `vit_jax.weights.save`; the format of each
@@ -15,12 +15,13 @@ into place whole, and an existing DST is refused unless `overwrite` (then replac
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from etils import epath
+if TYPE_CHECKING:
+    from etils import epath
 
-from vit_jax import models, weights
-from vit_jax.weights.errors import ConversionError
+# The weights layer (jax, TensorFlow) is imported inside the functions: `python -m
+# vit_jax.convert` runs this package first, and parses its flags before anything heavy loads.
 
 __all__ = ["convert", "describe"]
 
@@ -40,6 +41,9 @@ def convert(
     `dst` is written whole or not at all; an existing one is refused before `src` is read
     (`weights.DestinationExistsError`) unless `overwrite`, which replaces it whole.
     """
+    from vit_jax import weights
+    from vit_jax.weights.errors import ConversionError
+
     if os.path.abspath(str(src)) == os.path.abspath(str(dst)):
         raise ConversionError(f"{src}: source and destination are the same")
     weights.check_destination(dst, overwrite=overwrite)
@@ -55,6 +59,8 @@ def convert(
 
 def describe(params: dict[str, Any], metadata: dict[str, Any]) -> str:
     """One line naming the architecture facts of converted weights."""
+    from vit_jax import models, weights
+
     cfg: Any = models.get_config(metadata["model"])
     count = sum(int(getattr(v, "size", 0)) for v in weights.flatten(params).values())
     dims = f"{cfg.model_type}, {count:,} parameters"

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vit_jax import cli, convert
-from vit_jax.weights.errors import CheckpointError
-from vit_jax.weights.files import DestinationExistsError
+from vit_jax import cli
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -37,7 +35,7 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(
         prog="python -m vit_jax.convert",
         description="Convert ViT weights between our .npz (published layout + JSON sidecar), "
@@ -47,9 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("src", help="transformers dir, timm .safetensors/.bin/.pth, or .npz")
     parser.add_argument("dst", help="transformers dir, timm .safetensors, or .npz")
-    parser.add_argument("--model", help="zoo name, for an .npz without sidecar / a timm file")
-    parser.add_argument("--image-size", type=_size, help="H or HxW (non-square grids)")
-    parser.add_argument("--num-heads", type=int, help="attention heads of a timm state dict")
+    parser.add_argument("--model", help=cli.MODEL_HELP + " (an .npz without sidecar, a timm file)")
+    parser.add_argument(
+        "--resolution",
+        type=_size,
+        metavar="H[xW]",
+        help="input size the weights were made for, for a file that records none (a timm file); "
+        "HxW for a non-square grid",
+    )
+    cli.add_deprecated_alias(parser, "--image-size", "--resolution", type=_size)
+    parser.add_argument(
+        "--num-heads",
+        type=int,
+        help="attention heads of a timm state dict whose model is not in the zoo (the other "
+        "CLIs read such a file once converted; with a zoo model, --model says it)",
+    )
     parser.add_argument(
         "--layout",
         choices=("vit_jax", "big_vision"),
@@ -61,15 +71,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="replace an existing DST whole (a transformers folder: every file of it)",
     )
-    parser.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    from vit_jax import convert
+    from vit_jax.weights.errors import CheckpointError
+    from vit_jax.weights.files import DestinationExistsError
+
     try:
         params, meta, out, kind = convert.convert(
             args.src,
             args.dst,
             model=args.model,
             num_heads=args.num_heads,
-            image_size=args.image_size,
+            image_size=args.resolution,
             layout=args.layout,
             overwrite=args.overwrite,
         )

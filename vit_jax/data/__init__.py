@@ -4,10 +4,14 @@ batches in a deterministic, resumable order.
     info = data.get_info(config)
     it = data.train_iterator(config, sharding, start_step=step)   # it.step: next step
     for batch in data.eval_iterator(config, sharding): ...        # batch['mask'] marks padding
+
+Importing the package loads neither TensorFlow nor jax: the pipeline's names load on first use,
+so a CLI can read `data.image_header` while parsing its flags. TensorFlow runs on the CPU only
+when the program called `vit_jax.cli.start()` first (every CLI does).
 """
 
-import tensorflow as tf
-from absl import logging
+import importlib
+from typing import TYPE_CHECKING
 
 from vit_jax.data.errors import (
     BadImageError,
@@ -15,16 +19,28 @@ from vit_jax.data.errors import (
     DatasetNotPreparedError,
     UnknownDatasetError,
 )
-from vit_jax.data.pipeline import BatchIterator, eval_iterator, train_iterator
-from vit_jax.data.sources import DatasetInfo, get_info
 
-# tf.data needs only the CPU; a GPU build of TensorFlow would otherwise reserve memory on the
-# accelerators JAX uses. This must happen before TF initialises its devices.
-try:
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:
-    if tf.config.list_logical_devices("GPU"):
-        logging.warning("TensorFlow already uses the GPU; import vit_jax.data before using TF")
+if TYPE_CHECKING:
+    from vit_jax.data.pipeline import BatchIterator, eval_iterator, train_iterator
+    from vit_jax.data.sources import DatasetInfo, get_info
+
+# name -> the module that defines it, imported when the name is first used
+_LAZY = {
+    "BatchIterator": "vit_jax.data.pipeline",
+    "eval_iterator": "vit_jax.data.pipeline",
+    "train_iterator": "vit_jax.data.pipeline",
+    "DatasetInfo": "vit_jax.data.sources",
+    "get_info": "vit_jax.data.sources",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vit_jax.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BadImageError",

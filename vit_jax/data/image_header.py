@@ -22,8 +22,6 @@ import struct
 from collections.abc import Iterable
 from typing import BinaryIO
 
-import tensorflow as tf
-
 from vit_jax.data.errors import DataError
 
 __all__ = [
@@ -102,6 +100,8 @@ def open_file(path: str) -> BinaryIO:
     """`path` opened for reading bytes: a local file, or any filesystem TensorFlow reads
     (`gs://...`)."""
     if "://" in path:
+        import tensorflow as tf  # here: the CLIs read this module while parsing their flags
+
         return tf.io.gfile.GFile(path, "rb")
     return open(path, "rb")  # noqa: SIM115 - the caller's `with` closes it
 
@@ -112,6 +112,8 @@ def check_files(paths: Iterable[str], max_pixels: int | None) -> None:
     be opened or whose header does not read are left to the decoding that follows to report."""
     if max_pixels is None:
         return
+    import tensorflow as tf
+
     for path in paths:
         try:
             with open_file(path) as f:
