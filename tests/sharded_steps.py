@@ -73,29 +73,30 @@ def run(
     model = models.get_model(config.model, num_classes=10)
     size = (8, 8)
     tx = optim.make_optimizer(config, trainer.abstract_params(model, size))
-    params, opt_state, psh, osh = trainer.create_state(model, tx, mesh, size, seed=0)
+    state, shardings = trainer.create_state(model, tx, mesh, size, seed=0)
     bsh = sharding.batch_sharding(mesh)
     objective = objectives.build(config, model, mesh)
-    step = trainer.TrainStep(model, tx, config, mesh, psh, osh, objective)
+    step = trainer.TrainStep(model, tx, config, mesh, shardings, objective)
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (batch, 8, 8, 3)).astype(np.float32)
     labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, batch)]
     batch_arrays = jax.device_put({"image": images, "label": labels}, bsh)
     out = {}
     if memory:
-        compiled = step.lower(params, opt_state, 0, batch_arrays).compile()
+        compiled = step.lower(state, batch_arrays).compile()
         out["argument_bytes"] = int(compiled.memory_analysis().argument_size_in_bytes)
     losses = []
-    for i in range(steps):
-        params, opt_state, metrics = step(params, opt_state, i, batch_arrays)
+    for _ in range(steps):
+        state, metrics = step(state, batch_arrays)
         losses.append(float(metrics["train_loss"]))
+    params = state.params
     flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(params)])
     PARAMS[len(PARAMS)] = flat
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         LEAVES[f"{len(PARAMS) - 1}:{sharding.path_str(path)}"] = np.asarray(x)
-    specs = sharding.describe(psh)
+    specs = sharding.describe(shardings.params)
     block = "encoderblock" if config.model.get("scan") else "encoderblock_0"
-    opt_specs = sharding.describe(osh)
+    opt_specs = sharding.describe(shardings.opt_state)
     return dict(
         out,
         losses=losses,

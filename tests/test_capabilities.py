@@ -52,6 +52,7 @@ TURN_ON = {
     "num_registers": dict(num_registers=2),
     "qk_norm": dict(transformer=dict(qk_norm=True)),
     "swiglu": dict(transformer=dict(mlp_type="swiglu", mlp_dim=48)),
+    "rms_norm": dict(transformer=dict(norm="rmsnorm")),
 }
 
 

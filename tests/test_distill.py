@@ -249,7 +249,8 @@ def test_teacher_gets_no_gradient_and_is_unchanged_by_steps(trained_workdir):
     assert isinstance(objective, distill.DistillationObjective)
     size = configs.image_size(config)
     tx = optim.make_optimizer(config, trainer.abstract_params(model, size))
-    params, opt_state, param_sh, opt_sh = trainer.create_state(model, tx, mesh, size, 0)
+    state, shardings = trainer.create_state(model, tx, mesh, size, 0)
+    params = state.params
     before = sharding.to_host(objective.frozen)
     batches = data.train_iterator(config, sharding.batch_sharding(mesh))
     batch = next(batches)
@@ -272,10 +273,10 @@ def test_teacher_gets_no_gradient_and_is_unchanged_by_steps(trained_workdir):
     assert all(not np.any(g) for g in jax.tree.leaves(teacher_grads))
     assert any(np.any(g) for g in jax.tree.leaves(grads))
 
-    step = trainer.TrainStep(model, tx, config, mesh, param_sh, opt_sh, objective)
+    step = trainer.TrainStep(model, tx, config, mesh, shardings, objective)
     losses_seen = []
-    for i in range(3):
-        params, opt_state, metrics = step(params, opt_state, i, next(batches))
+    for _ in range(3):
+        state, metrics = step(state, next(batches))
         losses_seen.append(float(metrics["train_loss"]))
     assert np.all(np.isfinite(losses_seen))
     after = sharding.to_host(objective.frozen)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import losses, trainer
+from vit_jax import evaluators, losses
 
 
 def test_softmax_xent_and_label_smoothing_by_hand():
@@ -44,7 +44,7 @@ class _Identity:
 
 
 def test_top1_top5_loss_and_the_padding_mask_by_hand():
-    eval_step = trainer.make_eval_step(_Identity())
+    eval_step = evaluators.make_eval_step(_Identity())
     six = lambda hot: np.eye(6, dtype=np.float32)[hot] * 5.0  # confident on class `hot`
     logits = np.stack(
         [
@@ -64,7 +64,7 @@ def test_top1_top5_loss_and_the_padding_mask_by_hand():
         "label": jnp.array([3, 0, 0, 0]),
         "mask": jnp.array([1, 0, 0, 0]),
     }
-    results = trainer.evaluate(eval_step, {}, [first, last])
+    results = evaluators.evaluate(eval_step, {}, [first, last])
     assert results["test_examples"] == 4
     assert results["test_accuracy"] == pytest.approx(2 / 4)
     assert results["test_top5_accuracy"] == pytest.approx(3 / 4)

@@ -696,3 +696,79 @@ def test_pooling_arithmetic_against_numpy(classifier):
         p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["MAPHead_0"])
         expected = _np_map_head(patches, p)
     np.testing.assert_allclose(out["pre_logits"], expected, rtol=1e-4, atol=1e-5)
+
+
+# --- Options are declared once (`vit.SCHEMA`); RMSNorm was added through that one declaration.
+
+
+def test_every_option_is_declared_once_and_derived_everywhere():
+    """The config template, the optional entries, `build` and `model.<option>` all come from
+    the sub-config declarations: each option's config path holds its default, and a config
+    value reaches the module typed."""
+    schema = vit_lib.SCHEMA
+    assert vit_lib.CONFIG_DEFAULTS is schema.defaults
+    names = [o.name for o in schema.options]
+    assert len(names) == len(set(names)) and "norm" in names
+    config = models.get_config(TINY, resnet=dict(num_layers=(1,)))  # every path set
+    model = models.get_model(config, num_classes=5)
+    for o in schema.options:
+        node = config
+        for key in o.at.split("."):
+            node = node[key]
+        assert getattr(model, o.name) == o.convert(node), o.name
+    assert set(vit_lib.VisionTransformer.__dataclass_fields__) - {"parent", "name"} == {
+        "num_classes", "encoder", "block", "embed", "readout", "dtype", "param_dtype", "block_cls"
+    }  # fmt: skip
+    assert models.get_family("ViT").optional == schema.optional
+    assert models.get_family("ViT").optional_types == {
+        "representation_size": int,
+        "attention_implementation": str,
+        "layer_scale_init": float,
+        "posemb_grid": tuple,
+    }
+
+
+def test_rms_norm_builds_trains_and_is_refused_by_formats_without_it(tmp_path):
+    """`transformer.norm='rmsnorm'`: every norm is an RMSNorm (a `scale` only, the model's
+    epsilon), one SGD step trains it, and HF ViT refuses it in one line."""
+    from vit_jax.weights import flatten, hf
+    from vit_jax.weights.errors import ConversionError
+
+    spec = dict(TINY, transformer=dict(TINY["transformer"], norm="rmsnorm"), classifier="map")
+    model = models.get_model(spec, num_classes=5, layernorm_epsilon=1e-5)
+    x = _images()
+    params = _init(model, x)
+    norms = {
+        k: v for k, v in flatten(params).items() if re.search(r"(LayerNorm_\d|encoder_norm)/", k)
+    }
+    assert norms and all(k.endswith("/scale") for k in norms)
+    assert models.count_params(model, image_size=16) == models.count_params(
+        models.get_model(dict(spec, transformer=TINY["transformer"]), num_classes=5),
+        image_size=16,
+    ) - sum(v.size for v in norms.values())  # a LayerNorm has a bias of the same size
+    norm = model.layers().norm()
+    assert isinstance(norm, nn.RMSNorm) and norm.epsilon == 1e-5
+    y = jax.random.normal(jax.random.key(3), (2, 5, 32))
+    scale = jax.random.normal(jax.random.key(4), (32,))
+    want = y / np.sqrt(np.mean(np.square(y), -1, keepdims=True) + 1e-5) * scale
+    np.testing.assert_allclose(norm.apply({"params": {"scale": scale}}, y), want, atol=1e-5)
+
+    labels = jax.nn.one_hot(jnp.array([1, 3]), 5)
+
+    def loss(p):
+        logits = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(0)})[0]
+        return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
+
+    params = _randomize(params)
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    stepped = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
+    assert np.isfinite(value) and float(jax.jit(loss)(stepped)) < float(value)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+    config = models.get_config(spec)
+    with pytest.raises(ConversionError) as e:
+        hf.to_hf(jax.device_get(params), config, tmp_path / "hf", model_type="vit")
+    message = str(e.value)
+    assert "\n" not in message and "RMSNorm (transformer.norm='rmsnorm')" in message
+    assert message.startswith(f"{hf.CODECS['vit'].can.target} cannot express ")
+    assert not (tmp_path / "hf").exists()

@@ -10,7 +10,7 @@ import pytest
 import scipy.ndimage
 import tiny
 
-from vit_jax import inference, models, predict, run_config, weights
+from vit_jax import inference, models, predict, run_config, trainer, weights
 from vit_jax import workdir as workdir_lib
 from vit_jax.models import vit as vit_lib
 
@@ -173,7 +173,8 @@ def test_run_written_before_the_variant_keeps_its_table(tmp_path):
     record = _old_sidecar(config)
     meta = {"step": 3, "data_step": 3, "model": record, "num_classes": 5, "image_size": [16, 16]}
     mngr = workdir_lib.checkpoint_manager(tmp_path / "run", async_save=False)
-    workdir_lib.save(mngr, 3, params, {"count": np.zeros((), np.int32)}, meta)
+    state = trainer.TrainState(params=params, opt_state={"count": np.zeros((), np.int32)}, step=3)
+    workdir_lib.save(mngr, 3, state, meta)
     mngr.close()
     loaded = inference.load_model(str(tmp_path / "run"))
     assert loaded.model_config.posemb_sincos2d_variant == "mocov3"

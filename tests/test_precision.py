@@ -148,18 +148,18 @@ def test_bf16_train_step_runs_and_keeps_params_and_optimizer_state_float32():
     config = train_config(optimizer="adamw", weight_decay=0.01, base_lr=1e-2, warmup_steps=1)
     size = (16, 16)
     tx = optim.make_optimizer(config, trainer.abstract_params(model, size))
-    params, opt_state, psh, osh = trainer.create_state(model, tx, mesh, size, seed=0)
-    step = trainer.TrainStep(model, tx, config, mesh, psh, osh)
+    state, shardings = trainer.create_state(model, tx, mesh, size, seed=0)
+    step = trainer.TrainStep(model, tx, config, mesh, shardings)
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.uniform(-1, 1, (8, *size, 3)), jnp.float32),
         "label": jax.nn.one_hot(rng.integers(0, 5, 8), 5),
     }
     losses = []
-    for i in range(8):
-        params, opt_state, metrics = step(params, opt_state, i, batch)
+    for _ in range(8):
+        state, metrics = step(state, batch)
         losses.append(float(metrics["train_loss"]))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    for leaf in jax.tree.leaves((params, opt_state)):
+    for leaf in jax.tree.leaves((state.params, state.opt_state)):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             assert leaf.dtype == F32

@@ -218,17 +218,18 @@ def test_step_randomness_depends_on_the_step_only():
     size = (8, 8)
     tx = optim.make_optimizer(config, trainer.abstract_params(model, size))
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    params, opt_state, _, _ = trainer.create_state(model, tx, mesh, size, seed=0)
+    state, _ = trainer.create_state(model, tx, mesh, size, seed=0)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
+    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), state.params)
     step_fn = trainer.make_train_step(model, tx, config)  # classification by default
     # Only the loss: XLA drops the backward pass and the update (a quicker compile).
-    step = jax.jit(lambda *args: step_fn(*args)[2]["train_loss"])
+    step = jax.jit(lambda *args: step_fn(*args)[1]["train_loss"])
     batch = {
         "image": rng.uniform(-1, 1, (16, 8, 8, 3)).astype(np.float32),
         "label": np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)],
     }
-    loss = lambda i: float(step(params, opt_state, np.int32(i), batch, {}))
+    at = lambda i: trainer.TrainState(params=params, opt_state=state.opt_state, step=np.int32(i))
+    loss = lambda i: float(step(at(i), batch, {}))
     first = loss(7)
     assert loss(7) == first
     assert loss(8) != first

@@ -316,7 +316,8 @@ def test_checkpoint_writer_reports_a_failed_save_once(tmp_path, monkeypatch, asy
     mngr = workdir_lib.checkpoint_manager(tmp_path, max_to_keep=1, async_save=async_save)
     writer = workdir_lib.CheckpointWriter(mngr, async_save=async_save)
     tree = {"w": np.arange(1000, dtype=np.float32)}
-    writer.save(1, tree, tree, {"step": 1})
+    state = lambda step: trainer.TrainState(params=tree, opt_state=tree, step=np.int32(step))
+    writer.save(1, state(1), {"step": 1})
     writer.wait()
     assert writer.poll() is None
     _disk_full(monkeypatch)
@@ -325,7 +326,7 @@ def test_checkpoint_writer_reports_a_failed_save_once(tmp_path, monkeypatch, asy
         "the last complete checkpoint is 1"
     )
     try:
-        writer.save(2, tree, tree, {"step": 2})
+        writer.save(2, state(2), {"step": 2})
     except workdir_lib.CheckpointSaveError as e:
         assert not async_save and str(e) == expected
     else:
@@ -335,7 +336,7 @@ def test_checkpoint_writer_reports_a_failed_save_once(tmp_path, monkeypatch, asy
             time.sleep(0.01)
         assert str(writer.poll()) == expected
     with pytest.raises(workdir_lib.CheckpointSaveError, match="checkpoint 2"):
-        writer.save(3, tree, tree, {"step": 3})  # no further save after a failure
+        writer.save(3, state(3), {"step": 3})  # no further save after a failure
     writer.close()  # the failure was reported: closing does not raise it again
     monkeypatch.undo()
     # max_to_keep=1 did not let the failed save remove the last complete checkpoint.

@@ -131,21 +131,23 @@ def build_step(
         trainer.abstract_params(model, size),
         no_decay=models.no_decay_patterns(config.model),
     )
-    params, opt_state, psh, osh = trainer.create_state(model, tx, mesh, size, seed=0)
+    state, shardings = trainer.create_state(model, tx, mesh, size, seed=0)
+    params = state.params
     bsh = sharding.batch_sharding(mesh)
     images, labels = _random_batch(batch, size, num_classes, bsh)
     t0 = time.perf_counter()
     if mode == "train":
-        fn = trainer.TrainStep(model, tx, config, mesh, psh, osh)
+        fn = trainer.TrainStep(model, tx, config, mesh, shardings)
         batch_in = {"image": images, "label": labels}
-        lowered = fn.lower(params, opt_state, 0, batch_in)
+        lowered = fn.lower(state, batch_in)
         if not compile:
             return lowered, None, time.perf_counter() - t0
         compiled = lowered.compile()
-        state = [params, opt_state]
+        held = [state]
 
         def one_step(i):
-            state[0], state[1], metrics = compiled(state[0], state[1], np.int32(i), batch_in, {})
+            del i  # the state counts its steps
+            held[0], metrics = compiled(held[0], batch_in, {})
             return metrics["train_loss"]
 
         return compiled, one_step, time.perf_counter() - t0

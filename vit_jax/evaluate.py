@@ -4,12 +4,12 @@ Flags: `--checkpoint`, `--model`, `--resolution`, `--verbose` as in every CLI th
 weights; `--config` (the trainer's config files, `--config.KEY=VALUE` overrides, parsed by
 ml_collections as in train).
 
-Runs the trainer's eval pipeline (resize, central crop, padded and masked batches) over the
-config's test split (`pp.test`) and reports top-1 / top-5 accuracy and loss. PATH is anything
-`vit_jax.inference.load_model` reads. What the checkpoint records wins: its model config, its
-image size (the config's `pp.crop` / `pp.resize` are used only when the crop agrees) and its
-classes. The config's model (`config.model`) is used only for an `.npz` that does not record
-its model (no JSON sidecar).
+Runs the trainer's classification evaluator (`vit_jax.evaluators`: resize, central crop, padded
+and masked batches) over the config's test split (`pp.test`) and reports top-1 / top-5 accuracy
+and loss. PATH is anything `vit_jax.inference.load_model` reads. What the checkpoint records
+wins: its model config, its image size (the config's `pp.crop` / `pp.resize` are used only when
+the crop agrees) and its classes. The config's model (`config.model`) is used only for an `.npz`
+that does not record its model (no JSON sidecar).
 
 The checkpoint's classes must be the test split's: a different count, or recorded class names
 that differ from the dataset's, is an error unless `--allow-class-mismatch` is passed.
@@ -88,10 +88,9 @@ def evaluate_checkpoint(
     DataError, ClassMismatchError, ImageTooLargeError) for configuration errors found before
     evaluating.
     """
-    import jax
     from absl import logging
 
-    from vit_jax import data, inference, sharding, trainer
+    from vit_jax import evaluators, inference, sharding
     from vit_jax.data import image_header, sources
 
     trained = inference.load_model(
@@ -118,15 +117,10 @@ def evaluate_checkpoint(
     mesh = sharding.make_mesh(**config.mesh.to_dict())
     param_sh = sharding.tree_shardings(trained.params, mesh)
     params = sharding.put_sharded(trained.params, param_sh)
-    batch_sh = sharding.batch_sharding(mesh)
-    eval_step = jax.jit(
-        trainer.make_eval_step(trained.model),
-        in_shardings=(param_sh, batch_sh),
-        out_shardings=sharding.replicated(mesh),
-    )
-    batches = data.eval_iterator(config, batch_sh)
+    evaluator = evaluators.ClassificationEvaluator(trained.model, config, mesh, param_sh)
+    batches = evaluator.batches()
     try:
-        return trainer.evaluate(eval_step, params, batches)
+        return evaluator.measure(params, batches)
     except (ValueError, OSError) as e:
         raise EvaluationError(str(e)) from e
 

@@ -12,7 +12,7 @@ line listing each changed key as `old -> new`. Keys that may change:
   state's layout);
 - side jobs: `eval_every`, `progress_every`, `checkpoint_every`, `max_to_keep`,
   `async_checkpointing`, `write_final_npz`, and evaluation: `batch_eval`, `pp.test`,
-  `pp.antialias`;
+  `pp.antialias`, `evals.*` (evaluators may also be added or removed: `ADDABLE`);
 - devices: `mesh.*`, `accum_steps` (the same global batch, spread differently), `prefetch`;
 - where the data is read from: `tfds_data_dir`, `tfds_manual_dir`.
 
@@ -40,6 +40,7 @@ from vit_jax import workdir as workdir_lib
 from vit_jax.weights.tree import flatten
 
 __all__ = [
+    "ADDABLE",
     "RESUMABLE",
     "as_dict",
     "changes",
@@ -69,12 +70,16 @@ RESUMABLE: dict[str, Callable[[Any, Any], bool]] = {
     "batch_eval": _ANY,
     "pp.test": _ANY,
     "pp.antialias": _ANY,
+    "evals.*": _ANY,
     "mesh.*": _ANY,
     "accum_steps": _ANY,
     "prefetch": _ANY,
     "tfds_data_dir": _ANY,
     "tfds_manual_dir": _ANY,
 }
+
+# Prefixes under which keys may appear or disappear on restart (an evaluator added / dropped).
+ADDABLE: tuple[str, ...] = ("evals.",)
 
 _UNSET = object()
 
@@ -135,7 +140,8 @@ def check_restart(
     refused = []
     for key, (old, value) in changed.items():
         rule = _rule(key)
-        if rule is None or old is _UNSET or value is _UNSET or not rule(old, value):
+        unset = old is _UNSET or value is _UNSET
+        if rule is None or (unset and not key.startswith(ADDABLE)) or not rule(old, value):
             refused.append(key)
     if refused:
         listed = ", ".join(f"{k} {_show(changed[k][0])} -> {_show(changed[k][1])}" for k in refused)

@@ -1,12 +1,14 @@
-"""Training and evaluation: sharded state, one jitted step, eval, metrics, Orbax checkpoints.
+"""Training: a `TrainState`, one jitted step, evaluators, metrics, Orbax checkpoints.
 
 Data flow: config -> the workdir's lock and the restart check (`run_lock`, `run_config`; before
-anything is written) -> mesh -> dataset info -> model -> `jax.eval_shape` of init -> shardings
-from `vit_jax.sharding` rules -> `jax.jit(init, out_shardings=...)` -> the newest checkpoint that
-restores, else pretrained weights, into those shardings -> loop (`_Loop`): data iterator (global
-batches sharded over ('data', 'fsdp')), the objective (`objectives.build`, known here only by
-its protocol), step (one `jax.jit`, donated state) -> progress / eval / checkpoint (a failed save
-stops the run) -> final checkpoint and `final.npz`.
+anything is written) -> mesh -> dataset info -> model -> `jax.eval_shape` of init (a
+`TrainState`: params, optimizer state, step) -> its one sharding tree from `vit_jax.sharding`
+rules -> `jax.jit(init, out_shardings=...)` -> the newest checkpoint that restores, else
+pretrained weights, into those shardings -> loop (`_Loop`): data iterator (global batches sharded
+over ('data', 'fsdp')), the objective (`objectives.build`) and the evaluators
+(`evaluators.build_all`, `config.evals`), both known here only by their protocols, step (one
+`jax.jit`, donated state) -> progress / evaluators / checkpoint (a failed save stops the run) ->
+final checkpoint and `final.npz`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,7 +35,7 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vit_jax import data, models, objectives, optim, run_config, run_lock, sharding
+from vit_jax import data, evaluators, models, objectives, optim, run_config, run_lock, sharding
 from vit_jax import workdir as workdir_lib
 from vit_jax.configs import image_size
 from vit_jax.data import preprocess
@@ -42,10 +45,8 @@ __all__ = [
     "abstract_params",
     "ConfigError",
     "create_state",
-    "evaluate",
     "Interrupted",
     "load_pretrained_params",
-    "make_eval_step",
     "make_train_step",
     "MetricsLog",
     "MetricsWriteError",
@@ -54,6 +55,7 @@ __all__ = [
     "resolve_num_classes",
     "StopRequest",
     "train_and_evaluate",
+    "TrainState",
     "TrainStep",
 ]
 
@@ -82,6 +84,22 @@ class Interrupted(KeyboardInterrupt):
 # ----------------------------------------------------------------------------- state
 
 
+@flax.struct.dataclass
+class TrainState:
+    """What a training step updates and a checkpoint keeps, as one pytree.
+
+    `params` and `opt_state` are saved under the same names as the checkpoint's Orbax items
+    (`vit_jax.workdir`); `step` (int32 scalar) is the number of steps done, which is the data
+    position the next step trains on (the checkpoint's `meta.data_step`) and what the step's
+    random numbers and learning rate are a function of. One sharding tree of the same shape
+    (`create_state`) places it.
+    """
+
+    params: Params
+    opt_state: Any
+    step: Any
+
+
 def abstract_params(model: nn.Module, image_size: tuple[int, int]) -> Params:
     return models.init_shapes(model, image_size)
 
@@ -92,19 +110,18 @@ def create_state(
     mesh: jax.sharding.Mesh,
     image_size: tuple[int, int],
     seed: int,
-) -> tuple[Params, Any, Any, Any]:
-    """(params, opt_state, param_shardings, opt_shardings), created already sharded."""
+) -> tuple[TrainState, TrainState]:
+    """(state at step 0, its shardings: a `TrainState` of `NamedSharding`s), created already
+    sharded (parameters and optimizer state by the family's rules, the step replicated)."""
 
     def init(rng):
         images = jnp.zeros((1, *image_size, 3), jnp.float32)
         params = model.init(rng, images, train=False)["params"]
-        return params, tx.init(params)
+        return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
 
     rng = jax.random.key(seed)
-    shapes = jax.eval_shape(init, rng)
-    param_sh, opt_sh = sharding.tree_shardings(shapes, mesh)
-    params, opt_state = jax.jit(init, out_shardings=(param_sh, opt_sh))(rng)
-    return params, opt_state, param_sh, opt_sh
+    shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh)
+    return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
 # ----------------------------------------------------------------------------- steps
@@ -116,12 +133,12 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     objective: objectives.Objective | None = None,
 ) -> Callable:
-    """`(params, opt_state, step, batch, frozen) -> (params, opt_state, metrics)`, not jitted.
+    """`(state, batch, frozen) -> (state, metrics)`, not jitted.
 
     `objective` defaults to classification of `model`'s logits; `frozen` is the objective's
-    frozen inputs (`objective.frozen`). Random numbers come from `fold_in(seed, step)`, so they
-    don't depend on the device count or on a restart. A non-finite loss leaves params and
-    optimizer state unchanged (the host stops).
+    frozen inputs (`objective.frozen`). Random numbers come from `fold_in(seed, state.step)`, so
+    they don't depend on the device count or on a restart. A non-finite loss leaves params and
+    optimizer state unchanged (the host stops); the step counts on.
     """
     if objective is None:
         objective = objectives.build_classification(config, model)
@@ -130,7 +147,8 @@ def make_train_step(
     base_rng = jax.random.key(config.seed)
     grad_fn = jax.value_and_grad(objective.loss)
 
-    def step_fn(params, opt_state, step, batch, frozen):
+    def step_fn(state: TrainState, batch, frozen):
+        params, step = state.params, state.step
         rng = jax.random.fold_in(base_rng, step)
         images, labels = batch["image"], batch["label"]
         if accum == 1:
@@ -150,77 +168,44 @@ def make_train_step(
             (loss, grads), _ = jax.lax.scan(body, (0.0, zeros), micro)
             loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        updates, new_opt_state = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
         metrics = {"train_loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step)}
-        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+        new_state = TrainState(
+            params=keep(new_params, params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            step=step + 1,
+        )
+        return new_state, metrics
 
     return step_fn
 
 
 class TrainStep:
-    """The jitted, sharded, state-donating train step: `step(params, opt_state, i, batch)`.
+    """The jitted, sharded, state-donating train step: `step(state, batch) -> (state, metrics)`.
 
-    `objective` (default: classification) is built outside, with its frozen inputs on the mesh.
+    `shardings` is the state's sharding tree (`create_state`); `objective` (default:
+    classification) is built outside, with its frozen inputs on the mesh.
     """
 
-    def __init__(self, model, tx, config, mesh, param_sh, opt_sh, objective=None):
+    def __init__(self, model, tx, config, mesh, shardings: TrainState, objective=None):
         self.objective = objective or objectives.build_classification(config, model)
         frozen_sh = jax.tree.map(lambda x: x.sharding, self.objective.frozen)
         rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
         self.jitted = jax.jit(
             make_train_step(model, tx, config, self.objective),
-            in_shardings=(param_sh, opt_sh, rep, batch_sh, frozen_sh),
-            out_shardings=(param_sh, opt_sh, rep),
-            donate_argnums=(0, 1),
+            in_shardings=(shardings, batch_sh, frozen_sh),
+            out_shardings=(shardings, rep),
+            donate_argnums=(0,),
         )
 
-    def __call__(self, params, opt_state, step, batch):
-        return self.jitted(params, opt_state, np.int32(step), batch, self.objective.frozen)
+    def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        return self.jitted(state, batch, self.objective.frozen)
 
-    def lower(self, params, opt_state, step, batch):
-        return self.jitted.lower(params, opt_state, np.int32(step), batch, self.objective.frozen)
-
-
-def make_eval_step(model: nn.Module) -> Callable:
-    """`(params, batch) -> sums` of loss, top-1, top-5 and count over unmasked examples."""
-
-    def eval_fn(params, batch):
-        logits, _ = model.apply({"params": params}, batch["image"], train=False)
-        label, mask = batch["label"], batch["mask"].astype(jnp.float32)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, label)
-        k = min(5, logits.shape[-1])
-        topk = jax.lax.top_k(logits, k)[1]
-        top1 = (topk[:, 0] == label).astype(jnp.float32)
-        top5 = jnp.any(topk == label[:, None], axis=-1).astype(jnp.float32)
-        return {
-            "loss": jnp.sum(loss * mask),
-            "top1": jnp.sum(top1 * mask),
-            "top5": jnp.sum(top5 * mask),
-            "count": jnp.sum(mask),
-        }
-
-    return eval_fn
-
-
-def evaluate(eval_step: Callable, params: Params, batches) -> dict[str, float]:
-    """Test metrics over a finite iterator of padded, masked batches."""
-    totals = None
-    for batch in batches:
-        sums = eval_step(params, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if totals is None:
-        raise ValueError("the evaluation split yielded no batch")
-    totals = jax.tree.map(float, totals)
-    n = max(totals["count"], 1.0)
-    return {
-        "test_accuracy": totals["top1"] / n,
-        "test_top5_accuracy": totals["top5"] / n,
-        "test_loss": totals["loss"] / n,
-        "test_examples": int(totals["count"]),
-    }
+    def lower(self, state: TrainState, batch):
+        return self.jitted.lower(state, batch, self.objective.frozen)
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -472,15 +457,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 @dataclasses.dataclass
-class _State:
+class _Run:
     """The model and its sharded training state, as the run holds them between steps."""
 
     model: nn.Module
     tx: optax.GradientTransformation
-    params: Params
-    opt_state: Any
-    param_sh: Any
-    opt_sh: Any
+    state: TrainState
+    shardings: TrainState
     num_classes: int
     image_size: tuple[int, int]
 
@@ -492,29 +475,29 @@ def _train(
     mesh = sharding.make_mesh(**config.mesh.to_dict())
     logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     info = data.get_info(config)
-    state = _init_state(config, mesh, info)
+    run = _init_state(config, mesh, info)
     is_main = jax.process_index() == 0
     if is_main:
         for name in workdir_lib.remove_temporaries(wd):
             logging.info("removed %s, left by an unfinished save", name)
     with contextlib.ExitStack() as cleanup:
         writer = _open_checkpoints(config, wd, cleanup)
-        start_step, unreported = _restore(config, writer, state)
-        meta = functools.partial(_meta, config, info, state)
+        start_step, unreported = _restore(config, writer, run)
+        meta = functools.partial(_meta, config, info, run)
         total = int(config.total_steps)
         if start_step >= total:
             final = wd / workdir_lib.FINAL_NPZ
             if start_step == total and config.write_final_npz and not final.exists():
-                _write_final_npz(wd, state.params, meta(start_step))
+                _write_final_npz(wd, run.state.params, meta(start_step))
             logging.warning("already at step %d of %d: nothing to do", start_step, total)
             return {"step": start_step, "nothing_to_do": True}
         if is_main:
             _record_start(config, wd, changed, start_step)
-        loop = _Loop(config, wd, mesh, state, writer, meta, start_step, cleanup)
+        loop = _Loop(config, wd, mesh, run, writer, meta, start_step, cleanup)
         return loop.run(unreported)
 
 
-def _init_state(config: ml_collections.ConfigDict, mesh, info: data.DatasetInfo) -> _State:
+def _init_state(config: ml_collections.ConfigDict, mesh, info: data.DatasetInfo) -> _Run:
     """The model the config names and its optimizer state, initialised already sharded."""
     num_classes = resolve_num_classes(config, info)
     model = models.get_model(config.model, num_classes=num_classes)
@@ -522,12 +505,12 @@ def _init_state(config: ml_collections.ConfigDict, mesh, info: data.DatasetInfo)
     tx = optim.make_optimizer(
         config, abstract_params(model, size), no_decay=models.no_decay_patterns(config.model)
     )
-    params, opt_state, param_sh, opt_sh = create_state(model, tx, mesh, size, config.seed)
-    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    state, shardings = create_state(model, tx, mesh, size, config.seed)
+    n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
     logging.info(
         "model %s: %s parameters, %d classes", config.model_name, f"{n_params:,}", num_classes
     )
-    return _State(model, tx, params, opt_state, param_sh, opt_sh, num_classes, size)
+    return _Run(model, tx, state, shardings, num_classes, size)
 
 
 def _open_checkpoints(
@@ -552,32 +535,31 @@ def _open_checkpoints(
 
 
 def _restore(
-    config: ml_collections.ConfigDict, writer: workdir_lib.CheckpointWriter, state: _State
+    config: ml_collections.ConfigDict, writer: workdir_lib.CheckpointWriter, run: _Run
 ) -> tuple[int, list[dict[str, float]]]:
-    """Loads the newest checkpoint that restores (else pretrained weights) into `state`; the
-    data step to start from (0 for a fresh run) and the train metrics of the checkpoint's steps
-    after its last progress row (so the next row averages the same steps as without a stop)."""
-    abstract = lambda t, s: jax.tree.map(
-        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s
+    """Loads the newest checkpoint that restores (else pretrained weights) into `run.state`;
+    the data step to start from (0 for a fresh run) and the train metrics of the checkpoint's
+    steps after its last progress row (so the next row averages the same steps as without a
+    stop)."""
+    abstract = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        run.state,
+        run.shardings,
     )
-    restored = workdir_lib.restore_newest(
-        writer.mngr,
-        abstract(state.params, state.param_sh),
-        abstract(state.opt_state, state.opt_sh),
-    )
+    restored = workdir_lib.restore_newest(writer.mngr, abstract)
     if restored is not None:
-        state.params, state.opt_state, restored_meta, latest = restored
+        run.state, restored_meta, latest = restored
         start_step = int(restored_meta["data_step"])
         logging.info("resumed from %s at step %d", writer.directory / str(latest), start_step)
         return start_step, list(restored_meta.get(UNREPORTED, []))  # absent before 2026-11-29
     if config.pretrained_path or config.pretrained_dir:
-        host = load_pretrained_params(config, to_host(state.params))
-        state.params = put_sharded(host, state.param_sh)
+        host = load_pretrained_params(config, to_host(run.state.params))
+        run.state = run.state.replace(params=put_sharded(host, run.shardings.params))
     return 0, []
 
 
 def _meta(
-    config: ml_collections.ConfigDict, info: data.DatasetInfo, state: _State, step: int
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, run: _Run, step: int
 ) -> dict[str, Any]:
     """What a checkpoint and final.npz record about the run at `step`."""
     return {
@@ -586,10 +568,10 @@ def _meta(
         "seed": int(config.seed),
         "model_name": config.model_name,
         "model": config.model.to_dict(),
-        "num_classes": state.num_classes,
-        "class_names": list(info.class_names)[: state.num_classes],
+        "num_classes": run.num_classes,
+        "class_names": list(info.class_names)[: run.num_classes],
         "dataset": str(config.dataset),
-        "image_size": list(state.image_size),
+        "image_size": list(run.image_size),
         "normalization": preprocess.normalization(config.pp.get("mean"), config.pp.get("std")),
         "eval_preprocessing": preprocess.eval_geometry(config.pp),
     }
@@ -610,22 +592,15 @@ def _record_start(
 class _Loop:
     """The training loop and its side jobs: progress, eval, checkpoints, stop requests."""
 
-    def __init__(self, config, wd, mesh, state: _State, writer, meta, start_step: int, cleanup):
-        self.config, self.state, self.writer, self.meta = config, state, writer, meta
+    def __init__(self, config, wd, mesh, run: _Run, writer, meta, start_step: int, cleanup):
+        self.config, self.training, self.writer, self.meta = config, run, writer, meta
         self.wd, self.total = wd, int(config.total_steps)
         self.start_step = self.saved_step = start_step
         self.batch_sh = sharding.batch_sharding(mesh)
         self.train_iter = data.train_iterator(config, self.batch_sh, start_step=start_step)
-        rep = sharding.replicated(mesh)
-        objective = objectives.build(config, state.model, mesh)
-        self.train_step = TrainStep(
-            state.model, state.tx, config, mesh, state.param_sh, state.opt_sh, objective
-        )
-        self.eval_step = jax.jit(
-            make_eval_step(state.model),
-            in_shardings=(state.param_sh, self.batch_sh),
-            out_shardings=rep,
-        )
+        objective = objectives.build(config, run.model, mesh)
+        self.train_step = TrainStep(run.model, run.tx, config, mesh, run.shardings, objective)
+        self.evaluators = evaluators.build_all(config, run.model, mesh, run.shardings.params)
         self.log = MetricsLog(wd, self.last_complete)
         cleanup.push(self.log.close_on_exit)
         self.stop = StopRequest()
@@ -634,7 +609,7 @@ class _Loop:
 
     def save(self, step: int, window: _Window) -> None:
         meta = {**self.meta(step), UNREPORTED: window.unreported()}
-        self.writer.save(step, self.state.params, self.state.opt_state, meta)
+        self.writer.save(step, self.training.state, meta)
         self.saved_step = step
         where = self.writer.directory / str(step)
         if self.writer.async_save:
@@ -665,17 +640,13 @@ class _Loop:
         )
 
     def run_eval(self, step: int) -> dict[str, float]:
-        batches = data.eval_iterator(self.config, self.batch_sh)
-        results = evaluate(self.eval_step, self.state.params, batches)
-        self.log.write(step, {k: v for k, v in results.items() if k != "test_examples"})
-        logging.info(
-            "step %d: test accuracy %.4f, top-5 %.4f, loss %.4f (%d examples)",
-            step,
-            results["test_accuracy"],
-            results["test_top5_accuracy"],
-            results["test_loss"],
-            results["test_examples"],
-        )
+        """Every evaluator of `config.evals` on the current parameters; one metrics row."""
+        results: dict[str, float] = {}
+        for evaluator in self.evaluators:
+            metrics = evaluator.run(self.training.state.params)
+            logging.info("step %d: %s", step, evaluator.describe(metrics))
+            results.update(metrics)
+        self.log.write(step, evaluators.logged(results))
         return results
 
     def report(self, step: int, host: dict[str, float], steps_per_sec: float) -> None:
@@ -726,7 +697,7 @@ class _Loop:
         self.writer.wait()
         train_seconds = time.perf_counter() - loop_start
         if step == self.total and self.config.write_final_npz:
-            _write_final_npz(self.wd, self.state.params, self.meta(step))
+            _write_final_npz(self.wd, self.training.state.params, self.meta(step))
         steps_run = step - self.start_step
         return {
             "step": step,
@@ -738,14 +709,12 @@ class _Loop:
 
     def _steps(self, window: _Window) -> tuple[int, dict[str, float]]:
         """The loop proper: (the last step run, the last eval's results)."""
-        config, state, total = self.config, self.state, self.total
+        config, run, total = self.config, self.training, self.total
         results: dict[str, float] = {}
         step = self.start_step
         while step < total:
             batch = next(self.train_iter)
-            state.params, state.opt_state, metrics = self.train_step(
-                state.params, state.opt_state, step, batch
-            )
+            run.state, metrics = self.train_step(run.state, batch)
             step += 1
             window.push(step, metrics)  # reads the previous step's metrics: no stall
             done = step == total

@@ -6,6 +6,9 @@
     {workdir}/metrics.jsonl          one JSON object per line: step + metrics (each step once)
     {workdir}/checkpoints/{step}/    Orbax: `params`, `opt_state` (sharded arrays), `meta` (JSON:
                                      step, data position, seed, model config, class names)
+
+A checkpoint holds a `vit_jax.trainer.TrainState`: its `params` and `opt_state` are the items of
+the same names (`STATE_ITEMS`), its `step` is `meta['data_step']`.
     {workdir}/checkpoints/{step}.damaged   a checkpoint that did not restore, kept for inspection
     {workdir}/final.npz              final parameters in the published layout
 
@@ -77,6 +80,7 @@ __all__ = [
     "is_trained",
     "load_trained",
     "restore_newest",
+    "STATE_ITEMS",
     "truncate_metrics",
 ]
 
@@ -84,6 +88,9 @@ CONFIG_JSON = "config.json"
 FINAL_NPZ = "final.npz"
 CONFIG_HISTORY_JSONL = "config_history.jsonl"
 DAMAGED_SUFFIX = ".damaged"
+# The TrainState fields saved as Orbax items, each under its own name (the on-disk layout of
+# every run so far); the state's `step` travels in `meta` as `data_step`.
+STATE_ITEMS = ("params", "opt_state")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -106,30 +113,25 @@ def checkpoint_manager(
     )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        force=True,
-    )
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
+    """Starts saving `state` (a `TrainState`: its `STATE_ITEMS`) and `meta` as checkpoint `step`;
+    `meta['data_step']` is the state's step."""
+    items = {name: ocp.args.StandardSave(getattr(state, name)) for name in STATE_ITEMS}
+    mngr.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
-    """(params, opt_state, meta) restored straight into the shardings of the abstract trees."""
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict]:
+    """(state, meta) of checkpoint `step`: `abstract_state` (a `TrainState` of
+    `jax.ShapeDtypeStruct`s with shardings) filled in, straight into its shardings, its step
+    `meta['data_step']`."""
+    items = {name: ocp.args.StandardRestore(getattr(abstract_state, name)) for name in STATE_ITEMS}
     with drained_event_loops():
-        out = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params),
-                opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-    return out.params, out.opt_state, out.meta
+        out = mngr.restore(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonRestore()))
+    meta = dict(out.meta)
+    data_step = np.asarray(int(meta["data_step"]), np.int32)
+    where = abstract_state.step
+    step_array = jax.make_array_from_callback((), where.sharding, lambda _: data_step)
+    return abstract_state.replace(**{n: out[n] for n in STATE_ITEMS}, step=step_array), meta
 
 
 def remove_temporaries(workdir: epath.Path) -> list[str]:
@@ -200,10 +202,8 @@ def _move_aside_all(mngr: ocp.CheckpointManager, steps: list[int], *, restored: 
     logging.warning("resuming from step %d: %s will be replayed", restored, replayed)
 
 
-def restore_newest(
-    mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state
-) -> tuple[Any, Any, dict, int] | None:
-    """(params, opt_state, meta, step) of the newest checkpoint that restores; None if none exist.
+def restore_newest(mngr: ocp.CheckpointManager, abstract_state) -> tuple[Any, dict, int] | None:
+    """(state, meta, step) of the newest checkpoint that restores (`restore`); None if none exist.
 
     A newer damaged checkpoint (see the module docstring) is logged (step and reason) and, once
     an older one has restored, moved aside to `<step>.damaged`, with the command that puts it
@@ -219,8 +219,7 @@ def restore_newest(
         unreadable: CheckpointUnreadableError | None = None
         try:
             check_readable(step_dir)
-            params, opt_state, meta = restore(mngr, step, abstract_params, abstract_opt_state)
-            int(meta["data_step"])
+            state, meta = restore(mngr, step, abstract_state)
             outcome, reason = _RESTORED, ""
         except CheckpointUnreadableError as e:
             outcome, unreadable = _UNREADABLE, e
@@ -242,7 +241,7 @@ def restore_newest(
             continue
         if failed:
             _move_aside_all(mngr, [bad for bad, _ in failed], restored=step)
-        return params, opt_state, dict(meta), step
+        return state, meta, step
     if failed:
         tried = "; ".join(f"step {s}: {r}" for s, r in failed)
         raise CheckpointDamagedError(
@@ -293,11 +292,11 @@ class CheckpointWriter:
         self._demoted = contextlib.ExitStack()
         self._demoted.enter_context(orbax_errors_demoted())
 
-    def save(self, step: int, params, opt_state, meta: dict) -> None:
+    def save(self, step: int, state, meta: dict) -> None:
         self.wait()
         self.pending = step
         try:
-            save(self.mngr, step, params, opt_state, meta)
+            save(self.mngr, step, state, meta)
         except Exception as e:  # noqa: BLE001 - every failure to write is reported the same way
             self._fail(e)
         if not self.async_save:

@@ -101,6 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
     # Schedule of side jobs (in steps); eval and checkpoint also run at the end.
     c.eval_every = 500
+    # What each eval step measures (vit_jax.evaluators): name -> dict(type=..., options), e.g.
+    # `c.evals.knn = dict(type="knn", k=20, temperature=0.07)` adds k-NN accuracy of the frozen
+    # features (`knn_accuracy`). The default: the head's test accuracy / top-5 / loss alone.
+    c.evals = ml_collections.ConfigDict(dict(classification=dict(type="classification")))
     c.progress_every = 50
     c.checkpoint_every = 500
     c.max_to_keep = 2

@@ -35,22 +35,11 @@ _VIT = Family(
     name="ViT",
     defaults=vit.CONFIG_DEFAULTS,
     builder=vit.build,
-    optional=frozenset(
-        {
-            "resnet",
-            "representation_size",
-            "attention_implementation",
-            "layer_scale_init",
-            "posemb_grid",
-        }
-    ),
-    optional_types={
-        "representation_size": int,
-        "attention_implementation": str,
-        "layer_scale_init": float,
-        "posemb_grid": tuple,
-    },
-    templates={"resnet": dict(num_layers=None, width_factor=1)},
+    # Derived from the option declarations (`vit.SCHEMA`): the entries that may stay None,
+    # their types, the hybrids' `resnet` template.
+    optional=vit.SCHEMA.optional,
+    optional_types=vit.SCHEMA.optional_types,
+    templates=vit.SCHEMA.templates,
     stride=vit.config_stride,
     num_prefix_tokens=vit.config_num_prefix_tokens,
     num_posemb_prefix_tokens=vit.config_num_posemb_prefix_tokens,

@@ -1,5 +1,6 @@
-"""What a model family is: the `Family` record, the config fields every family shares, and the
-layer-decay rule that reads a family's block and embedding names.
+"""What a model family is: the `Family` record and the layer-decay rule that reads a family's
+block and embedding names. A family's options are declared once, on its module
+(`vit_jax.models.typed_config`), and its config template and builder derived from them.
 
 The families themselves (ViT with its hybrids, MLP-Mixer, and any registered at run time) are
 listed in one static table, `vit_jax.models.families`. This module imports no family, so the
@@ -15,51 +16,17 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 __all__ = [
-    "COMMON_DEFAULTS",
     "Family",
     "LogicalAxes",
-    "common_fields",
     "layer_ids",
     "pair",
 ]
 
 LogicalAxes = tuple[tuple[str, tuple[str | None, ...]], ...]
-
-# Config fields shared by every family, with their defaults.
-COMMON_DEFAULTS: dict[str, Any] = dict(
-    name="",
-    model_type="ViT",
-    gelu_approximate=True,  # tanh GELU, as the published checkpoints were trained
-    layernorm_epsilon=1e-6,  # HF transformers' ViT uses 1e-12
-    head_bias_init=0.0,
-    scan=False,  # nn.scan over the blocks: one compiled block, a stacked parameter layout
-    remat=False,
-    remat_policy="nothing_saveable",
-    dtype="float32",  # compute dtype, e.g. "bfloat16"
-    param_dtype="float32",
-)
-
-
-def common_fields(config: ml_collections.ConfigDict, num_classes: int | None) -> dict[str, Any]:
-    """The module fields every family takes from its config: the `COMMON_DEFAULTS` (typed),
-    the patch size and the number of classes."""
-    return dict(
-        num_classes=num_classes,
-        patch_size=pair(config.patches.size, "patches.size"),
-        gelu_approximate=bool(config.gelu_approximate),
-        layernorm_epsilon=float(config.layernorm_epsilon),
-        head_bias_init=float(config.head_bias_init),
-        scan=bool(config.scan),
-        remat=bool(config.remat),
-        remat_policy=config.remat_policy,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
-    )
 
 
 def pair(value: Any, field: str) -> tuple[int, int]:
@@ -77,11 +44,12 @@ class Family:
 
     Config: `builder(config, num_classes, **overrides)` gets a complete config
     (`zoo.get_config`); `overrides` replace the module fields it derives from the config (e.g.
-    `dtype=...`). `defaults` is the complete config template (`COMMON_DEFAULTS` plus the
-    family's fields); `optional` the fields that may stay None; `optional_types` the types of
-    those whose default is None (so `--config.model.X=...` can set them: ml_collections
-    overrides only typed fields); `templates` the defaults of nested fields that are None until
-    set (the hybrids' `resnet`).
+    `dtype=...`). `defaults` is the complete config template; `optional` the fields that may
+    stay None; `optional_types` the types of those whose default is None (so
+    `--config.model.X=...` can set them: ml_collections overrides only typed fields);
+    `templates` the defaults of nested fields that are None until set (the hybrids' `resnet`).
+    The built-in families derive all four from their option declarations
+    (`typed_config.Schema`).
 
     Fitting a checkpoint (`weights.fit`): `stride(config)` (input pixels per token),
     `num_prefix_tokens(config)` (tokens before the patches in the sequence),

@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vit_jax.models import family, layers, precision
+from vit_jax.models import family, layers, precision, typed_config
 from vit_jax.models.layers import MlpBlock, ModuleDef
+from vit_jax.models.typed_config import dtype_option, option
 
-__all__ = ["CONFIG_DEFAULTS", "MixerBlock", "MlpMixer", "build", "config_stride"]
+__all__ = ["CONFIG_DEFAULTS", "SCHEMA", "MixerBlock", "MlpMixer", "build", "config_stride"]
 
 
 class MixerBlock(nn.Module):
@@ -41,19 +42,24 @@ class MlpMixer(nn.Module):
     """Patch stem (`stem`), `num_blocks` Mixer blocks, LayerNorm, global average pool, head."""
 
     num_classes: int | None
-    patch_size: tuple[int, int]
-    hidden_dim: int
-    num_blocks: int
-    tokens_mlp_dim: int
-    channels_mlp_dim: int
-    gelu_approximate: bool = True
-    layernorm_epsilon: float = 1e-6
-    head_bias_init: float = 0.0
-    scan: bool = False
-    remat: bool = False
-    remat_policy: str = "nothing_saveable"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    # The options, declared once: the config template and `build` are derived (`SCHEMA`).
+    patch_size: tuple[int, int] = option(doc="patch (h, w), or an int", at="patches.size")
+    hidden_dim: int = option(doc="token width", at="hidden_dim")
+    num_blocks: int = option(doc="Mixer blocks", at="num_blocks")
+    tokens_mlp_dim: int = option(doc="token-mixing MLP width", at="tokens_mlp_dim")
+    channels_mlp_dim: int = option(doc="channel-mixing MLP width", at="channels_mlp_dim")
+    gelu_approximate: bool = option(
+        True, "tanh GELU, as the published checkpoints were trained", at="gelu_approximate"
+    )
+    layernorm_epsilon: float = option(1e-6, "the LayerNorms' epsilon", at="layernorm_epsilon")
+    head_bias_init: float = option(0.0, "the zero-init head's bias", at="head_bias_init")
+    scan: bool = option(False, "nn.scan over the blocks (stacked params)", at="scan")
+    remat: bool = option(False, "rematerialise the blocks in the backward pass", at="remat")
+    remat_policy: str = option(
+        "nothing_saveable", "what remat keeps (layers.REMAT_POLICIES)", at="remat_policy"
+    )
+    dtype: Any = dtype_option("compute dtype, e.g. bfloat16", at="dtype")
+    param_dtype: Any = dtype_option("parameter dtype", at="param_dtype")
 
     def stride(self) -> tuple[int, int]:
         """Input pixels per token along (height, width)."""
@@ -141,27 +147,13 @@ class MlpMixer(nn.Module):
 
 # --- The Mixer family's config defaults and builder (its layout facts: `vit_jax.models.families`).
 
-CONFIG_DEFAULTS = dict(
-    family.COMMON_DEFAULTS,
-    model_type="Mixer",
-    patches=dict(size=None),
-    hidden_dim=None,
-    num_blocks=None,
-    tokens_mlp_dim=None,
-    channels_mlp_dim=None,
-)
+SCHEMA = typed_config.Schema(MlpMixer, base=dict(name="", model_type="Mixer"))
+CONFIG_DEFAULTS = SCHEMA.defaults
 
 
 def build(config: ml_collections.ConfigDict, num_classes: int | None, **overrides: Any):
-    """`MlpMixer` for a complete Mixer config; `overrides` replace derived fields."""
-    kwargs = dict(
-        family.common_fields(config, num_classes),
-        hidden_dim=config.hidden_dim,
-        num_blocks=config.num_blocks,
-        tokens_mlp_dim=config.tokens_mlp_dim,
-        channels_mlp_dim=config.channels_mlp_dim,
-    )
-    return MlpMixer(**{**kwargs, **overrides})
+    """`MlpMixer` for a complete Mixer config; `overrides` replace module fields."""
+    return MlpMixer(**SCHEMA.values(config, num_classes=num_classes, **overrides))
 
 
 def config_stride(config: ml_collections.ConfigDict) -> tuple[int, int]:

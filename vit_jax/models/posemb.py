@@ -16,25 +16,37 @@ of them exactly. `method` names the source's own interpolation (`RESAMPLE_METHOD
 
 `resample_posemb` is the one resampler: at load time (`vit_jax.weights.fit`, numpy in float64)
 and on the fly (`AddPositionEmbs` with a fixed `posemb_grid`, jax in float32) alike.
+
+The position-embedding modules a ViT picks by name (`POSITION_EMBEDDINGS`: `learn`, the learned
+table `AddPositionEmbs`; `sincos2d`; `none`) live here too, beside the tables they add.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
     "DEFAULT_RESAMPLE",
+    "POSITION_EMBEDDINGS",
     "RESAMPLE_METHODS",
     "SINCOS2D_VARIANTS",
+    "AddPositionEmbs",
+    "NoPositionEmbedding",
+    "SinCos2DPositionEmbedding",
     "interpolation_matrix",
     "resample_posemb",
     "resample_posemb_bicubic",
     "sincos2d_posemb",
 ]
+
+Array = jax.Array
+Dtype = Any
 
 RESAMPLE_METHODS = ("linear_align_corners", "bicubic", "bicubic_antialias")
 DEFAULT_RESAMPLE = "linear_align_corners"  # the reference's load_pretrained (scipy order 1)
@@ -205,3 +217,95 @@ def resample_posemb_bicubic(
         num_prefix_tokens=num_prefix_tokens,
         method=method,
     )
+
+
+# --- Position embeddings: `POSITION_EMBEDDINGS[config.posemb](dtype=..., param_dtype=...)`,
+# called `(tokens, grid)` with the prefix tokens first; each returns tokens + embeddings.
+
+
+class AddPositionEmbs(nn.Module):
+    """Learned position embeddings `pos_embedding`, initialised normal(0.02) (`learn`).
+
+    The table has a row per prefix token (class, distillation) and one per grid cell. `grid`
+    (the config's `posemb_grid`) fixes the stored grid: another input grid resamples it on the
+    fly (`resample_posemb` by `method`, the config's `posemb_resample`); None stores the
+    input's grid, and the model then runs only at the size it was made for. `covers_prefix=False`
+    (DeiT-III, timm's `no_embed_class`): no rows for the prefix tokens, which get none.
+    """
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    grid: tuple[int, int] | None = None
+    covers_prefix: bool = True
+    method: str = DEFAULT_RESAMPLE
+
+    @nn.compact
+    def __call__(self, x: Array, grid: tuple[int, int]) -> Array:
+        prefix = x.shape[1] - grid[0] * grid[1]
+        stored = tuple(self.grid) if self.grid is not None else tuple(grid)
+        rows = (prefix if self.covers_prefix else 0) + stored[0] * stored[1]
+        shape = (1, rows, x.shape[2])
+        if self.has_variable("params", "pos_embedding"):  # before Flax's own shape check
+            held = tuple(self.get_variable("params", "pos_embedding").shape)
+            if held != shape:
+                raise ValueError(_table_mismatch(held, shape, grid, self.grid is None))
+        pe = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype
+        )
+        table = resample_posemb(
+            jnp.asarray(pe),
+            grid,
+            old_grid=stored,
+            num_prefix_tokens=rows - stored[0] * stored[1],
+            method=self.method,
+        )
+        if not self.covers_prefix:
+            table = jnp.pad(table, ((0, 0), (prefix, 0), (0, 0)))
+        return x + table.astype(self.dtype)
+
+
+def _table_mismatch(held, shape, grid, input_sized: bool) -> str:
+    """The one-line error of a position table that does not fit the input's token grid."""
+    what = f"a {grid[0]}x{grid[1]} token grid needs a position table of {shape[1]} rows"
+    if input_sized:
+        return (
+            f"{what}, the model's holds {held[1]} (pos_embedding {held}): this model has no "
+            "fixed posemb_grid and runs only at the image size it was loaded for; load it at "
+            "this size (inference.load_model(..., resolution=...), --resolution) or set "
+            "posemb_grid"
+        )
+    return f"{what}, the stored pos_embedding has shape {held}"
+
+
+class SinCos2DPositionEmbedding(nn.Module):
+    """The fixed `sincos2d_posemb` table (its `variant`) over the grid; prefix tokens get none
+    (`sincos2d`)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32  # no parameters; the common constructor signature
+    variant: str = "big_vision"
+
+    @nn.compact
+    def __call__(self, x: Array, grid: tuple[int, int]) -> Array:
+        table = sincos2d_posemb(*grid, x.shape[-1], variant=self.variant)
+        prefix = x.shape[1] - grid[0] * grid[1]
+        table = jnp.pad(table, ((0, 0), (prefix, 0), (0, 0)))
+        return x + table.astype(self.dtype)
+
+
+class NoPositionEmbedding(nn.Module):
+    """No position embedding (`none`)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __call__(self, x: Array, grid: tuple[int, int]) -> Array:
+        del grid
+        return x
+
+
+POSITION_EMBEDDINGS: dict[str, Any] = {
+    "learn": AddPositionEmbs,
+    "sincos2d": SinCos2DPositionEmbedding,
+    "none": NoPositionEmbedding,
+}

@@ -9,7 +9,13 @@ distillation token (`distillation_token=True`) adds `dist` and `head_dist`.
 The model is assembled from constructors bound once to its options (`ViTLayers`: `dense`,
 `norm`, `attention`, `mlp`), as flax's `examples/imagenet/models.py` does: the block
 (`block_cls`, default `Encoder1DBlock`), the position embedding (`POSITION_EMBEDDINGS`) and the
-pooling (`POOLINGS`) are sub-modules chosen by name from the config.
+pooling (`POOLINGS`) are sub-modules chosen by name from the config; the position embeddings
+themselves live in `vit_jax.models.posemb`.
+
+Every option is declared once, as a field of one of the sub-configs (`EncoderConfig`,
+`BlockConfig`, `EmbedConfig`, `ReadoutConfig`; `vit_jax.models.typed_config.option`) with its
+type, default, doc and config path; the config template (`CONFIG_DEFAULTS`), the optional
+entries, `build` and `model.<option>` are derived from those declarations (`SCHEMA`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax.models import family, layers, precision, resnet
+from vit_jax.models import family, layers, precision, resnet, typed_config
 from vit_jax.models.attention import ATTENTION_IMPLEMENTATIONS, MultiHeadAttention
 from vit_jax.models.layers import (
     MLP_TYPES,
@@ -38,26 +44,37 @@ from vit_jax.models.layers import (
 )
 from vit_jax.models.posemb import (
     DEFAULT_RESAMPLE,
+    POSITION_EMBEDDINGS,
     RESAMPLE_METHODS,
     SINCOS2D_VARIANTS,
+    AddPositionEmbs,
+    NoPositionEmbedding,
+    SinCos2DPositionEmbedding,
     check_method,
     resample_posemb,
     resample_posemb_bicubic,
     sincos2d_posemb,
 )
+from vit_jax.models.typed_config import dtype_option, option
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "CLASSIFIERS",
     "CONFIG_DEFAULTS",
+    "NORMS",
+    "SCHEMA",
     "POOLINGS",
     "POSITION_EMBEDDINGS",
+    "ReadoutConfig",
     "REMAT_POLICIES",
     "RESAMPLE_METHODS",
     "SINCOS2D_VARIANTS",
     "AddPositionEmbs",
+    "BlockConfig",
+    "EmbedConfig",
     "Encoder",
     "Encoder1DBlock",
+    "EncoderConfig",
     "GlobalAveragePool",
     "LayerScale",
     "MAPHead",
@@ -87,6 +104,8 @@ Array = jax.Array
 F32 = jnp.float32
 Dtype = Any
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
+# `transformer.norm`: every norm of the model (blocks, q/k norms, final norm, MAP head).
+NORMS: dict[str, ModuleDef] = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,98 +165,6 @@ class Encoder1DBlock(nn.Module):
         x = x + residual(y, "LayerScale_3")
         aux = {"tokens": x, "attention_weights": weights} if self.return_intermediates else None
         return x, aux
-
-
-# --- Position embeddings: `POSITION_EMBEDDINGS[config.posemb](dtype=..., param_dtype=...)`,
-# called `(tokens, grid)` with the prefix tokens first; each returns tokens + embeddings.
-
-
-class AddPositionEmbs(nn.Module):
-    """Learned position embeddings `pos_embedding`, initialised normal(0.02) (`learn`).
-
-    The table has a row per prefix token (class, distillation) and one per grid cell. `grid`
-    (the config's `posemb_grid`) fixes the stored grid: another input grid resamples it on the
-    fly (`resample_posemb` by `method`, the config's `posemb_resample`); None stores the
-    input's grid, and the model then runs only at the size it was made for. `covers_prefix=False`
-    (DeiT-III, timm's `no_embed_class`): no rows for the prefix tokens, which get none.
-    """
-
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    grid: tuple[int, int] | None = None
-    covers_prefix: bool = True
-    method: str = DEFAULT_RESAMPLE
-
-    @nn.compact
-    def __call__(self, x: Array, grid: tuple[int, int]) -> Array:
-        prefix = x.shape[1] - grid[0] * grid[1]
-        stored = tuple(self.grid) if self.grid is not None else tuple(grid)
-        rows = (prefix if self.covers_prefix else 0) + stored[0] * stored[1]
-        shape = (1, rows, x.shape[2])
-        if self.has_variable("params", "pos_embedding"):  # before Flax's own shape check
-            held = tuple(self.get_variable("params", "pos_embedding").shape)
-            if held != shape:
-                raise ValueError(_table_mismatch(held, shape, grid, self.grid is None))
-        pe = self.param(
-            "pos_embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype
-        )
-        table = resample_posemb(
-            jnp.asarray(pe),
-            grid,
-            old_grid=stored,
-            num_prefix_tokens=rows - stored[0] * stored[1],
-            method=self.method,
-        )
-        if not self.covers_prefix:
-            table = jnp.pad(table, ((0, 0), (prefix, 0), (0, 0)))
-        return x + table.astype(self.dtype)
-
-
-def _table_mismatch(held, shape, grid, input_sized: bool) -> str:
-    """The one-line error of a position table that does not fit the input's token grid."""
-    what = f"a {grid[0]}x{grid[1]} token grid needs a position table of {shape[1]} rows"
-    if input_sized:
-        return (
-            f"{what}, the model's holds {held[1]} (pos_embedding {held}): this model has no "
-            "fixed posemb_grid and runs only at the image size it was loaded for; load it at "
-            "this size (inference.load_model(..., resolution=...), --resolution) or set "
-            "posemb_grid"
-        )
-    return f"{what}, the stored pos_embedding has shape {held}"
-
-
-class SinCos2DPositionEmbedding(nn.Module):
-    """The fixed `sincos2d_posemb` table (its `variant`) over the grid; prefix tokens get none
-    (`sincos2d`)."""
-
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32  # no parameters; the common constructor signature
-    variant: str = "big_vision"
-
-    @nn.compact
-    def __call__(self, x: Array, grid: tuple[int, int]) -> Array:
-        table = sincos2d_posemb(*grid, x.shape[-1], variant=self.variant)
-        prefix = x.shape[1] - grid[0] * grid[1]
-        table = jnp.pad(table, ((0, 0), (prefix, 0), (0, 0)))
-        return x + table.astype(self.dtype)
-
-
-class NoPositionEmbedding(nn.Module):
-    """No position embedding (`none`)."""
-
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    def __call__(self, x: Array, grid: tuple[int, int]) -> Array:
-        del grid
-        return x
-
-
-POSITION_EMBEDDINGS: dict[str, ModuleDef] = {
-    "learn": AddPositionEmbs,
-    "sincos2d": SinCos2DPositionEmbedding,
-    "none": NoPositionEmbedding,
-}
 
 
 class Encoder(nn.Module):
@@ -398,6 +325,120 @@ def patch_stride(
     return ph * f, pw * f
 
 
+# --- The options, declared once (`typed_config.option`): the sub-configs a `VisionTransformer`
+# takes as values. The config template, the optional entries, `build` and `model.<option>` are
+# derived from these declarations.
+
+T = "transformer."
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """The encoder stack: width, depth, dropout and how the blocks are compiled."""
+
+    hidden_size: int = option(doc="token width D", at="hidden_size")
+    num_layers: int = option(doc="transformer blocks", at=T + "num_layers")
+    dropout_rate: float = option(
+        0.0, "dropout after the position embedding, attention and MLP", at=T + "dropout_rate"
+    )
+    stochastic_depth_rate: float = option(
+        0.0,
+        "drop-path rate of the last block (linear in depth from 0)",
+        at=T + "stochastic_depth_rate",
+    )
+    scan: bool = option(
+        False, "nn.scan over the blocks: one compiled block, stacked params", at="scan"
+    )
+    remat: bool = option(False, "rematerialise the blocks in the backward pass", at="remat")
+    remat_policy: str = option(
+        "nothing_saveable", "what remat keeps (layers.REMAT_POLICIES)", at="remat_policy"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """One transformer block: attention, MLP, norms, LayerScale."""
+
+    mlp_dim: int = option(doc="MLP hidden width (SwiGLU: after the gate)", at=T + "mlp_dim")
+    num_heads: int = option(doc="attention heads", at=T + "num_heads")
+    attention_dropout_rate: float = option(
+        0.0, "dropout on the attention weights", at=T + "attention_dropout_rate"
+    )
+    layer_scale_init: float | None = option(
+        None,
+        "per-channel residual scales (LayerScale) initialised at this value",
+        at=T + "layer_scale_init",
+    )
+    qk_norm: bool = option(
+        False, "norm over head_dim on queries and keys (`query_norm`, `key_norm`)", at=T + "qk_norm"
+    )
+    mlp_type: str = option(
+        "gelu", "gelu | swiglu (packed `Dense_0` (D, 2 * mlp_dim); DINOv2-g)", at=T + "mlp_type"
+    )
+    norm: str = option(
+        "layernorm", "layernorm | rmsnorm (scale only): every norm of the model", at=T + "norm"
+    )
+    gelu_approximate: bool = option(
+        True, "tanh GELU, as the published checkpoints were trained", at="gelu_approximate"
+    )
+    layernorm_epsilon: float = option(
+        1e-6, "the norms' epsilon (HF transformers' ViT uses 1e-12)", at="layernorm_epsilon"
+    )
+    attention_implementation: str | None = option(
+        None, 'None | "xla" | "cudnn" (jax.nn.dot_product_attention)', at="attention_implementation"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    """Images to tokens: the (hybrid stem and) patch conv, prefix tokens, position embedding."""
+
+    patch_size: tuple[int, int] = option(doc="patch (h, w), or an int", at="patches.size")
+    resnet_num_layers: tuple[int, ...] | None = option(
+        None, "hybrids: the ResNet stem's units per stage, e.g. (3, 4, 9)", at="resnet.num_layers"
+    )
+    resnet_width_factor: float = option(1.0, "hybrids: the stem's width", at="resnet.width_factor")
+    posemb: str = option("learn", "learn | sincos2d | none (POSITION_EMBEDDINGS)", at="posemb")
+    distillation_token: bool = option(
+        False, "DeiT: a second token `dist` with its own head `head_dist`", at="distillation_token"
+    )
+    num_registers: int = option(
+        0, "register tokens `registers` after the class token (DINOv2 -reg4)", at="num_registers"
+    )
+    posemb_grid: tuple[int, int] | None = option(
+        None, "(gh, gw): the learned table's grid, resampled for other inputs", at="posemb_grid"
+    )
+    posemb_covers_prefix: bool = option(
+        True, "False: no position rows for cls / dist (DeiT-III, timm)", at="posemb_covers_prefix"
+    )
+    posemb_resample: str = option(
+        DEFAULT_RESAMPLE,
+        "how a learned table is resampled (load time and on the fly): the weights' source's own "
+        "interpolation, one of posemb.RESAMPLE_METHODS (scipy order 1 as the reference; bicubic "
+        "as transformers; bicubic_antialias as timm / transformers Dinov2WithRegisters)",
+        at="posemb_resample",
+    )
+    posemb_sincos2d_variant: str = option(
+        "big_vision",
+        "the sincos2d table's frequencies: big_vision | mocov3 (a stored sincos2d config "
+        "without it means mocov3, `models.stored_config`)",
+        at="posemb_sincos2d_variant",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadoutConfig:
+    """Tokens to logits: the pooling, the representation layer, the head."""
+
+    classifier: str = option(
+        "token", "token | gap | map | unpooled | token_unpooled", at="classifier"
+    )
+    representation_size: int | None = option(
+        None, "a tanh pre-logits layer of this width", at="representation_size"
+    )
+    head_bias_init: float = option(0.0, "the zero-init head's bias", at="head_bias_init")
+
+
 class VisionTransformer(nn.Module):
     """ViT (and R+ViT hybrids when `resnet_num_layers` is set).
 
@@ -423,45 +464,22 @@ class VisionTransformer(nn.Module):
     `posemb_covers_prefix=False` gives the prefix tokens no position row (DeiT-III).
     `posemb_sincos2d_variant` picks the `sincos2d` table's frequencies (`sincos2d_posemb`).
     `qk_norm` normalises queries and keys per head; `mlp_type` 'swiglu' takes the gated MLP
-    (`SwiGLUMlpBlock`).
+    (`SwiGLUMlpBlock`); `norm` 'rmsnorm' makes every norm an RMSNorm (`scale` only).
 
-    The fields are the config's; `layers()` binds them into the constructors the sub-modules are
-    built from; `block_cls` replaces the transformer block (it receives `ViTLayers`' `norm`,
-    `attention`, `mlp` and the block options as keywords).
+    The options come as four sub-configs (`encoder`, `block`, `embed`, `readout`: values, each
+    option declared once there) plus the dtypes; every option also reads as `model.<option>`.
+    `layers()` binds them into the constructors the sub-modules are built from; `block_cls`
+    replaces the transformer block (it receives `ViTLayers`' `norm`, `attention`, `mlp` and the
+    block options as keywords).
     """
 
     num_classes: int | None
-    patch_size: tuple[int, int]
-    hidden_size: int
-    mlp_dim: int
-    num_heads: int
-    num_layers: int
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    stochastic_depth_rate: float = 0.0
-    layer_scale_init: float | None = None
-    resnet_num_layers: tuple[int, ...] | None = None
-    resnet_width_factor: float = 1.0
-    classifier: str = "token"
-    representation_size: int | None = None
-    posemb: str = "learn"
-    gelu_approximate: bool = True
-    layernorm_epsilon: float = 1e-6
-    head_bias_init: float = 0.0
-    distillation_token: bool = False
-    num_registers: int = 0
-    qk_norm: bool = False
-    mlp_type: str = "gelu"
-    posemb_grid: tuple[int, int] | None = None
-    posemb_covers_prefix: bool = True
-    posemb_resample: str = DEFAULT_RESAMPLE
-    posemb_sincos2d_variant: str = "big_vision"
-    attention_implementation: str | None = None
-    scan: bool = False
-    remat: bool = False
-    remat_policy: str = "nothing_saveable"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    encoder: EncoderConfig
+    block: BlockConfig
+    embed: EmbedConfig
+    readout: ReadoutConfig
+    dtype: Dtype = dtype_option("compute dtype, e.g. bfloat16", at="dtype")
+    param_dtype: Dtype = dtype_option("parameter dtype", at="param_dtype")
     block_cls: ModuleDef = Encoder1DBlock
 
     def stride(self) -> tuple[int, int]:
@@ -488,13 +506,15 @@ class VisionTransformer(nn.Module):
             raise ValueError(
                 f"transformer.mlp_type must be one of {tuple(MLP_TYPES)}, got {self.mlp_type!r}"
             )
+        if self.norm not in NORMS:
+            raise ValueError(f"transformer.norm must be one of {tuple(NORMS)}, got {self.norm!r}")
         mlp = functools.partial(MLP_TYPES[self.mlp_type], self.mlp_dim, dense=dense)
         if self.mlp_type == "gelu":
             mlp = functools.partial(mlp, act=layers.gelu(self.gelu_approximate))
         return ViTLayers(
             dense=dense,
             norm=functools.partial(
-                nn.LayerNorm,
+                NORMS[self.norm],
                 epsilon=self.layernorm_epsilon,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
@@ -506,7 +526,7 @@ class VisionTransformer(nn.Module):
         )
 
     @nn.nowrap
-    def encoder(self, parts: ViTLayers, return_intermediates: bool) -> Encoder:
+    def transformer(self, parts: ViTLayers, return_intermediates: bool) -> Encoder:
         """The `Transformer` sub-module: position embedding, blocks, final norm."""
         if self.posemb not in POSITION_EMBEDDINGS:
             raise ValueError(
@@ -593,7 +613,7 @@ class VisionTransformer(nn.Module):
             init = nn.initializers.normal(stddev=1e-6)
             shape = (1, self.num_registers, c)
             registers = self.param("registers", init, shape, self.param_dtype)
-        encoder = self.encoder(parts, return_intermediates)
+        encoder = self.transformer(parts, return_intermediates)
         x, aux = encoder(x, grid=(gh, gw), train=train, registers=registers)
         out.update(aux or {})
         out["encoded"] = x
@@ -686,38 +706,11 @@ class VisionTransformer(nn.Module):
 
 # --- The ViT family's config defaults and builder (its layout facts: `vit_jax.models.families`).
 
-CONFIG_DEFAULTS = dict(
-    family.COMMON_DEFAULTS,
-    patches=dict(size=None),
-    hidden_size=None,
-    transformer=dict(
-        mlp_dim=None,
-        num_heads=None,
-        num_layers=None,
-        dropout_rate=0.0,
-        attention_dropout_rate=0.0,
-        stochastic_depth_rate=0.0,
-        layer_scale_init=None,  # a float: per-channel residual scales (LayerScale) at this value
-        qk_norm=False,  # LayerNorm over head_dim on queries and keys (`query_norm`, `key_norm`)
-        mlp_type="gelu",  # gelu | swiglu (packed `Dense_0` (D, 2 * mlp_dim); DINOv2-g)
-    ),
-    resnet=None,  # or {num_layers: (3, 4, 9), width_factor: 1}
-    classifier="token",  # token | gap | map | unpooled | token_unpooled
-    representation_size=None,
-    posemb="learn",  # learn | sincos2d | none
-    distillation_token=False,  # DeiT: a second token `dist` with its own head `head_dist`
-    num_registers=0,  # register tokens `registers` after the class token (DINOv2 -reg4)
-    posemb_grid=None,  # (gh, gw): the learned table's grid, resampled for other inputs
-    posemb_covers_prefix=True,  # False: no position rows for cls / dist (DeiT-III, timm)
-    # how a learned table is resampled (load time and on the fly): the weights' source's own
-    # interpolation, one of posemb.RESAMPLE_METHODS (scipy order 1 as the reference; bicubic
-    # as transformers; bicubic_antialias as timm / transformers Dinov2WithRegisters)
-    posemb_resample=DEFAULT_RESAMPLE,
-    # the sincos2d table's frequencies: big_vision | mocov3 (vit_jax before this field; a
-    # stored config without it means mocov3, `models.stored_config`)
-    posemb_sincos2d_variant="big_vision",
-    attention_implementation=None,  # None | "xla" | "cudnn" (jax.nn.dot_product_attention)
+SCHEMA = typed_config.Schema(
+    VisionTransformer, base=dict(name="", model_type="ViT"), sections=("resnet",)
 )
+SCHEMA.properties(VisionTransformer)  # model.hidden_size, model.classifier, ...
+CONFIG_DEFAULTS = SCHEMA.defaults  # the hybrids' `resnet` starts from SCHEMA.templates
 
 
 def config_stride(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -742,33 +735,6 @@ def config_num_posemb_prefix_tokens(config: ml_collections.ConfigDict) -> int:
 
 
 def build(config: ml_collections.ConfigDict, num_classes: int | None, **overrides: Any):
-    """`VisionTransformer` for a complete ViT config; `overrides` replace derived fields."""
-    t = config.transformer
-    kwargs = dict(
-        family.common_fields(config, num_classes),
-        hidden_size=config.hidden_size,
-        mlp_dim=t.mlp_dim,
-        num_heads=t.num_heads,
-        num_layers=t.num_layers,
-        dropout_rate=float(t.dropout_rate),
-        attention_dropout_rate=float(t.attention_dropout_rate),
-        stochastic_depth_rate=float(t.stochastic_depth_rate),
-        layer_scale_init=None if t.layer_scale_init is None else float(t.layer_scale_init),
-        resnet_num_layers=None if config.resnet is None else tuple(config.resnet.num_layers),
-        resnet_width_factor=1.0 if config.resnet is None else float(config.resnet.width_factor),
-        classifier=config.classifier,
-        representation_size=config.representation_size,
-        posemb=config.posemb,
-        distillation_token=bool(config.distillation_token),
-        num_registers=int(config.num_registers),
-        qk_norm=bool(t.qk_norm),
-        mlp_type=t.mlp_type,
-        posemb_grid=None
-        if config.posemb_grid is None
-        else family.pair(config.posemb_grid, "posemb_grid"),
-        posemb_covers_prefix=bool(config.posemb_covers_prefix),
-        posemb_resample=str(config.posemb_resample),
-        posemb_sincos2d_variant=str(config.posemb_sincos2d_variant),
-        attention_implementation=config.attention_implementation,
-    )
-    return VisionTransformer(**{**kwargs, **overrides})
+    """`VisionTransformer` for a complete ViT config; `overrides` replace module fields or
+    single options by name (`attention_implementation='xla'`)."""
+    return VisionTransformer(**SCHEMA.values(config, num_classes=num_classes, **overrides))

@@ -1,12 +1,13 @@
 """Which of our ViT's options a foreign format can express: one capability table per format.
 
 An option (`OPTIONS`) is a part of our model config a format may lack: a distillation token,
-LayerScale, a representation layer, register tokens, query/key norms, a SwiGLU MLP. A format's
-`Capabilities` lists, one `Can` row per option it expresses, the key-table feature the option
-turns on, its own name for it (a config key or a state-dict key) and the value its writer
-records; every option of a model that has no row is refused, all in one line naming the option
-and the format (`problems`). The same table answers the writers (`features`, `their_config`)
-and the readers (`our_config`), so "can format F express option X" is answered here once.
+LayerScale, a representation layer, register tokens, query/key norms, a SwiGLU MLP, RMSNorm.
+A format's `Capabilities` lists, one `Can` row per option it expresses, the key-table feature
+the option turns on, its own name for it (a config key or a state-dict key) and the value its
+writer records; every option of a model that has no row is refused, all in one line naming the
+option and the format (`problems`). The same table answers the writers (`features`,
+`their_config`) and the readers (`our_config`), so "can format F express option X" is answered
+here once.
 
     TIMM = Capabilities(
         "timm VisionTransformer",
@@ -37,6 +38,7 @@ __all__ = [
     "our_config",
     "problems",
     "qk_norm",
+    "rms_norm",
     "swiglu",
     "their_config",
 ]
@@ -57,6 +59,11 @@ def qk_norm(config: Any) -> bool:
 def swiglu(config: Any) -> bool:
     """Whether the MLP is SwiGLU (`transformer.mlp_type == 'swiglu'`)."""
     return ((config.get("transformer") or {}).get("mlp_type") or "gelu") == "swiglu"
+
+
+def rms_norm(config: Any) -> bool:
+    """Whether the model's norms are RMSNorms (`transformer.norm == 'rmsnorm'`)."""
+    return ((config.get("transformer") or {}).get("norm") or "layernorm") == "rmsnorm"
 
 
 def layer_scale(config: Any, flat: Mapping[str, Any] = ()) -> bool:
@@ -112,6 +119,12 @@ OPTIONS: dict[str, Option] = {
         lambda c, f: swiglu(c),
         lambda c: "a SwiGLU MLP (transformer.mlp_type='swiglu')",
         "swiglu",
+    ),
+    "rms_norm": Option(
+        "transformer.norm",
+        lambda c, f: rms_norm(c),
+        lambda c: "RMSNorm (transformer.norm='rmsnorm')",
+        "rmsnorm",
     ),
 }
 
