@@ -32,7 +32,7 @@ def main() -> None:
     steps = {}
     for variant in args.variants.split(","):
         attention, _, dtype = variant.partition("@")
-        _, one_step, compile_s = benchmark.build_step(
+        case = benchmark.Case(
             args.model,
             batch=args.batch,
             resolution=args.resolution,
@@ -40,6 +40,7 @@ def main() -> None:
             dtype=dtype or "float32",
             model_overrides={"attention_implementation": attention},
         )
+        _, one_step, compile_s = benchmark.build_step(case)
         for i in range(2):
             jax.block_until_ready(one_step(i))
         steps[variant] = one_step

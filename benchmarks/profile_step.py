@@ -102,14 +102,15 @@ def main() -> None:
     p.add_argument("--top", type=int, default=0, help="also list the N most expensive ops")
     p.add_argument("--attention", choices=("explicit", "xla"), help="attention core")
     args = p.parse_args()
-    compiled, one_step, _ = benchmark.build_step(
+    case = benchmark.Case(
         args.model,
         batch=args.batch,
         resolution=args.resolution,
         mode=args.mode,
         dtype=args.dtype,
-        model_overrides={"attention_implementation": args.attention} if args.attention else None,
+        model_overrides={"attention_implementation": args.attention} if args.attention else {},
     )
+    compiled, one_step, _ = benchmark.build_step(case)
     for i in range(2):
         jax.block_until_ready(one_step(i))
     with tempfile.TemporaryDirectory() as d:

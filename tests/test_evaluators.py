@@ -106,6 +106,14 @@ def test_evals_default_and_errors():
     config.evals.bad = dict(type="zero_shot")
     with pytest.raises(ValueError, match=r"config.evals.bad.type must be one of .*'knn'"):
         evaluators.evals_of(config)
+    del config.evals["bad"]
+    config.evals.knn.neighbours = 5  # a misspelt option is refused by name, not ignored
+    with pytest.raises(
+        ValueError,
+        match=r"config.evals.knn.neighbours: not an option of the "
+        r"'knn' evaluator \(it takes type, prefix, k, temperature, train_split",
+    ):
+        evaluators.evals_of(config)
 
 
 def test_restart_may_add_or_drop_evaluators(tmp_path):

@@ -199,7 +199,7 @@ def test_predict_max_pixels_flag(model, tmp_path, capsys):
     with pytest.raises(SystemExit) as bad_flag:
         predict.main(["--checkpoint", model, "--max-pixels", "0", image])
     assert bad_flag.value.code == 2
-    assert "--max-pixels must be at least 1" in tiny.error_line(capsys)
+    assert "argument --max-pixels: must be at least 1, got 0" in tiny.error_line(capsys)
 
 
 def test_visualize_refuses_a_bomb_and_writes_nothing(model, bombs, tmp_path, capsys, no_decoding):

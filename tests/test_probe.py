@@ -190,7 +190,9 @@ def _main(argv, capsys) -> tuple[int, str, list[str]]:
     "flags,message",
     [
         (["--method=svm"], "--method takes knn, linear (comma-separated), got 'svm'"),
-        (["--k=0"], "--k and --batch must be at least 1"),
+        (["--k=0"], "argument --k: must be at least 1, got 0"),
+        (["--batch=-3"], "argument --batch: must be at least 1, got -3"),
+        (["--knn-temperature=-1"], "--knn-temperature must be at least 0, got -1"),
         (["--pp=crop=big"], "--pp 'crop=big': crop must be a positive integer"),
         (["--pp=shuffle=1"], "--pp 'shuffle=1': expected KEY=VALUE"),
         (["--pp=test=validation"], "digits: cannot use split 'validation'"),

@@ -1,5 +1,6 @@
 """predict / evaluate / visualize / benchmark on a model trained in the test session."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -165,10 +166,13 @@ def test_benchmark_json_keys_mfu_and_flops_against_a_hand_count(capsys):
 
 def test_benchmark_counts_a_scanned_model_like_the_unrolled_one():
     # XLA's cost analysis counts a scanned loop body once; the benchmark reports model FLOPs.
-    kwargs = dict(batch=2, resolution=32, mode="infer", steps=1, warmup=1, measure_peak=False)
+    case = benchmark.Case("ViT-Ti_16", batch=2, resolution=32, mode="infer")
+    kwargs = dict(steps=1, warmup=1, measure_peak=False)
     tiny = {"transformer": {"num_layers": 3}}
-    plain = benchmark.run("ViT-Ti_16", model_overrides=tiny, **kwargs)
-    scanned = benchmark.run("ViT-Ti_16", model_overrides={**tiny, "scan": True}, **kwargs)
+    plain = benchmark.run(dataclasses.replace(case, model_overrides=tiny), **kwargs)
+    scanned = benchmark.run(
+        dataclasses.replace(case, model_overrides={**tiny, "scan": True}), **kwargs
+    )
     assert scanned["model_flops_per_image"] == pytest.approx(plain["model_flops_per_image"], 0.02)
     # The forward's matmuls counted by hand; XLA adds the elementwise ops (~1.3% here).
     matmuls = _vit_forward_matmul_flops(layers=3)

@@ -18,12 +18,13 @@ inference on random inputs at the artifact's resolution, so it lines up with `--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,16 +100,23 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
     return c
 
 
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One configuration to time: a zoo model (`model_overrides` replace its config entries,
+    e.g. `{"scan": True}`), the global batch, the square input size, `train` (a full optimizer
+    step) or `infer` (the forward pass), the compute dtype and the head size."""
+
+    model_name: str
+    batch: int
+    resolution: int
+    mode: str = "train"
+    dtype: str = "float32"
+    num_classes: int = 1000
+    model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
 def build_step(
-    model_name: str,
-    *,
-    batch: int,
-    resolution: int,
-    mode: str = "train",
-    dtype: str = "float32",
-    num_classes: int = 1000,
-    model_overrides: dict[str, Any] | None = None,
-    compile: bool = True,
+    case: Case, *, compile: bool = True
 ) -> tuple[Any, Callable[[int], Any] | None, float]:
     """(compiled step, `one_step(i)` running it on a fixed batch, seconds to lower + compile).
 
@@ -118,13 +126,13 @@ def build_step(
 
     from vit_jax import models, optim, sharding, trainer
 
-    if mode not in ("train", "infer"):
-        raise ValueError(f"--mode must be 'train' or 'infer', got {mode!r}")
+    if case.mode not in ("train", "infer"):
+        raise ValueError(f"--mode must be 'train' or 'infer', got {case.mode!r}")
     model = models.get_model(
-        model_name, num_classes=num_classes, dtype=dtype, **(model_overrides or {})
+        case.model_name, num_classes=case.num_classes, dtype=case.dtype, **case.model_overrides
     )
     mesh = sharding.make_mesh()
-    size = (resolution, resolution)
+    size = (case.resolution, case.resolution)
     config = train_config()
     tx = optim.make_optimizer(
         config,
@@ -134,9 +142,9 @@ def build_step(
     state, shardings = trainer.create_state(model, tx, mesh, size, seed=0)
     params = state.params
     bsh = sharding.batch_sharding(mesh)
-    images, labels = _random_batch(batch, size, num_classes, bsh)
+    images, labels = _random_batch(case.batch, size, case.num_classes, bsh)
     t0 = time.perf_counter()
-    if mode == "train":
+    if case.mode == "train":
         fn = trainer.TrainStep(model, tx, config, mesh, shardings)
         batch_in = {"image": images, "label": labels}
         lowered = fn.lower(state, batch_in)
@@ -187,17 +195,7 @@ def _median_step_time(one_step: Callable[[int], Any], warmup: int, steps: int) -
 
 
 def run(
-    model_name: str,
-    *,
-    batch: int,
-    resolution: int,
-    mode: str = "train",
-    dtype: str = "float32",
-    steps: int = 10,
-    warmup: int = 2,
-    num_classes: int = 1000,
-    model_overrides: dict[str, Any] | None = None,
-    measure_peak: bool = True,
+    case: Case, *, steps: int = 10, warmup: int = 2, measure_peak: bool = True
 ) -> dict[str, Any]:
     """Benchmarks one configuration; returns the JSON record.
 
@@ -207,48 +205,32 @@ def run(
 
     from vit_jax.models import precision
 
-    compiled, one_step, compile_time = build_step(
-        model_name,
-        batch=batch,
-        resolution=resolution,
-        mode=mode,
-        dtype=dtype,
-        num_classes=num_classes,
-        model_overrides=model_overrides,
-    )
+    compiled, one_step, compile_time = build_step(case)
     step_time = _median_step_time(one_step, warmup, steps)
     flops = _flops(compiled)
-    if (model_overrides or {}).get("scan") or (model_overrides or {}).get("remat"):
+    overrides = case.model_overrides
+    if overrides.get("scan") or overrides.get("remat"):
         # XLA's cost analysis counts a scanned loop body once (and remat recomputes): model FLOPs
         # come from the plain, unrolled step, lowered but not compiled.
-        plain = {**model_overrides, "scan": False, "remat": False}
-        lowered, _, _ = build_step(
-            model_name,
-            batch=batch,
-            resolution=resolution,
-            mode=mode,
-            dtype=dtype,
-            num_classes=num_classes,
-            model_overrides=plain,
-            compile=False,
-        )
+        plain = {**overrides, "scan": False, "remat": False}
+        lowered, _, _ = build_step(dataclasses.replace(case, model_overrides=plain), compile=False)
         flops = _flops(lowered)
-    peak = matmul_peak_flops(dtype) if measure_peak else float("nan")
+    peak = matmul_peak_flops(case.dtype) if measure_peak else float("nan")
     return {
-        "img_per_sec": batch / step_time,
+        "img_per_sec": case.batch / step_time,
         "step_time_s": step_time,
         "compile_time_s": compile_time,
         "mfu": flops / step_time / peak if flops else float("nan"),
         "peak_memory_bytes": _peak_memory(compiled),
-        "model_flops_per_image": flops / batch,
+        "model_flops_per_image": flops / case.batch,
         "matmul_peak_flops": peak,
-        "model": model_name,
-        "mode": mode,
-        "batch": batch,
-        "resolution": resolution,
-        "dtype": dtype,
-        "precision": precision.describe(dtype),
-        "attention": (model_overrides or {}).get("attention_implementation") or "auto",
+        "model": case.model_name,
+        "mode": case.mode,
+        "batch": case.batch,
+        "resolution": case.resolution,
+        "dtype": case.dtype,
+        "precision": precision.describe(case.dtype),
+        "attention": overrides.get("attention_implementation") or "auto",
         "steps": steps,
         "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
@@ -371,39 +353,34 @@ def _print_run(r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _flags(argv)
-    if args.artifact:
-        try:
-            r = run_artifact(args.artifact, batch=args.batch, steps=args.steps, warmup=args.warmup)
-        except ValueError as e:
-            return cli.fail(e, cli.EXIT_CONFIG)
-        if args.json:
-            print(json.dumps(r))
-        else:
-            _print_artifact(r)
-        return cli.EXIT_OK
-    overrides = {"scan": True} if args.scan else {}
-    if args.remat:
-        overrides["remat"] = True
-    if args.attention:
-        overrides["attention_implementation"] = args.attention
     try:
-        r = run(
-            args.architecture,
-            batch=args.batch,
-            resolution=args.resolution,
-            mode=args.mode,
-            dtype=args.dtype,
-            steps=args.steps,
-            warmup=args.warmup,
-            model_overrides=overrides,
-        )
+        if args.artifact:
+            r = run_artifact(args.artifact, batch=args.batch, steps=args.steps, warmup=args.warmup)
+        else:
+            r = run(_case(args), steps=args.steps, warmup=args.warmup)
     except ValueError as e:
         return cli.fail(e, cli.EXIT_CONFIG)
     if args.json:
         print(json.dumps(r))
     else:
-        _print_run(r)
+        (_print_artifact if args.artifact else _print_run)(r)
     return cli.EXIT_OK
+
+
+def _case(args: argparse.Namespace) -> Case:
+    overrides: dict[str, Any] = {"scan": True} if args.scan else {}
+    if args.remat:
+        overrides["remat"] = True
+    if args.attention:
+        overrides["attention_implementation"] = args.attention
+    return Case(
+        args.architecture,
+        batch=args.batch,
+        resolution=args.resolution,
+        mode=args.mode,
+        dtype=args.dtype,
+        model_overrides=overrides,
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.abc
 import importlib.util
 import logging
@@ -41,6 +42,7 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_OK",
     "EXIT_RUNTIME",
+    "Failure",
     "MODEL_HELP",
     "RESOLUTION_HELP",
     "VERBOSE_HELP",
@@ -52,8 +54,11 @@ __all__ = [
     "ArgumentParser",
     "ConsoleHandler",
     "fail",
+    "load_model",
     "one_line",
+    "positive_int",
     "quiet_libraries",
+    "reports_failures",
     "run",
     "setup_console",
     "start",
@@ -97,18 +102,70 @@ def fail(error: BaseException | str, code: int = EXIT_CONFIG) -> int:
     return code
 
 
+class Failure(Exception):
+    """Raised anywhere below a CLI's `main` (decorated by `reports_failures`): printed as one
+    `error:` line, and `main` returns `code`."""
+
+    def __init__(self, error: BaseException | str, code: int = EXIT_CONFIG):
+        super().__init__(one_line(error))
+        self.code = code
+
+
+def reports_failures(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorates a CLI's `main(argv)`: a `Failure` raised inside becomes its one line on stderr
+    and its exit code (also when a test or program calls `main(argv)` in-process)."""
+
+    @functools.wraps(main)
+    def checked_main(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except Failure as e:
+            return fail(e, e.code)
+
+    return checked_main
+
+
+def load_model(args: argparse.Namespace, *, resolution: int | None = None):
+    """The trained model the weights flags name (`--checkpoint`, `--model`, `--resolution`, or
+    `resolution` when given): a `vit_jax.inference.TrainedModel`; a `Failure` (exit 2) naming the
+    file when it cannot be read."""
+    from vit_jax import inference  # the CLI layer stays light until weights are read
+
+    try:
+        return inference.load_model(
+            args.checkpoint,
+            model=args.model,
+            resolution=resolution or getattr(args, "resolution", None),
+        )
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        raise Failure(e, EXIT_CONFIG) from None
+
+
 # ----------------------------------------------------------------------------- flags
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one `error: ...` line (exit 2) instead of usage + error,
-    with the shared `--verbose` flag (unless `verbose=False`: a CLI without a console)."""
+    with the shared flags: `--verbose` (unless `verbose=False`: a CLI without a console), the
+    weights flags (`weights=True`: `add_weights_flags`) and `--max-pixels` (`max_pixels=True`).
+    The description (the module docstring) is shown as written."""
 
-    def __init__(self, *args, verbose: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        verbose: bool = True,
+        weights: bool = False,
+        max_pixels: bool = False,
+        **kwargs,
+    ):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
         if verbose:
             self.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+        if weights:
+            add_weights_flags(self)
+        if max_pixels:
+            add_max_pixels_flag(self)
 
     def error(self, message: str) -> NoReturn:
         sys.exit(fail(f"{message} (see {self.prog} --help)", EXIT_CONFIG))
@@ -128,6 +185,17 @@ def add_weights_flags(p: argparse.ArgumentParser, *, resolution: bool = True) ->
         p.add_argument("--resolution", type=int, help=RESOLUTION_HELP)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (`--batch`, `--top-k`, `--max-pixels`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_max_pixels_flag(p: argparse.ArgumentParser) -> None:
     """`--max-pixels`: the largest image a CLI decodes, read from its header first."""
     from vit_jax.data import image_header  # light: no TensorFlow until an image is read
@@ -135,7 +203,7 @@ def add_max_pixels_flag(p: argparse.ArgumentParser) -> None:
     default = image_header.DEFAULT_MAX_PIXELS
     p.add_argument(
         "--max-pixels",
-        type=int,
+        type=positive_int,
         default=default,
         help=f"largest image, read from its header before decoding (default {default})",
     )

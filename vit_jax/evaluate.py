@@ -147,8 +147,9 @@ class EvaluationError(RuntimeError):
 
 
 def _parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m vit_jax.evaluate", description=__doc__)
-    cli.add_weights_flags(p)
+    p = cli.ArgumentParser(
+        prog="python -m vit_jax.evaluate", description=__doc__, weights=True, max_pixels=True
+    )
     p.add_argument(
         "--config",
         metavar="FILE[:ARG]",
@@ -161,7 +162,6 @@ def _parser() -> cli.ArgumentParser:
         action="store_true",
         help="evaluate even when the checkpoint's classes differ from the dataset's",
     )
-    cli.add_max_pixels_flag(p)
     return p
 
 
@@ -178,8 +178,6 @@ def _flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
             overrides.append(rest[i + 1])  # `--config.KEY VALUE`
             i += 1
         i += 1
-    if args.max_pixels < 1:
-        p.error("--max-pixels must be at least 1")
     return args, overrides
 
 

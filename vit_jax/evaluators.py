@@ -17,13 +17,15 @@ Metric names carry the evaluator's `prefix`: classification's `test_` (`test_acc
 `test_top5_accuracy`, `test_loss`, `test_examples`), k-NN's `{name}_` (`knn_accuracy`). A
 metric whose name ends in `_examples` is a count, returned but not written to the metrics log.
 
-Adding an evaluator: a class with `name`, `run` and `describe`, a builder
-`(name, options, config, model, mesh, param_shardings) -> evaluator` that builds its jitted
-functions once, and `register(type, builder)` (or add it to `EVALUATORS`).
+Adding an evaluator: a class with `name`, `run` and `describe` whose constructor
+`(model, config, mesh, param_shardings, *, name, **options)` builds its jitted functions once
+(its keyword arguments are the options `config.evals.NAME` may set; any other is refused by
+name), and `register(type, cls)` (or add it to `EVALUATORS`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,7 +36,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from vit_jax import data, probe, sharding
+from vit_jax import data, sharding
+from vit_jax import features as feature_lib
 
 __all__ = [
     "COUNT_SUFFIX",
@@ -70,9 +73,9 @@ class Evaluator(Protocol):
         ...
 
 
-Builder = Callable[
-    [str, Mapping[str, Any], ml_collections.ConfigDict, nn.Module, Any, Any], Evaluator
-]
+# An evaluator class, or any callable `(model, config, mesh, param_shardings, *, name,
+# **options) -> Evaluator`: `config.evals.NAME`'s entries other than `type` are its keywords.
+Builder = Callable[..., Evaluator]
 
 
 def logged(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -167,23 +170,8 @@ class ClassificationEvaluator:
         )
 
 
-def _build_classification(name, options, config, model, mesh, param_shardings):
-    return ClassificationEvaluator(
-        model,
-        config,
-        mesh,
-        param_shardings,
-        name=name,
-        prefix=str(options.get("prefix", "test_")),
-        split=options.get("split") or None,
-    )
-
-
-# ----------------------------------------------------------------------------- k-NN
-
-
 class KnnEvaluator:
-    """k-NN accuracy of frozen features (`vit_jax.probe.knn_predict`: cosine similarity,
+    """k-NN accuracy of frozen features (`vit_jax.features`, as the probe: cosine similarity,
     DINO's exp(sim / T) votes): the pooled representation before the head (`pre_logits`) of
     every example of `train_split` (default `config.pp.train`) is the bank, those of
     `test_split` (default `config.pp.test`) the queries; both with the eval preprocessing."""
@@ -208,25 +196,22 @@ class KnnEvaluator:
         self.splits = (train_split or str(config.pp.train), test_split or str(config.pp.test))
         self.batch_sh = sharding.batch_sharding(mesh)
         self.step = jax.jit(
-            _features_step(model),
+            feature_lib.feature_step(model, "pooled"),
             in_shardings=(param_shardings, self.batch_sh),
             out_shardings=sharding.replicated(mesh),
         )
 
     def features(self, params: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(features [N, D] float32, labels [N]) of every example of `split`, in split order."""
-        feats, labels = [], []
-        for batch in data.eval_iterator(self.config, self.batch_sh, split=split):
-            f, label, mask = sharding.to_host(self.step(params, batch))
-            feats.append(f[mask])
-            labels.append(label[mask])
-        if not feats:
-            raise ValueError(f"k-NN evaluation: split {split!r} yielded no batch")
-        return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
+        batches = data.eval_iterator(self.config, self.batch_sh, split=split)
+        f = feature_lib.extract(self.step, params, batches, split)
+        return f.features, f.labels
 
     def run(self, params: Any) -> dict[str, float]:
         (x_train, y_train), (x_test, y_test) = (self.features(params, s) for s in self.splits)
-        pred = probe.knn_predict(x_train, y_train, x_test, k=self.k, temperature=self.temperature)
+        pred = feature_lib.knn_predict(
+            x_train, y_train, x_test, k=self.k, temperature=self.temperature
+        )
         return {
             f"{self.prefix}accuracy": float(np.mean(pred == y_test)),
             f"{self.prefix}train{COUNT_SUFFIX}": len(y_train),
@@ -242,40 +227,12 @@ class KnnEvaluator:
         )
 
 
-def _features_step(model: nn.Module) -> Callable:
-    """`(params, batch) -> (pooled features f32, labels, mask)`: `pre_logits`, its tokens
-    averaged when there are several (a DeiT distillation model's two), as `vit_jax.probe`."""
-
-    def step(params, batch):
-        _, out = model.apply({"params": params}, batch["image"], train=False)
-        feats = out["pre_logits"]
-        feats = jnp.mean(feats, axis=1) if feats.ndim == 3 else feats
-        return feats.astype(jnp.float32), batch["label"], batch["mask"]
-
-    return step
-
-
-def _build_knn(name, options, config, model, mesh, param_shardings):
-    return KnnEvaluator(
-        model,
-        config,
-        mesh,
-        param_shardings,
-        name=name,
-        prefix=options.get("prefix"),
-        k=int(options.get("k", 20)),
-        temperature=float(options.get("temperature", 0.07)),
-        train_split=options.get("train_split") or None,
-        test_split=options.get("test_split") or None,
-    )
-
-
 # ----------------------------------------------------------------------------- registry
 
 
 EVALUATORS: dict[str, Builder] = {
-    "classification": _build_classification,
-    "knn": _build_knn,
+    "classification": ClassificationEvaluator,
+    "knn": KnnEvaluator,
 }
 
 
@@ -294,10 +251,11 @@ def evals_of(config: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any
     for name in sorted(evals.keys()):
         options = evals[name]
         options = dict(options.to_dict() if hasattr(options, "to_dict") else options or {})
-        kind = str(options.get("type") or name)
+        kind = str(options.pop("type", None) or name)
         if kind not in EVALUATORS:
             valid = ", ".join(repr(k) for k in sorted(EVALUATORS))
             raise ValueError(f"config.evals.{name}.type must be one of {valid}, got {kind!r}")
+        _check_options(name, kind, options)
         items.append((name, {**options, "type": kind}))
     return sorted(items, key=lambda item: (item[1]["type"] != "classification", item[0]))
 
@@ -310,7 +268,23 @@ def build_all(
 ) -> list[Evaluator]:
     """The evaluators `config.evals` names, built for `model` with parameters placed as
     `param_shardings` (their jitted functions compiled on first use)."""
-    return [
-        EVALUATORS[options["type"]](name, options, config, model, mesh, param_shardings)
-        for name, options in evals_of(config)
-    ]
+    evaluators = []
+    for name, options in evals_of(config):
+        build = EVALUATORS[options.pop("type")]
+        evaluators.append(build(model, config, mesh, param_shardings, name=name, **options))
+    return evaluators
+
+
+def _check_options(name: str, kind: str, options: Mapping[str, Any]) -> None:
+    """ValueError naming `config.evals.NAME.KEY` when `kind`'s builder takes no such keyword."""
+    parameters = inspect.signature(EVALUATORS[kind]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    takes = [n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key in options:
+        if key not in takes or key == "name":
+            valid = ", ".join(t for t in takes if t != "name")
+            raise ValueError(
+                f"config.evals.{name}.{key}: not an option of the {kind!r} evaluator "
+                f"(it takes type, {valid})"
+            )

@@ -422,12 +422,7 @@ def check_out(out: Path, *, overwrite: bool = False) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(
-        prog="python -m vit_jax.export",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    cli.add_weights_flags(p)
+    p = cli.ArgumentParser(prog="python -m vit_jax.export", description=__doc__, weights=True)
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="a new (or empty) directory")
     p.add_argument(
@@ -456,6 +451,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.reports_failures
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     platforms = tuple(x.strip() for x in args.platforms.split(",") if x.strip())
@@ -467,14 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             _check_onnx_installed()
     except ExportError as e:
         return cli.fail(e, cli.EXIT_CONFIG)
-    from vit_jax import inference
-
-    try:
-        trained = inference.load_model(
-            args.checkpoint, model=args.model, resolution=args.resolution
-        )
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-        return cli.fail(e, cli.EXIT_CONFIG)
+    trained = cli.load_model(args)
     try:
         antialias = trained.antialias if args.antialias is None else args.antialias
         meta = export(

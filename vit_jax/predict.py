@@ -57,22 +57,16 @@ def answer(image: str, logits: np.ndarray, k: int, class_names: list[str]) -> di
 
 def _flags(argv: list[str] | None) -> argparse.Namespace:
     p = cli.ArgumentParser(
-        prog="python -m vit_jax.predict",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m vit_jax.predict", description=__doc__, weights=True, max_pixels=True
     )
-    cli.add_weights_flags(p)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--top-k", type=cli.positive_int, default=5)
+    p.add_argument("--batch", type=cli.positive_int, default=32)
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
-    cli.add_max_pixels_flag(p)
     p.add_argument("images", nargs="+")
-    args = p.parse_args(argv)
-    if min(args.batch, args.top_k, args.max_pixels) < 1:
-        p.error("--batch, --top-k and --max-pixels must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
+@cli.reports_failures
 def main(argv: list[str] | None = None) -> int:
     from vit_jax.data import image_header
 
@@ -80,16 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         image_header.check_files(args.images, args.max_pixels)
     except image_header.ImageTooLargeError as e:
-        return cli.fail(e, cli.EXIT_CONFIG)
-
-    from vit_jax import inference
-
-    try:
-        trained = inference.load_model(
-            args.checkpoint, model=args.model, resolution=args.resolution
-        )
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-        return cli.fail(e, cli.EXIT_CONFIG)
+        raise cli.Failure(e) from None
+    trained = cli.load_model(args)
     failed = 0
     k = top_k_size(args.top_k, trained.class_names)
     good: list[tuple[str, np.ndarray]] = []

@@ -28,8 +28,6 @@ missing or does not fit its model, an unknown dataset, an `--out` path that exis
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -40,6 +38,8 @@ from typing import Any
 import numpy as np
 
 from vit_jax import cli
+from vit_jax import features as feature_lib
+from vit_jax.features import FEATURES, Features, knn_predict
 
 __all__ = [
     "ALPHAS",
@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 METHODS = ("knn", "linear")
-FEATURES = ("pooled", "tokens")
 # Ridge strengths relative to the mean eigenvalue of the centred train scatter matrix.
 ALPHAS: tuple[float, ...] = tuple(10.0**e for e in range(-6, 3))
 HELD_OUT_EVERY = 5  # train examples i with i % 5 == 4 choose alpha
@@ -67,16 +66,6 @@ PP_KEYS = ("train", "test", "resize", "crop")
 
 class ProbeRuntimeError(RuntimeError):
     """Reading the data failed while extracting features (e.g. an unreadable image)."""
-
-
-@dataclasses.dataclass
-class Features:
-    """Features of one split: `features` [N, D] (or [N, T, D] tokens), `labels` [N] int,
-    `head_correct` the number of examples the checkpoint's own head classifies correctly."""
-
-    features: np.ndarray
-    labels: np.ndarray
-    head_correct: int
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -121,7 +110,6 @@ def extract(trained, config, split: str, *, features: str = "pooled") -> Feature
     Raises ProbeRuntimeError when reading the data fails mid-way.
     """
     import jax
-    import jax.numpy as jnp
 
     from vit_jax import data, sharding
 
@@ -131,33 +119,16 @@ def extract(trained, config, split: str, *, features: str = "pooled") -> Feature
     param_sh = sharding.tree_shardings(trained.params, mesh)
     params = sharding.put_sharded(trained.params, param_sh)
     batch_sh = sharding.batch_sharding(mesh)
-
-    def step(params, batch):
-        logits, out = trained.model.apply({"params": params}, batch["image"], train=False)
-        if features == "pooled":
-            feats = out["pre_logits"]
-            feats = jnp.mean(feats, axis=1) if feats.ndim == 3 else feats  # cls + dist tokens
-        else:
-            feats = out["encoded"]
-        correct = jnp.zeros((), jnp.int32)
-        if logits.ndim == 2:
-            hit = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
-            correct = jnp.sum(hit.astype(jnp.int32))
-        return feats.astype(jnp.float32), batch["label"], batch["mask"], correct
-
-    step = jax.jit(step, in_shardings=(param_sh, batch_sh))
-    chunks, labels, correct = [], [], 0
+    step = jax.jit(
+        feature_lib.feature_step(trained.model, features),
+        in_shardings=(param_sh, batch_sh),
+        out_shardings=sharding.replicated(mesh),
+    )
     batches = data.eval_iterator(config, batch_sh, split=split)  # config errors: raised here
     try:
-        for batch in batches:
-            feats, label, mask, hits = step(params, batch)
-            mask = np.asarray(mask)
-            chunks.append(np.asarray(feats)[mask])
-            labels.append(np.asarray(label)[mask])
-            correct += int(hits)
+        return feature_lib.extract(step, params, batches, split)
     except (ValueError, OSError) as e:  # BadImageError, a file gone mid-way
         raise ProbeRuntimeError(f"{split}: {e}") from e
-    return Features(np.concatenate(chunks), np.concatenate(labels).astype(np.int64), correct)
 
 
 def probe_inputs(feats: np.ndarray, num_prefix_tokens: int) -> np.ndarray:
@@ -168,49 +139,6 @@ def probe_inputs(feats: np.ndarray, num_prefix_tokens: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- probes
-
-
-def knn_predict(
-    train_features: np.ndarray,
-    train_labels: np.ndarray,
-    test_features: np.ndarray,
-    *,
-    k: int = 20,
-    temperature: float = 0.07,
-    num_classes: int | None = None,
-    chunk: int = 1024,
-) -> np.ndarray:
-    """k-NN labels of `test_features` among `train_features` by cosine similarity.
-
-    Each of the k nearest votes for its label with weight exp(sim / temperature) (DINO's k-NN
-    evaluation); temperature 0: one vote each (a tie goes to the smallest class index).
-    Queries are processed `chunk` rows at a time (jitted similarity and top-k).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    num_classes = int(num_classes or int(train_labels.max()) + 1)
-    k = max(1, min(int(k), len(train_labels)))
-
-    def normalise(x):
-        x = jnp.asarray(x, jnp.float32)
-        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-    bank, bank_labels = normalise(train_features), jnp.asarray(train_labels, jnp.int32)
-
-    @jax.jit
-    def predict(queries):
-        sims, idx = jax.lax.top_k(normalise(queries) @ bank.T, k)
-        # exp((sim - best) / T): DINO's weights times a per-query constant (no overflow).
-        weights = (
-            jnp.exp((sims - sims[:, :1]) / temperature) if temperature > 0 else jnp.ones_like(sims)
-        )
-        votes = jax.nn.one_hot(bank_labels[idx], num_classes) * weights[..., None]
-        return jnp.argmax(votes.sum(axis=1), axis=-1)
-
-    n = len(test_features)
-    out = [np.asarray(predict(test_features[i : i + chunk])) for i in range(0, n, chunk)]
-    return np.concatenate(out) if out else np.zeros((0,), np.int64)
 
 
 def ridge_fit(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
@@ -310,9 +238,12 @@ def run_probe(
         f = splits[name].features
         logging.info(
             "%s features: %d examples of %s, shape %s, %.1f s",
-            name, len(f), config.pp[name], "x".join(map(str, f.shape[1:])),
+            name,
+            len(f),
+            config.pp[name],
+            "x".join(map(str, f.shape[1:])),
             time.monotonic() - start,
-        )  # fmt: skip
+        )
     prefix = models.num_prefix_tokens(trained.model_config)
     x_train = probe_inputs(splits["train"].features, prefix)
     x_test = probe_inputs(splits["test"].features, prefix)
@@ -373,8 +304,9 @@ def _probes(methods, x_train, y_train, x_test, y_test, k, temperature, num_class
         results["linear"] = {"method": "ridge", **ridge, "accuracy": acc}
         logging.info(
             "linear (ridge, alpha=%g chosen on held-out train): test accuracy %.4f",
-            ridge["alpha"], acc,
-        )  # fmt: skip
+            ridge["alpha"],
+            acc,
+        )
     return results
 
 
@@ -411,30 +343,41 @@ def _parse_pp(values: list[str]) -> dict[str, str]:
 
 
 def _parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(
-        prog="python -m vit_jax.probe",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    cli.add_weights_flags(p)
+    p = cli.ArgumentParser(prog="python -m vit_jax.probe", description=__doc__, weights=True)
     p.add_argument("--dataset", default="digits", help="digits, an image folder or a tfds name")
     p.add_argument("--data-dir", help="tfds data dir (config.tfds_data_dir)")
     p.add_argument(
-        "--pp", action="append", default=[], metavar="KEY=VALUE",
+        "--pp",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="split / preprocessing override: train=SPLIT, test=SPLIT, resize=N, crop=N "
         "(crop runs the model at that size); repeatable",
-    )  # fmt: skip
+    )
     p.add_argument("--method", default="knn,linear", help="comma-separated: knn, linear")
-    p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN probe")
+    p.add_argument("--k", type=cli.positive_int, default=20, help="neighbours of the k-NN probe")
     p.add_argument(
-        "--knn-temperature", type=float, default=0.07,
+        "--knn-temperature",
+        type=float,
+        default=0.07,
         help="vote weight exp(sim / T) as in DINO; 0: plain majority vote",
-    )  # fmt: skip
+    )
     p.add_argument("--features", choices=FEATURES, default="pooled")
-    p.add_argument("--batch", type=int, default=256, help="images per forward pass")
+    p.add_argument("--batch", type=cli.positive_int, default=256, help="images per forward pass")
     p.add_argument("--out", help="save features and labels to this .npz (never overwritten)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     return p
+
+
+def _as_evaluated(config, trained, pp: dict[str, str]) -> None:
+    """config.pp as `trained` was evaluated: its crop, resize (unless `--pp resize=`), antialias
+    and input normalisation."""
+    config.pp.crop = trained.crop
+    config.pp.resize = int(pp.get("resize", trained.resize))
+    config.pp.antialias = trained.antialias
+    if trained.normalization:
+        config.pp.mean = tuple(trained.normalization["mean"])
+        config.pp.std = tuple(trained.normalization["std"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if not methods or any(m not in METHODS for m in methods):
         p.error(f"--method takes {', '.join(METHODS)} (comma-separated), got {args.method!r}")
-    if args.k < 1 or args.batch < 1 or args.knn_temperature < 0:
-        p.error("--k and --batch must be at least 1, --knn-temperature at least 0")
+    if args.knn_temperature < 0:
+        p.error(f"--knn-temperature must be at least 0, got {args.knn_temperature:g}")
     if args.out and os.path.exists(args.out):
         return cli.fail(f"--out {args.out} exists; choose another path (never overwritten)")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
@@ -464,21 +407,24 @@ def main(argv: list[str] | None = None) -> int:
         config = probe_config(args.dataset, pp, batch=args.batch, data_dir=args.data_dir)
         resolution = args.resolution or (int(pp["crop"]) if "crop" in pp else None)
         trained = inference.load_model(args.checkpoint, model=args.model, resolution=resolution)
+        _as_evaluated(config, trained, pp)
         logging.info(
             "model %s from %s: %dx%d input, eval resize %d",
-            trained.model_config.get("name") or "?", args.checkpoint, trained.crop,
-            trained.crop, int(pp.get("resize", trained.resize)),
-        )  # fmt: skip
-        config.pp.crop = trained.crop
-        config.pp.resize = int(pp.get("resize", trained.resize))
-        config.pp.antialias = trained.antialias  # as the weights were evaluated
-        if trained.normalization:  # the checkpoint's input normalisation
-            config.pp.mean = tuple(trained.normalization["mean"])
-            config.pp.std = tuple(trained.normalization["std"])
+            trained.model_config.get("name") or "?",
+            args.checkpoint,
+            trained.crop,
+            trained.crop,
+            config.pp.resize,
+        )
         results = run_probe(
-            trained, config, methods=methods, k=args.k, temperature=args.knn_temperature,
-            features=args.features, out=args.out,
-        )  # fmt: skip
+            trained,
+            config,
+            methods=methods,
+            k=args.k,
+            temperature=args.knn_temperature,
+            features=args.features,
+            out=args.out,
+        )
     except ProbeRuntimeError as e:
         return cli.fail(e, cli.EXIT_RUNTIME)
     except (ValueError, OSError) as e:  # CheckpointError, DataError, bad split names

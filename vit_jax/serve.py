@@ -540,51 +540,39 @@ def make_server(
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = cli.ArgumentParser(
-        prog="python -m vit_jax.serve",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m vit_jax.serve", description=__doc__, weights=True, max_pixels=True
     )
-    cli.add_weights_flags(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
-    p.add_argument("--top-k", type=int, default=5, help="classes per answer (default 5)")
+    count = cli.positive_int
+    p.add_argument("--top-k", type=count, default=5, help="classes per answer (default 5)")
     p.add_argument(
-        "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest upload (default 8 MiB)"
+        "--max-bytes", type=count, default=DEFAULT_MAX_BYTES, help="largest upload (default 8 MiB)"
     )
-    cli.add_max_pixels_flag(p)
     p.add_argument(
         "--max-requests",
-        type=int,
+        type=count,
         default=DEFAULT_MAX_REQUESTS,
         help=f"most uploads handled at once; others wait (default {DEFAULT_MAX_REQUESTS})",
     )
     p.add_argument(
         "--max-decodes",
-        type=int,
+        type=count,
         default=DEFAULT_MAX_DECODES,
         help=f"most images decoded at once (default {DEFAULT_MAX_DECODES})",
     )
-    p.add_argument("--max-batch", type=int, default=8, help="most requests run as one batch")
+    p.add_argument("--max-batch", type=count, default=8, help="most requests run as one batch")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a batch waits")
     args = p.parse_args(argv)
-    for flag in ("top_k", "max_bytes", "max_pixels", "max_requests", "max_decodes", "max_batch"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if not 0 <= args.port < 65536 or args.batch_window_ms < 0:
         p.error("--port must be in 0..65535 and --batch-window-ms at least 0")
     return args
 
 
+@cli.reports_failures
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    from vit_jax import inference
-
-    try:
-        trained = inference.load_model(
-            args.checkpoint, model=args.model, resolution=args.resolution
-        )
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-        return cli.fail(e, cli.EXIT_CONFIG)
+    trained = cli.load_model(args)
     service = Service(
         trained,
         top_k=args.top_k,

@@ -27,7 +27,6 @@ damaged or does not fit the model, a model without a class token, an output that
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import pathlib
@@ -224,11 +223,8 @@ def _taken(outputs: list[str]) -> str | None:
 
 def _flags(argv: list[str] | None):
     p = cli.ArgumentParser(
-        prog="python -m vit_jax.visualize",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m vit_jax.visualize", description=__doc__, weights=True, max_pixels=True
     )
-    cli.add_weights_flags(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--heads", action="store_true", help="also the last layer's per-head maps")
     p.add_argument(
@@ -240,30 +236,24 @@ def _flags(argv: list[str] | None):
     p.add_argument(
         "--overwrite", action="store_true", help="replace existing files of the same names"
     )
-    cli.add_max_pixels_flag(p)
     p.add_argument("images", nargs="+")
-    args = p.parse_args(argv)
-    if args.max_pixels < 1:
-        p.error("--max-pixels must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
+@cli.reports_failures
 def main(argv: list[str] | None = None) -> int:
     args = _flags(argv)
     out_dir = pathlib.Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         return cli.fail(f"--out {out_dir}: is an existing file, expected a directory")
 
-    from vit_jax import inference
     from vit_jax.data import image_header
 
     try:
         image_header.check_files(args.images, args.max_pixels)
-        trained = inference.load_model(
-            args.checkpoint, model=args.model, resolution=args.resolution
-        )
-    except (ValueError, OSError) as e:  # ImageTooLargeError, CheckpointError: ValueErrors
+    except (ValueError, OSError) as e:  # ImageTooLargeError
         return cli.fail(e, cli.EXIT_CONFIG)
+    trained = cli.load_model(args)
     unsupported = rollout_unsupported(trained.model_config)
     if unsupported:
         return cli.fail(f"{args.checkpoint}: {unsupported}")

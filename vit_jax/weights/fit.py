@@ -60,13 +60,11 @@ def resample_posemb(
     posemb = np.asarray(posemb)
     tokens = posemb.shape[1] - num_prefix_tokens
     if old_grid is None:
-        side = math.isqrt(tokens)
-        if side * side != tokens:
-            raise CheckpointError(
-                f"stored pos_embedding: {tokens} grid tokens are not a square grid; its "
-                "(rows, cols) are needed (an image_size in the file's metadata / JSON sidecar)"
-            )
-        old_grid = (side, side)
+        old_grid = _square_grid(
+            tokens,
+            f"stored pos_embedding: {tokens}",
+            "its (rows, cols) are needed (an image_size in the file's metadata / JSON sidecar)",
+        )
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
     if old_grid[0] * old_grid[1] != tokens:
         raise CheckpointError(f"stored pos_embedding: {tokens} grid tokens, not grid {old_grid}")
@@ -109,15 +107,21 @@ def _table_grid(model_config: Any, image_size: Any) -> tuple[int, int]:
         raise CheckpointError(str(e)) from None
 
 
+def _square_grid(tokens: int, what: str, remedy: str) -> tuple[int, int]:
+    """(side, side) for a square grid of `tokens`; CheckpointError with `remedy` otherwise."""
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise CheckpointError(f"{what} grid tokens are not a square grid: {remedy}")
+    return side, side
+
+
 def _model_grid(tokens: int, model_config: Any, image_size: Any) -> tuple[int, int]:
     if image_size is None:
-        side = math.isqrt(tokens)
-        if side * side != tokens:
-            raise CheckpointError(
-                f"the model's {tokens} grid tokens are not a square grid: pass image_size=(h, w) "
-                "so the position embeddings can be resampled"
-            )
-        return side, side
+        return _square_grid(
+            tokens,
+            f"the model's {tokens}",
+            "pass image_size=(h, w) so the position embeddings can be resampled",
+        )
     grid = _table_grid(model_config, image_size)
     if grid[0] * grid[1] != tokens:
         raise CheckpointError(
