@@ -203,7 +203,7 @@ def test_fifo_in_a_step_folder_is_refused_and_never_opened(run, tmp_path):
     os.mkfifo(meta)
     before = _snapshot(wd)
     expected = (
-        f"cannot read checkpoint 40: {meta} is a FIFO, not a regular file (not opened)"
+        f"cannot read checkpoint 40: {meta} is a FIFO (named pipe), not a regular file (not opened)"
         f"{UNREADABLE_TAIL}"
     )
     watch = _FifoWatch(meta)

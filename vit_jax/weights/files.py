@@ -39,6 +39,7 @@ __all__ = [
     "check_files",
     "check_regular",
     "clean_stale",
+    "kind_of",
     "ordinary_mode",
     "staged_dir",
     "staged_files",
@@ -48,12 +49,18 @@ _MARK = ".vit_jax-"
 _STAGING, _REPLACED = "staging", "replaced"
 _TOKEN = re.compile(r"^(?P<kind>staging|replaced)-(?P<host>.+)-(?P<pid>\d+)-(?P<token>[a-z0-9_]+)$")
 _KINDS = (
+    (stat.S_ISREG, "a file"),
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
     (stat.S_ISSOCK, "a socket"),
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
 )
+
+
+def kind_of(mode: int) -> str:
+    """What an `os.stat` mode is, in words ("a FIFO (named pipe)"), for error messages."""
+    return next((name for test, name in _KINDS if test(mode)), "not a plain file")
 
 
 class DestinationExistsError(CheckpointError):
@@ -84,8 +91,7 @@ def check_regular(path: str | os.PathLike) -> None:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     if stat.S_ISREG(mode):
         return
-    what = next((name for test, name in _KINDS if test(mode)), "not a plain file")
-    raise CheckpointError(f"{path}: is {what}, not a regular file (refused, never opened)")
+    raise CheckpointError(f"{path}: is {kind_of(mode)}, not a regular file (refused, never opened)")
 
 
 # ----------------------------------------------------------------------------- writing

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from vit_jax.weights import files
 from vit_jax.weights.errors import CheckpointError, CheckpointNotFoundError
 
 __all__ = [
@@ -157,20 +158,6 @@ def _strerror(e: OSError) -> str:
     return e.strerror or (os.strerror(e.errno) if e.errno else str(e))
 
 
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISREG, "a file"),
-    ):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def _stat(path: str, what: str) -> os.stat_result:
     """os.stat of `path` (links followed); a dangling link or any OS error is unreadable."""
     try:
@@ -203,7 +190,7 @@ def check_step_entries(root: str | os.PathLike) -> None:
             mode = _stat(path, f"checkpoint {name}").st_mode
             if not stat.S_ISDIR(mode):
                 raise unreadable_error(
-                    f"checkpoint {name}", f"{path} is {_kind(mode)}, not a folder"
+                    f"checkpoint {name}", f"{path} is {files.kind_of(mode)}, not a folder"
                 )
 
 
@@ -238,7 +225,7 @@ def check_readable(step_dir: str | os.PathLike) -> None:
                 raise unreadable_error(what, f"{path}: {_strerror(e)}") from None
         else:
             raise unreadable_error(
-                what, f"{path} is {_kind(st.st_mode)}, not a regular file (not opened)"
+                what, f"{path} is {files.kind_of(st.st_mode)}, not a regular file (not opened)"
             )
 
 
