@@ -29,7 +29,7 @@ import dataclasses
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -49,14 +49,18 @@ def option(
     at: str,
     convert: Callable[[Any], Any] | None = None,
     store: Callable[[Any], Any] | None = None,
+    choices: Iterable[Any] | None = None,
 ) -> Any:
     """One option: a dataclass field with its doc and its config path `at`.
 
     The config value is converted to the field's type (`int`, `float`, `bool`, `str`,
     `tuple[int, int]` read as an int or a pair, `tuple[int, ...]`; None where the type allows
     it), or by `convert`; `store` turns the default into its config form (dtypes as names).
+    `choices`: the values it may take (None always allowed where the type allows it); any
+    other is a ValueError naming the config path when the model is built.
     """
-    metadata = {"at": at, "doc": doc, "convert": convert, "store": store}
+    choices = None if choices is None else tuple(choices)
+    metadata = {"at": at, "doc": doc, "convert": convert, "store": store, "choices": choices}
     if default is REQUIRED:
         return dataclasses.field(metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -95,6 +99,14 @@ class _Declared:
         return store(self.default) if store is not None else self.default
 
     def convert(self, value: Any) -> Any:
+        value = self._typed(value)
+        choices = self.field.metadata.get("choices")
+        if choices is not None and value is not None and value not in choices:
+            valid = ", ".join(repr(c) for c in choices)
+            raise ValueError(f"{self.at} must be one of {valid}, got {value!r}")
+        return value
+
+    def _typed(self, value: Any) -> Any:
         if self.field.metadata["convert"] is not None:
             return self.field.metadata["convert"](value)
         if value is None:
@@ -169,6 +181,7 @@ class Schema:
             if any(o.group == f.name for o in self.options)
         }
         self.sections = sections
+        self._by_name = {o.name: o for o in self.options}
         defaults: dict[str, Any] = dict(base)
         templates: dict[str, dict[str, Any]] = {}
         for o in self.options:
@@ -205,6 +218,18 @@ class Schema:
             if group not in plain:
                 plain[group] = cls(**grouped[group])
         return plain
+
+    def value(self, config: Mapping[str, Any], name: str) -> Any:
+        """Option `name`'s typed value in `config`, which may be partial or a plain dict (a
+        stored or foreign config): an entry it lacks (or holds as None) reads as the declared
+        default."""
+        o = self._by_name[name]
+        node: Any = config
+        for key in o.at.split("."):
+            node = node.get(key) if hasattr(node, "get") else None
+        if node is None:
+            return None if o.default is REQUIRED else o.default
+        return o.convert(node)
 
     def properties(self, cls: type) -> None:
         """Read-only attributes `cls.<option>` for every sub-config option."""
