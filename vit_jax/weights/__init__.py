@@ -56,6 +56,7 @@ __all__ = [
     "fit",
     "flatten",
     "format_of",
+    "format_to_write",
     "mismatch_report",
     "open",
     "resample_posemb",
@@ -202,8 +203,9 @@ def _unpack(fmt: str, converted: Converted) -> tuple[dict[str, Any], dict[str, A
     return converted.params, _metadata(fmt, converted)
 
 
-def _kind(path: str) -> str:
-    """The format `save` writes at `path`: 'npz', 'timm' or 'hf'."""
+def format_to_write(path: str) -> str:
+    """The format `save` writes at `path`: 'npz', 'timm' or 'hf' (decided here and only here:
+    `format_of` is its counterpart for reading)."""
     if path.endswith(TORCH_FILES) and not path.endswith(".safetensors"):
         raise ConversionError(f"{path}: write timm state dicts as .safetensors (never pickles)")
     return "timm" if path.endswith(".safetensors") else "npz" if path.endswith(".npz") else "hf"
@@ -213,7 +215,7 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = False) -> No
     """Raises `files.DestinationExistsError` where `save(..., path, overwrite=overwrite)` would
     refuse `path` (so a caller can refuse before reading anything)."""
     p = str(path)
-    if _kind(p) == "hf":
+    if format_to_write(p) == "hf":
         files.check_dir(p, overwrite=overwrite, replaceable=hf_common.replaceable)
     else:
         files.check_files(p, [npz.metadata_path(p).name], overwrite=overwrite)
@@ -242,7 +244,7 @@ def save(
     folder only when it is a transformers model folder).
     """
     p = str(path)
-    kind = _kind(p)
+    kind = format_to_write(p)
     keys = ("model", "class_names", "image_size", "normalization", "eval_preprocessing")
     sidecar = {k: metadata.get(k) for k in keys if metadata.get(k) is not None}
     if layout not in ("vit_jax", "big_vision") or (layout == "big_vision" and kind != "npz"):
