@@ -452,7 +452,10 @@ def test_errors_are_one_clear_message():
         m = models.get_model(TINY, num_classes=10, classifier="cls")
         m.init(jax.random.key(0), _images(), train=False)
     bad = dict(
-        posemb=("rope", r"posemb must be one of \('learn', 'sincos2d', 'none'\), got 'rope'"),
+        posemb=(
+            "rotary",
+            r"posemb must be one of \('learn', 'sincos2d', 'none', 'rope'\), got 'rotary'",
+        ),
         remat_policy=("dots", r"remat_policy 'dots' unknown; one of \['dots_saveable'"),
         attention_implementation=("flash", r"attention_implementation must be one of"),
     )
@@ -525,9 +528,9 @@ def test_readme_tables_and_the_zoo_cli_agree_row_by_row():
         assert readme[name] == row, name
     for name, expected in PUBLISHED_COUNTS.items():
         assert readme[name] == (expected, "1000", readme[name][2], 224), name
-    # As the backbones are published: SigLIP / DINOv2 without a head, the others with one.
+    # As the backbones are published: SigLIP / DINOv2 / DINOv3 without a head, the rest with one.
     for name, (_, head, _, _) in cli.items():
-        assert head == ("none" if name.startswith(("SigLIP", "DINOv2")) else "1000"), name
+        assert head == ("none" if name.startswith(("SigLIP", "DINOv2", "DINOv3")) else "1000"), name
     assert cli["DINOv2-S_14"][3] == 518 and cli["SigLIP-B_16-384"][3] == 384
 
 

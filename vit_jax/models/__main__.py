@@ -15,7 +15,7 @@ from vit_jax import cli
 __all__ = ["FEATURE_EXTRACTORS", "counted_as", "main"]
 
 # Zoo name prefixes of the models whose published weights have no classifier head.
-FEATURE_EXTRACTORS = ("SigLIP-", "DINOv2-")
+FEATURE_EXTRACTORS = ("SigLIP-", "DINOv2-", "DINOv3-")
 
 FOOTNOTE = (
     "head: classes of the counted head (none: a feature extractor, num_classes=None, as SigLIP "

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import precision
+from vit_jax.models.rope import apply_rope
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -35,17 +36,21 @@ class ProjectionParams(nn.Module):
 
     Initialised like `nn.DenseGeneral` (the kernel_init sees the flattened (D, prod(features))
     shape), so a fused projection has the same parameters, names and init as three Dense layers.
+    `use_bias=False`: no `bias` parameter; zeros (a constant) stand in for it.
     """
 
     features: tuple[int, ...]
     kernel_init: Any
     param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, in_features: int) -> tuple[Array, Array]:
         flat = (in_features, int(np.prod(self.features)))
         init = lambda key, shape, dtype: self.kernel_init(key, flat, dtype).reshape(shape)
         kernel = self.param("kernel", init, (in_features, *self.features), self.param_dtype)
+        if not self.use_bias:
+            return kernel, jnp.zeros(self.features, self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, self.features, self.param_dtype)
         return kernel, bias
 
@@ -81,7 +86,13 @@ class MultiHeadAttention(nn.Module):
     None: `jax.nn.dot_product_attention` on GPU, explicit elsewhere. Attention weights or
     attention dropout always take the explicit core. `qk_norm` (a norm constructor) normalises
     the queries and keys over head_dim before the scores (`query_norm`, `key_norm`; timm's
-    `qk_norm=True`).
+    `qk_norm=True`). `query_bias` / `key_bias` / `value_bias` / `out_bias` False leave that
+    projection without a `bias` parameter (DINOv3 has no key bias; its 7B, like AIMv2, no q/k/v
+    biases).
+
+    `rope`, a (sin, cos) pair of (num_patches, head_dim) arrays (`vit_jax.models.rope`), rotates
+    the queries and keys of the last num_patches tokens after the q/k norms; the tokens before
+    them (class token, registers) are left as they are (DINOv3).
     """
 
     num_heads: int
@@ -92,6 +103,10 @@ class MultiHeadAttention(nn.Module):
     kernel_init: Any = nn.initializers.xavier_uniform()
     fuse_qkv: bool = True  # self-attention: q, k, v in one matmul
     qk_norm: Any = None  # a norm constructor: `query_norm` / `key_norm` over head_dim (timm)
+    query_bias: bool = True
+    key_bias: bool = True
+    value_bias: bool = True
+    out_bias: bool = True
 
     @nn.compact
     def __call__(
@@ -101,6 +116,7 @@ class MultiHeadAttention(nn.Module):
         *,
         deterministic: bool,
         return_weights: bool = False,
+        rope: tuple[Array, Array] | None = None,
     ) -> tuple[Array, Array | None]:
         if self.implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
@@ -115,6 +131,8 @@ class MultiHeadAttention(nn.Module):
             if self.qk_norm is not None:  # heads-major (B, H, N, hd): normalised over hd
                 q = self.qk_norm(name="query_norm")(q)
                 k = self.qk_norm(name="key_norm")(k)
+            if rope is not None:  # patch tokens only: the prefix tokens come first
+                q, k = (_rotate(t, *rope) for t in (q, k))
         use_dropout = self.dropout_rate > 0.0 and not deterministic
         library = self.implementation in ("xla", "cudnn") or (
             self.implementation is None and jax.default_backend() == "gpu"
@@ -143,6 +161,7 @@ class MultiHeadAttention(nn.Module):
             param_dtype=self.param_dtype,
             **precision.dense_kwargs(self.dtype),
             kernel_init=self.kernel_init,
+            use_bias=self.out_bias,
             name="out",
         )(y)
         return out, weights if return_weights else None
@@ -158,8 +177,13 @@ class MultiHeadAttention(nn.Module):
         head_dim = width // self.num_heads
         dot = precision.dot_general(self.dtype)
         cast = lambda t: t.astype(self.dtype)
+        biases = {"query": self.query_bias, "key": self.key_bias, "value": self.value_bias}
         params = lambda name: ProjectionParams(
-            (self.num_heads, head_dim), self.kernel_init, self.param_dtype, name=name
+            (self.num_heads, head_dim),
+            self.kernel_init,
+            self.param_dtype,
+            use_bias=biases[name],
+            name=name,
         )(width)
 
         def project(x: Array, kernel: Array, bias: Array) -> Array:
@@ -180,3 +204,9 @@ class MultiHeadAttention(nn.Module):
             project(inputs_kv, *params("key")),
             project(inputs_kv, *params("value")),
         )
+
+
+def _rotate(x: Array, sin: Array, cos: Array) -> Array:
+    """Heads-major (B, H, N, hd) `x` with RoPE on its last sin.shape[0] tokens."""
+    prefix = x.shape[2] - sin.shape[0]
+    return apply_rope(x, sin, cos, num_prefix_tokens=prefix, heads_major=True)

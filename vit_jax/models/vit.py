@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax.models import family, layers, precision, resnet, typed_config
+from vit_jax.models import rope as rope_lib
 from vit_jax.models.attention import ATTENTION_IMPLEMENTATIONS, MultiHeadAttention
 from vit_jax.models.layers import (
     MLP_TYPES,
@@ -62,11 +63,13 @@ __all__ = [
     "CLASSIFIERS",
     "CONFIG_DEFAULTS",
     "NORMS",
+    "POSEMBS",
     "SCHEMA",
     "POOLINGS",
     "POSITION_EMBEDDINGS",
     "ReadoutConfig",
     "REMAT_POLICIES",
+    "RotaryEmbedding",
     "RESAMPLE_METHODS",
     "SINCOS2D_VARIANTS",
     "AddPositionEmbs",
@@ -106,6 +109,10 @@ Dtype = Any
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
 # `transformer.norm`: every norm of the model (blocks, q/k norms, final norm, MAP head).
 NORMS: dict[str, ModuleDef] = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+# `posemb`: an additive embedding (`POSITION_EMBEDDINGS`), or `rope`: none added, the blocks'
+# queries and keys rotated by 2-D RoPE instead (DINOv3; `RotaryEmbedding`).
+POSEMBS = (*POSITION_EMBEDDINGS, "rope")
+ROPE_RNG = "rope"  # the rng stream RoPE's training-time augmentations draw from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +153,13 @@ class Encoder1DBlock(nn.Module):
     return_intermediates: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, drop_rate: Array | float, deterministic: bool):
+    def __call__(
+        self,
+        x: Array,
+        drop_rate: Array | float,
+        deterministic: bool,
+        rope: tuple[Array, Array] | None = None,
+    ):
         def residual(branch, name):
             if self.layer_scale is not None:
                 branch = self.layer_scale(name=name)(branch)
@@ -155,8 +168,9 @@ class Encoder1DBlock(nn.Module):
             return drop_path(branch, drop_rate, self.make_rng("dropout"))
 
         y = self.norm(name="LayerNorm_0")(x)
+        rotary = {} if rope is None else {"rope": rope}  # (sin, cos): RoPE on q / k
         y, weights = self.attention(name="MultiHeadDotProductAttention_1")(
-            y, y, deterministic=deterministic, return_weights=self.return_intermediates
+            y, y, deterministic=deterministic, return_weights=self.return_intermediates, **rotary
         )
         y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
         x = x + residual(y, "LayerScale_1")
@@ -173,7 +187,9 @@ class Encoder(nn.Module):
     `block(name=...)` builds one block, called `(x, drop_rate, deterministic) -> (x, aux)`;
     `position_embedding(name='posembed_input')` is called `(x, grid)`. `registers` (1, n, D),
     when given, are inserted after the prefix tokens once the position table is added (they
-    have no position embedding; DINOv2 with registers).
+    have no position embedding; DINOv2 with registers). `rotary` (a `RotaryEmbedding`
+    constructor; posemb 'rope') computes RoPE's (sin, cos) once for the grid, and every block
+    is then called `(x, drop_rate, deterministic, (sin, cos))`.
     """
 
     num_layers: int
@@ -185,6 +201,7 @@ class Encoder(nn.Module):
     scan: bool = False
     remat: bool = False
     remat_policy: str = "nothing_saveable"
+    rotary: ModuleDef | None = None
 
     @nn.compact
     def __call__(
@@ -206,31 +223,76 @@ class Encoder(nn.Module):
             block = layers.remat(block, self.remat_policy, scan=self.scan, static_argnums=(3,))
         # Stochastic depth grows linearly with depth (0 for the first block), as in DeiT / timm.
         rates = np.linspace(0.0, self.stochastic_depth_rate, self.num_layers, dtype=np.float32)
+        # RoPE's (sin, cos), the same for every block: an extra block argument only when set
+        rope = () if self.rotary is None else (self.rotary(name="rope")(grid, train=train),)
         stack = self._scanned if self.scan else self._unrolled
-        x, aux = stack(block, x, rates, not train)
+        x, aux = stack(block, x, rates, not train, rope)
         return self.norm(name="encoder_norm")(x), aux
 
     @nn.nowrap
-    def _scanned(self, block: ModuleDef, x: Array, rates: np.ndarray, deterministic: bool):
+    def _scanned(
+        self, block: ModuleDef, x: Array, rates: np.ndarray, deterministic: bool, rope: tuple
+    ):
         """One `encoderblock` scanned over depth: parameters stacked on a leading axis."""
         stack = layers.lift(
             block,
             nn.scan,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast),
+            in_axes=(0, nn.broadcast) + (nn.broadcast,) * len(rope),
             length=self.num_layers,
         )
-        return stack(name="encoderblock")(x, jnp.asarray(rates), deterministic)
+        return stack(name="encoderblock")(x, jnp.asarray(rates), deterministic, *rope)
 
     @nn.nowrap
-    def _unrolled(self, block: ModuleDef, x: Array, rates: np.ndarray, deterministic: bool):
+    def _unrolled(
+        self, block: ModuleDef, x: Array, rates: np.ndarray, deterministic: bool, rope: tuple
+    ):
         """`encoderblock_{i}` one after another; the blocks' intermediates stacked on depth."""
         auxes = []
         for i in range(self.num_layers):
-            x, aux = block(name=f"encoderblock_{i}")(x, float(rates[i]), deterministic)
+            x, aux = block(name=f"encoderblock_{i}")(x, float(rates[i]), deterministic, *rope)
             auxes.append(aux)
         return x, (jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] else None)
+
+
+class RotaryEmbedding(nn.Module):
+    """DINOv3's 2-D RoPE for a patch grid: `(grid, train=...) -> (sin, cos)`, each
+    (grid_h * grid_w, head_dim) float32 (`vit_jax.models.rope`). No parameters.
+
+    Patch centres in [-1, 1] (`normalize_coords`), periods `theta ** (4 k / head_dim)`. With
+    `train=True`, the coordinates are shifted / jittered / rescaled (`train_shift`,
+    `train_jitter`, `train_rescale`; 0 / 1 / 1: off) once per call, drawn from the `rope` rng when
+    the caller passes one (`rngs={'rope': key}`), else from `dropout` (what the trainer passes),
+    so a seeded run stays deterministic. Evaluation (`train=False`) uses the plain grid.
+    """
+
+    head_dim: int
+    theta: float = rope_lib.ROPE_THETA
+    normalize_coords: str = "separate"
+    train_shift: float = 0.0
+    train_jitter: float = 1.0
+    train_rescale: float = 1.0
+
+    def __call__(self, grid: tuple[int, int], *, train: bool) -> tuple[Array, Array]:
+        coords = rope_lib.patch_coordinates(*grid, normalize=self.normalize_coords)
+        augments = dict(  # the neutral values: off (`augment_coordinates`' None)
+            shift=self.train_shift or None,
+            jitter=None if self.train_jitter == 1 else self.train_jitter,
+            rescale=None if self.train_rescale == 1 else self.train_rescale,
+        )
+        if train and any(v is not None for v in augments.values()):
+            coords = rope_lib.augment_coordinates(coords, self._rng(), **augments)
+        return rope_lib.rope_sin_cos(coords, rope_lib.rope_periods(self.head_dim, self.theta))
+
+    def _rng(self) -> Array:
+        for stream in (ROPE_RNG, "dropout"):
+            if self.has_rng(stream):
+                return self.make_rng(stream)
+        raise ValueError(
+            "RoPE's training-time augmentations (rope_train_shift / rope_train_jitter / "
+            "rope_train_rescale) need an rng: apply with rngs={'rope': key} (or 'dropout')"
+        )
 
 
 # --- Pooling: `POOLINGS[config.classifier](layers)` is a constructor; the pool is called
@@ -387,6 +449,21 @@ class BlockConfig:
     attention_implementation: str | None = option(
         None, 'None | "xla" | "cudnn" (jax.nn.dot_product_attention)', at="attention_implementation"
     )
+    query_bias: bool = option(
+        True, "False: the blocks' query projection has no bias (DINOv3-7B)", at=T + "query_bias"
+    )
+    key_bias: bool = option(
+        True, "False: the blocks' key projection has no bias (every DINOv3)", at=T + "key_bias"
+    )
+    value_bias: bool = option(
+        True, "False: the blocks' value projection has no bias (DINOv3-7B)", at=T + "value_bias"
+    )
+    attention_out_bias: bool = option(
+        True,
+        "False: the blocks' attention output projection `out` has no bias",
+        at=T + "attention_out_bias",
+    )
+    mlp_bias: bool = option(True, "False: the blocks' MLP layers have no biases", at=T + "mlp_bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,7 +475,12 @@ class EmbedConfig:
         None, "hybrids: the ResNet stem's units per stage, e.g. (3, 4, 9)", at="resnet.num_layers"
     )
     resnet_width_factor: float = option(1.0, "hybrids: the stem's width", at="resnet.width_factor")
-    posemb: str = option("learn", "learn | sincos2d | none (POSITION_EMBEDDINGS)", at="posemb")
+    posemb: str = option(
+        "learn",
+        "learn | sincos2d | none (POSITION_EMBEDDINGS) | rope (2-D RoPE on the blocks' queries "
+        "and keys, no table: DINOv3)",
+        at="posemb",
+    )
     distillation_token: bool = option(
         False, "DeiT: a second token `dist` with its own head `head_dist`", at="distillation_token"
     )
@@ -423,6 +505,35 @@ class EmbedConfig:
         "the sincos2d table's frequencies: big_vision | mocov3 (a stored sincos2d config "
         "without it means mocov3, `models.stored_config`)",
         at="posemb_sincos2d_variant",
+    )
+    rope_theta: float = option(
+        rope_lib.ROPE_THETA,
+        "posemb 'rope': periods rope_theta ** (4 k / head_dim) in [-1, 1] coordinate units",
+        at="rope_theta",
+    )
+    rope_normalize_coords: str = option(
+        "separate",
+        "posemb 'rope': patch centres to [-1, 1] by each axis' own length (separate), or both "
+        "by the shorter (min) / longer (max) one",
+        at="rope_normalize_coords",
+    )
+    rope_train_shift: float = option(
+        0.0,
+        "posemb 'rope', train=True only: add a per-axis offset uniform in [-s, s] to the "
+        "coordinates (0: off; drawn from rng 'rope', else 'dropout')",
+        at="rope_train_shift",
+    )
+    rope_train_jitter: float = option(
+        1.0,
+        "posemb 'rope', train=True only: scale each axis by a log-uniform factor in [1/j, j] "
+        "(1: off)",
+        at="rope_train_jitter",
+    )
+    rope_train_rescale: float = option(
+        1.0,
+        "posemb 'rope', train=True only: scale both axes by one log-uniform factor in [1/r, r] "
+        "(1: off; DINOv3 trained with 2)",
+        at="rope_train_rescale",
     )
 
 
@@ -465,6 +576,14 @@ class VisionTransformer(nn.Module):
     `posemb_sincos2d_variant` picks the `sincos2d` table's frequencies (`sincos2d_posemb`).
     `qk_norm` normalises queries and keys per head; `mlp_type` 'swiglu' takes the gated MLP
     (`SwiGLUMlpBlock`); `norm` 'rmsnorm' makes every norm an RMSNorm (`scale` only).
+    `query_bias` / `key_bias` / `value_bias` / `attention_out_bias` / `mlp_bias` False drop that
+    bias from every block (DINOv3: no key bias; DINOv3-7B: no q/k/v biases).
+
+    `posemb='rope'` (DINOv3) adds no position embedding: the blocks rotate the queries and keys
+    of the patch tokens by 2-D RoPE (`RotaryEmbedding`: `rope_theta`, `rope_normalize_coords`;
+    in training only, the coordinate augmentations `rope_train_shift` / `_jitter` / `_rescale`
+    drawn from the `rope` rng, else `dropout`); prefix tokens are not rotated. It runs at any
+    grid (there is no table to resample).
 
     The options come as four sub-configs (`encoder`, `block`, `embed`, `readout`: values, each
     option declared once there) plus the dtypes; every option also reads as `model.<option>`.
@@ -528,22 +647,30 @@ class VisionTransformer(nn.Module):
     @nn.nowrap
     def transformer(self, parts: ViTLayers, return_intermediates: bool) -> Encoder:
         """The `Transformer` sub-module: position embedding, blocks, final norm."""
-        if self.posemb not in POSITION_EMBEDDINGS:
-            raise ValueError(
-                f"posemb must be one of {tuple(POSITION_EMBEDDINGS)}, got {self.posemb!r}"
-            )
+        if self.posemb not in POSEMBS:
+            raise ValueError(f"posemb must be one of {POSEMBS}, got {self.posemb!r}")
         layer_scale = None
         if self.layer_scale_init is not None:
             layer_scale = functools.partial(
                 LayerScale, self.layer_scale_init, param_dtype=self.param_dtype
             )
-        attention = functools.partial(parts.attention, dropout_rate=self.attention_dropout_rate)
+        attention = functools.partial(
+            parts.attention,
+            dropout_rate=self.attention_dropout_rate,
+            query_bias=self.query_bias,
+            key_bias=self.key_bias,
+            value_bias=self.value_bias,
+            out_bias=self.attention_out_bias,
+        )
         if self.qk_norm:  # the blocks' attention only (not the MAP head's)
             attention = functools.partial(attention, qk_norm=parts.norm)
+        mlp = functools.partial(parts.mlp, dropout_rate=self.dropout_rate)
+        if not self.mlp_bias:  # the blocks' MLP only (not the MAP head's)
+            mlp = functools.partial(mlp, dense=functools.partial(parts.dense, use_bias=False))
         block = functools.partial(
             self.block_cls,
             attention=attention,
-            mlp=functools.partial(parts.mlp, dropout_rate=self.dropout_rate),
+            mlp=mlp,
             norm=parts.norm,
             dropout_rate=self.dropout_rate,
             stochastic_depth=self.stochastic_depth_rate > 0,
@@ -560,7 +687,42 @@ class VisionTransformer(nn.Module):
             scan=self.scan,
             remat=self.remat,
             remat_policy=self.remat_policy,
+            rotary=self._rotary_embedding(),
             name="Transformer",
+        )
+
+    @nn.nowrap
+    def _rotary_embedding(self) -> ModuleDef | None:
+        """posemb 'rope': `RotaryEmbedding` bound to the rope options (checked); else None."""
+        if self.rope_normalize_coords not in rope_lib.NORMALIZE_MODES:
+            raise ValueError(
+                f"rope_normalize_coords must be one of {rope_lib.NORMALIZE_MODES}, "
+                f"got {self.rope_normalize_coords!r}"
+            )
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        for name, least in (("shift", 0.0), ("jitter", 1.0), ("rescale", 1.0)):
+            value = getattr(self, f"rope_train_{name}")
+            if not value >= least:
+                raise ValueError(
+                    f"rope_train_{name} must be >= {least} ({least}: off), got {value}"
+                )
+        if self.posemb != "rope":
+            return None
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim % 4 or self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"posemb 'rope' needs head_dim (hidden_size / num_heads = {self.hidden_size} / "
+                f"{self.num_heads}) to be a whole multiple of 4"
+            )
+        return functools.partial(
+            RotaryEmbedding,
+            head_dim,
+            theta=self.rope_theta,
+            normalize_coords=self.rope_normalize_coords,
+            train_shift=self.rope_train_shift,
+            train_jitter=self.rope_train_jitter,
+            train_rescale=self.rope_train_rescale,
         )
 
     @nn.nowrap
@@ -586,8 +748,9 @@ class VisionTransformer(nn.Module):
             )
         elif self.posemb == "sincos2d":
             options = dict(variant=self.posemb_sincos2d_variant)
+        additive = "none" if self.posemb == "rope" else self.posemb  # RoPE: in the attention
         return functools.partial(
-            POSITION_EMBEDDINGS[self.posemb],
+            POSITION_EMBEDDINGS[additive],
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             **options,

@@ -168,6 +168,42 @@ for _size, _dims in (("S", _S), ("B", _B), ("L", _L)):  # DeiT-III (timm deit3_*
     )
     MODEL_CONFIGS[_name]["transformer"]["layer_scale_init"] = 1e-6
 
+# DINOv3 (HF DINOv3ViTModel; the published hyper-parameters of facebookresearch/dinov3
+# `dinov3/hub/backbones.py`, as transformers' `convert_dinov3_vit_to_hf.py` converts them):
+# patch 16, 4 registers, RoPE (theta 100, `separate` coordinates, trained with rescale 2),
+# LayerScale (init 1e-5), exact GELU, LayerNorm 1e-5, no key bias (`mask_k_bias`); S+ / H+ /
+# 7B have a SwiGLU MLP (`mlp_dim`: the width after the gate, transformers'
+# `intermediate_size`: 2/3 of D x ffn_ratio, a multiple of 8 (7B: 64)); 7B has no q/k/v biases.
+_DINOV3 = {
+    "S": dict(hidden=384, mlp=1536, heads=6, layers=12),
+    "S+": dict(hidden=384, mlp=1536, heads=6, layers=12),  # SwiGLU, ffn_ratio 6
+    "B": dict(hidden=768, mlp=3072, heads=12, layers=12),
+    "L": dict(hidden=1024, mlp=4096, heads=16, layers=24),
+    "H+": dict(hidden=1280, mlp=5120, heads=20, layers=32),  # SwiGLU, ffn_ratio 6
+    "7B": dict(hidden=4096, mlp=8192, heads=32, layers=40),  # SwiGLU, ffn_ratio 3
+}
+for _size, _dims in _DINOV3.items():
+    _name = f"DINOv3-{_size}_16"
+    _config = _vit(
+        _name,
+        16,
+        **_dims,
+        classifier="token",
+        posemb="rope",
+        rope_train_rescale=2.0,
+        num_registers=4,
+        gelu_approximate=False,
+        layernorm_epsilon=1e-5,
+    )
+    _config["transformer"].update(
+        layer_scale_init=1e-5,
+        mlp_type="swiglu" if _size in ("S+", "H+", "7B") else "gelu",
+        key_bias=False,
+    )
+    if _size == "7B":
+        _config["transformer"].update(query_bias=False, value_bias=False)
+    MODEL_CONFIGS[_name] = _config
+
 # AugReg ("How to train your ViT") short names -> zoo names.
 AUGREG_NAMES = {
     "Ti_16": "ViT-Ti_16",

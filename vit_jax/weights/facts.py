@@ -75,6 +75,9 @@ class VitFacts:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """The patch grid at `image_size` ((0, 0) when none is known: no position table)."""
+        if self.image_size is None:
+            return 0, 0
         return self.image_size[0] // self.patch[0], self.image_size[1] // self.patch[1]
 
     @property
@@ -95,7 +98,8 @@ def vit_facts(
 ) -> VitFacts:
     """Checks that the format whose capability table is `can` expresses the model (one error
     naming every option it cannot) and returns the model's dimensions. `image_size` defaults
-    to the square grid the position embeddings hold."""
+    to the square grid the position embeddings hold; a model without a learned table (posemb
+    'rope', 'sincos2d', 'none') runs at any size, and its `image_size` stays None unless given."""
     config = models.get_config(model_config)
     flat = {k: np.asarray(v) for k, v in flatten(models.unstack_layers(params)).items()}
     num_classes = int(flat["head/kernel"].shape[-1]) if "head/kernel" in flat else None
@@ -104,9 +108,12 @@ def vit_facts(
     hidden = int(config.hidden_size)
     prefix = models.num_posemb_prefix_tokens(config)
     posemb = flat.get("Transformer/posembed_input/pos_embedding")
-    if posemb is None:
+    if posemb is not None:
+        image_size = _image_size(image_size, posemb.shape[1] - prefix, patch)
+    elif config.get("posemb", "learn") == "learn":
         raise ConversionError("params have no Transformer/posembed_input/pos_embedding")
-    image_size = _image_size(image_size, posemb.shape[1] - prefix, patch)
+    elif image_size is not None:
+        image_size = _any_image_size(image_size, patch)
     if can.square and (image_size[0] != image_size[1] or patch[0] != patch[1]):
         options.check(
             can,
@@ -151,6 +158,15 @@ def _image_size(
             f"{tokens} grid tokens"
         )
     return image_size
+
+
+def _any_image_size(image_size: int | tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
+    """`image_size` as (h, w) for a model without a position table: divisible by the patch."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    h, w = int(h), int(w)
+    if h % patch[0] or w % patch[1]:
+        raise ConversionError(f"image size {(h, w)} is not divisible by the patch {patch}")
+    return h, w
 
 
 def class_names_for(num_classes: int | None, class_names: Any) -> list[str] | None:

@@ -1,7 +1,8 @@
 """Hugging Face transformers models <-> our ViT: the one entry (`from_hf`, `to_hf`).
 
 `from_hf` dispatches on `config.json`'s `model_type`: 'vit' and 'deit' here, 'siglip' /
-'siglip_vision_model' in `hf_siglip`, 'dinov2' / 'dinov2_with_registers' in `hf_dinov2`;
+'siglip_vision_model' in `hf_siglip`, 'dinov2' / 'dinov2_with_registers' in `hf_dinov2`,
+'dinov3_vit' in `hf_dinov3`;
 `to_hf` on the model (`hf_model_type`). The directory itself is `hf_common`'s.
 
 ViT (`ViTModel`, `ViTForImageClassification`) and DeiT (`DeiTModel`,
@@ -30,7 +31,7 @@ import numpy as np
 from etils import epath
 
 from vit_jax import models
-from vit_jax.weights import codec, hf_common, hf_dinov2, hf_siglip, npz, options
+from vit_jax.weights import codec, hf_common, hf_dinov2, hf_dinov3, hf_siglip, npz, options
 from vit_jax.weights import pytorch as pt
 from vit_jax.weights.errors import ConversionError
 from vit_jax.weights.facts import Converted, VitFacts
@@ -114,8 +115,15 @@ def from_hf(path: str | os.PathLike) -> Converted:
         return hf_siglip.from_state(path, config, raw)
     if model_type in hf_dinov2.MODEL_TYPES:
         return hf_dinov2.from_state(path, config, raw)
+    if model_type in hf_dinov3.MODEL_TYPES:
+        return hf_dinov3.from_state(path, config, raw)
     if model_type not in _VIT_TYPES:
-        supported = (*_VIT_TYPES, *hf_siglip.MODEL_TYPES, *hf_dinov2.MODEL_TYPES)
+        supported = (
+            *_VIT_TYPES,
+            *hf_siglip.MODEL_TYPES,
+            *hf_dinov2.MODEL_TYPES,
+            *hf_dinov3.MODEL_TYPES,
+        )
         raise ConversionError(
             f"{path}: model_type {model_type!r}; supported: {', '.join(map(repr, supported))}"
         )
@@ -180,10 +188,13 @@ def _parse(path: Any, config: Mapping[str, Any], state: Mapping[str, Any]) -> co
 
 
 def hf_model_type(model_config: Any, params: Mapping[str, Any]) -> str:
-    """The transformers `model_type` that expresses one of our ViTs: 'siglip_vision_model'
-    (MAP pooling), 'dinov2' / 'dinov2_with_registers' (LayerScale or registers, no classifier
-    head: DINOv2 models are feature extractors), 'deit' (a distillation token), else 'vit'."""
+    """The transformers `model_type` that expresses one of our ViTs: 'dinov3_vit' (RoPE),
+    'siglip_vision_model' (MAP pooling), 'dinov2' / 'dinov2_with_registers' (LayerScale or
+    registers, no classifier head: DINOv2 models are feature extractors), 'deit' (a
+    distillation token), else 'vit'."""
     config = models.get_config(model_config)
+    if config.get("posemb") == "rope":
+        return hf_dinov3.MODEL_TYPES[0]
     flat = flatten(models.unstack_layers(params))
     if config.get("classifier") == "map":
         return "siglip_vision_model"
@@ -208,7 +219,8 @@ def to_hf(
     `model_type` (default: `hf_model_type`) picks the transformers family: 'vit' (with a head
     `ViTForImageClassification`, else `ViTModel`, whose pooler is our `pre_logits`), 'deit'
     (`DeiTForImageClassificationWithTeacher` / `DeiTModel`), 'siglip_vision_model'
-    (`SiglipVisionModel`) or 'dinov2' / 'dinov2_with_registers'. `image_size` defaults to the
+    (`SiglipVisionModel`), 'dinov2' / 'dinov2_with_registers' or 'dinov3_vit'
+    (`DINOv3ViTModel`). `image_size` defaults to the
     square grid of the position embeddings. What the family cannot express is an error naming it.
     `preprocessor_config.json` records `normalization` (default [-1, 1]). The folder appears
     whole or not at all; an existing one is refused unless `overwrite` (`hf_common.write_dir`).
@@ -291,4 +303,5 @@ CODECS = {
     ),
     **{model_type: hf_siglip.CODEC for model_type in hf_siglip.MODEL_TYPES},
     **dict(zip(hf_dinov2.MODEL_TYPES, hf_dinov2.CODECS, strict=True)),
+    hf_dinov3.MODEL_TYPES[0]: hf_dinov3.CODEC,
 }

@@ -5,9 +5,11 @@ LayerScale, a representation layer, register tokens, query/key norms, a SwiGLU M
 A format's `Capabilities` lists, one `Can` row per option it expresses, the key-table feature
 the option turns on, its own name for it (a config key or a state-dict key) and the value its
 writer records; every option of a model that has no row is refused, all in one line naming the
-option and the format (`problems`). The same table answers the writers (`features`,
-`their_config`) and the readers (`our_config`), so "can format F express option X" is answered
-here once.
+option and the format (`problems`). Besides the rows, a `Capabilities` says which `posemb`
+values (and, for RoPE, which coordinate normalisations) and which left-out biases (`BIASES`,
+`transformer.key_bias=False` ...) the format expresses; everything else is refused the same
+way. The same table answers the writers (`features`, `their_config`) and the readers
+(`our_config`), so "can format F express option X" is answered here once.
 
     TIMM = Capabilities(
         "timm VisionTransformer",
@@ -26,6 +28,7 @@ from typing import Any, NamedTuple
 from vit_jax.weights.errors import ConversionError
 
 __all__ = [
+    "BIASES",
     "LAYER_SCALE_KEY",
     "OPTIONS",
     "Can",
@@ -34,6 +37,7 @@ __all__ = [
     "check",
     "features",
     "layer_scale",
+    "missing_biases",
     "num_registers",
     "our_config",
     "problems",
@@ -72,6 +76,22 @@ def layer_scale(config: Any, flat: Mapping[str, Any] = ()) -> bool:
     return (config.get("transformer") or {}).get("layer_scale_init") is not None or (
         LAYER_SCALE_KEY in flat
     )
+
+
+# The blocks' biases a model may leave out (`transformer.<name>` False), as refusals name them.
+BIASES = {
+    "query_bias": "query",
+    "key_bias": "key",
+    "value_bias": "value",
+    "attention_out_bias": "attention output",
+    "mlp_bias": "MLP",
+}
+
+
+def missing_biases(config: Any) -> list[str]:
+    """The `BIASES` a model config turns off (an absent field: the bias is there)."""
+    t = config.get("transformer") or {}
+    return [name for name in BIASES if t.get(name) is False]
 
 
 class Option(NamedTuple):
@@ -150,14 +170,17 @@ class Can(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
-    """What one format can express of our ViT: classifiers, a classifier head, non-square
-    images, and one `Can` row per option."""
+    """What one format can express of our ViT: classifiers, position embeddings, biases it can
+    leave out, a classifier head, non-square images, and one `Can` row per option."""
 
     target: str  # the format as refusals name it: "timm VisionTransformer"
     classifiers: tuple[str, ...] = ("token",)
     rows: tuple[Can, ...] = ()
     head: bool = True  # it has a classifier head
     square: bool = False  # it takes square images and patches only
+    posembs: tuple[str, ...] = ("learn",)  # `posemb` values it expresses
+    rope_coords: tuple[str, ...] = ()  # posemb 'rope': `rope_normalize_coords` it expresses
+    bias_free: tuple[str, ...] = ()  # the `BIASES` it can leave out
 
     def row(self, option: str) -> Can | None:
         """The row of `option`, or None when the format cannot express it."""
@@ -175,8 +198,22 @@ def problems(can: Capabilities, config: Any, flat: Mapping[str, Any]) -> list[st
     out = []  # the architecture first: no format here has a ResNet stem or a fixed table
     if config.get("resnet") is not None:
         out.append("a ResNet stem (hybrid models)")
-    if config.get("posemb", "learn") != "learn":
-        out.append(f"posemb {config.posemb!r} (learned position embeddings only)")
+    posemb = config.get("posemb", "learn")
+    if posemb not in can.posembs:
+        if can.posembs == ("learn",):
+            out.append(f"posemb {config.posemb!r} (learned position embeddings only)")
+        else:
+            out.append(f"posemb {posemb!r} (supported: {', '.join(can.posembs)})")
+    elif posemb == "rope":
+        coords = config.get("rope_normalize_coords", "separate")
+        if coords not in can.rope_coords:
+            out.append(
+                f"RoPE coordinates rope_normalize_coords={coords!r} "
+                f"(supported: {', '.join(can.rope_coords)})"
+            )
+    for name in missing_biases(config):
+        if name not in can.bias_free:
+            out.append(f"no {BIASES[name]} bias (transformer.{name}=False)")
     if config.classifier not in can.classifiers:
         supported = ", ".join(can.classifiers)
         out.append(f"classifier {config.classifier!r} (supported: {supported})")
