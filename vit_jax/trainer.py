@@ -7,12 +7,15 @@ rules -> `jax.jit(init, out_shardings=...)` -> the newest checkpoint that restor
 pretrained weights, into those shardings -> loop (`_Loop`): data iterator (global batches sharded
 over ('data', 'fsdp')), the objective (`objectives.build`) and the evaluators
 (`evaluators.build_all`, `config.evals`), both known here only by their protocols, step (one
-`jax.jit`, donated state) -> progress / evaluators / checkpoint (a failed save stops the run) ->
+`jax.jit`, donated state, its metrics summed on the devices) -> at check steps only (progress,
+eval, checkpoint, last): the sums read (a non-finite loss stops the run), the stop / failed-save
+flags agreed across hosts, progress / evaluators / checkpoint (a failed save stops the run) ->
 final checkpoint and `final.npz`.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -61,7 +64,11 @@ __all__ = [
 
 
 Params = Any
-UNREPORTED = "unreported_train_metrics"  # checkpoint meta: rows since the last progress row
+# Checkpoint meta: the train metric sums since the last progress row (`metric_sums`), so the
+# first progress row after a resume averages the same steps as without a stop. UNREPORTED is
+# what checkpoints written before 2026-12-06 hold instead: one row per step.
+TRAIN_SUMS = "train_metric_sums"
+UNREPORTED = "unreported_train_metrics"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -187,25 +194,81 @@ class TrainStep:
     """The jitted, sharded, state-donating train step: `step(state, batch) -> (state, metrics)`.
 
     `shardings` is the state's sharding tree (`create_state`); `objective` (default:
-    classification) is built outside, with its frozen inputs on the mesh.
+    classification) is built outside, with its frozen inputs on the mesh. The loop calls
+    `accumulate`, the same step with its metrics added to on-device sums (`metric_sums`), so
+    nothing has to be read between reports.
     """
 
     def __init__(self, model, tx, config, mesh, shardings: TrainState, objective=None):
         self.objective = objective or objectives.build_classification(config, model)
         frozen_sh = jax.tree.map(lambda x: x.sharding, self.objective.frozen)
         rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        step_fn = make_train_step(model, tx, config, self.objective)
         self.jitted = jax.jit(
-            make_train_step(model, tx, config, self.objective),
+            step_fn,
             in_shardings=(shardings, batch_sh, frozen_sh),
             out_shardings=(shardings, rep),
             donate_argnums=(0,),
         )
 
+        def accumulating(state: TrainState, batch, frozen, sums):
+            done = state.step + 1  # the step number once this step is done
+            state, metrics = step_fn(state, batch, frozen)
+            return state, add_metrics(sums, done, metrics), done
+
+        self.accumulating = jax.jit(
+            accumulating,
+            in_shardings=(shardings, batch_sh, frozen_sh, rep),
+            out_shardings=(shardings, rep, rep),
+            donate_argnums=(0, 3),
+        )
+
     def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         return self.jitted(state, batch, self.objective.frozen)
 
+    def accumulate(self, state: TrainState, batch, sums: dict) -> tuple[TrainState, dict, Any]:
+        """(state, `sums` plus this step's metrics, the step's number as a device scalar to wait
+        on); `state` and `sums` are donated. Nothing is read to the host."""
+        return self.accumulating(state, batch, self.objective.frozen, sums)
+
     def lower(self, state: TrainState, batch):
         return self.jitted.lower(state, batch, self.objective.frozen)
+
+
+# The on-device sums of the train metrics since the last progress row (`TrainStep.accumulate`):
+# the means a progress row reports are sums / steps, so nothing is read between reports.
+# `bad_step` is the first step whose loss was not finite (-1: none), `bad_loss` that loss.
+_MEANS = ("train_loss", "grad_norm")
+
+
+def metric_sums(
+    steps: int = 0, train_loss: float = 0.0, grad_norm: float = 0.0, learning_rate: float = 0.0
+) -> dict[str, np.ndarray]:
+    """Host values of the metric sums (all zero: a fresh progress window)."""
+    return {
+        "steps": np.int32(steps),
+        "train_loss": np.float32(train_loss),
+        "grad_norm": np.float32(grad_norm),
+        "learning_rate": np.float32(learning_rate),
+        "bad_step": np.int32(-1),
+        "bad_loss": np.float32(0.0),
+    }
+
+
+def add_metrics(sums: dict, step, metrics: dict) -> dict:
+    """`sums` plus one step's metrics (in the graph; float32 sums, added in step order, so a run
+    resumed from the checkpointed sums adds bit-for-bit what a straight run adds)."""
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    loss = f32(metrics["train_loss"])
+    first_bad = ~jnp.isfinite(loss) & (sums["bad_step"] < 0)
+    return {
+        "steps": sums["steps"] + 1,
+        "train_loss": sums["train_loss"] + loss,
+        "grad_norm": sums["grad_norm"] + f32(metrics["grad_norm"]),
+        "learning_rate": f32(metrics["learning_rate"]),
+        "bad_step": jnp.where(first_bad, jnp.asarray(step, jnp.int32), sums["bad_step"]),
+        "bad_loss": jnp.where(first_bad, loss, sums["bad_loss"]),
+    }
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -310,9 +373,11 @@ class MetricsLog:
 
 
 class StopRequest:
-    """SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, save, exit cleanly. Agreed across
-    hosts. A second SIGINT before then raises `Interrupted` (a user who will not wait for a slow
-    step, eval or save); a repeated SIGTERM changes nothing."""
+    """SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, save, exit cleanly. With several
+    processes the stop is agreed at the loop's next check step (`agree`), so it lands on the same
+    step everywhere; with one, after the step in flight. A second SIGINT before then raises
+    `Interrupted` (a user who will not wait for a slow step, eval or save); a repeated SIGTERM
+    changes nothing."""
 
     def __init__(self):
         self.requested = False
@@ -329,10 +394,18 @@ class StopRequest:
         self.requested = True
 
     def poll(self, save_failed: bool = False) -> tuple[bool, bool]:
-        """(a stop was requested, a checkpoint save failed), each on any process."""
+        """This process's (stop requested, a checkpoint save failed): no communication, so the
+        loop asks after every step. With several processes only `agree`'s answer may stop a run."""
+        return self.requested, save_failed
+
+    @staticmethod
+    def agree(stop: bool, save_failed: bool) -> tuple[bool, bool]:
+        """(a stop was requested, a checkpoint save failed), each on any process: one all-gather
+        of two flags when there are several processes, so every process must call it at the same
+        steps (the loop's check steps); then a stop lands on the same step everywhere."""
         if jax.process_count() == 1:
-            return self.requested, save_failed
-        flags = multihost_utils.process_allgather(np.asarray([self.requested, save_failed]))
+            return stop, save_failed
+        flags = multihost_utils.process_allgather(np.asarray([stop, save_failed]))
         flags = np.asarray(flags).reshape(-1, 2)
         return bool(np.any(flags[:, 0])), bool(np.any(flags[:, 1]))
 
@@ -363,8 +436,12 @@ def load_pretrained_params(config: ml_collections.ConfigDict, init_params: Param
         logging.warning(
             "%s was trained on inputs normalised with mean %s / std %s, this run uses %s / %s: "
             "set config.pp.mean and config.pp.std to match",
-            path, theirs["mean"], theirs["std"], ours["mean"], ours["std"],
-        )  # fmt: skip
+            path,
+            theirs["mean"],
+            theirs["std"],
+            ours["mean"],
+            ours["std"],
+        )
     return weights.fit(
         params,
         meta,
@@ -482,7 +559,7 @@ def _train(
             logging.info("removed %s, left by an unfinished save", name)
     with contextlib.ExitStack() as cleanup:
         writer = _open_checkpoints(config, wd, cleanup)
-        start_step, unreported = _restore(config, writer, run)
+        start_step, sums = _restore(config, writer, run)
         meta = functools.partial(_meta, config, info, run)
         total = int(config.total_steps)
         if start_step >= total:
@@ -494,7 +571,7 @@ def _train(
         if is_main:
             _record_start(config, wd, changed, start_step)
         loop = _Loop(config, wd, mesh, run, writer, meta, start_step, cleanup)
-        return loop.run(unreported)
+        return loop.run(sums)
 
 
 def _init_state(config: ml_collections.ConfigDict, mesh, info: data.DatasetInfo) -> _Run:
@@ -536,11 +613,11 @@ def _open_checkpoints(
 
 def _restore(
     config: ml_collections.ConfigDict, writer: workdir_lib.CheckpointWriter, run: _Run
-) -> tuple[int, list[dict[str, float]]]:
+) -> tuple[int, dict[str, np.ndarray]]:
     """Loads the newest checkpoint that restores (else pretrained weights) into `run.state`;
-    the data step to start from (0 for a fresh run) and the train metrics of the checkpoint's
-    steps after its last progress row (so the next row averages the same steps as without a
-    stop)."""
+    the data step to start from (0 for a fresh run) and the host train metric sums of the
+    checkpoint's steps after its last progress row (`metric_sums`; so the next row averages the
+    same steps as without a stop)."""
     abstract = jax.tree.map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
         run.state,
@@ -551,11 +628,24 @@ def _restore(
         run.state, restored_meta, latest = restored
         start_step = int(restored_meta["data_step"])
         logging.info("resumed from %s at step %d", writer.directory / str(latest), start_step)
-        return start_step, list(restored_meta.get(UNREPORTED, []))  # absent before 2026-11-29
+        return start_step, _restored_sums(restored_meta)
     if config.pretrained_path or config.pretrained_dir:
         host = load_pretrained_params(config, to_host(run.state.params))
         run.state = run.state.replace(params=put_sharded(host, run.shardings.params))
-    return 0, []
+    return 0, metric_sums()
+
+
+def _restored_sums(meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The metric sums a checkpoint's meta records (its per-step rows before 2026-12-06, none
+    before 2026-11-29)."""
+    if TRAIN_SUMS in meta:
+        return metric_sums(**meta[TRAIN_SUMS])
+    rows = meta.get(UNREPORTED, [])
+    sums = {k: np.float32(0.0) for k in _MEANS}
+    for row in rows:
+        sums = {k: np.float32(sums[k] + np.float32(row[k])) for k in _MEANS}
+    lr = rows[-1]["learning_rate"] if rows else 0.0
+    return metric_sums(len(rows), **{k: float(v) for k, v in sums.items()}, learning_rate=lr)
 
 
 def _meta(
@@ -589,8 +679,26 @@ def _record_start(
         logging.info("dropped %d metrics rows after step %d (replayed now)", dropped, start_step)
 
 
+# Steps the host may dispatch ahead of the devices: enough that a slow batch or a log line never
+# leaves the devices idle, few enough that the batches of queued steps stay a small memory cost.
+STEPS_IN_FLIGHT = 4
+
+
 class _Loop:
-    """The training loop and its side jobs: progress, eval, checkpoints, stop requests."""
+    """The training loop and its side jobs: progress, eval, checkpoints, stop requests.
+
+    Only check steps read anything from the devices: progress, eval and checkpoint steps and the
+    last step (`is_check_step`). Between them the host dispatches steps (at most
+    `STEPS_IN_FLIGHT` ahead), the data iterator places the next batches
+    (`config.prefetch` ahead) while they run, and the train metrics are summed on the devices.
+    At a check step the sums are read (a non-finite loss since the last check stops the run,
+    before anything is saved) and, with several processes, the stop / failed-save flags are
+    agreed (`StopRequest.agree`): the only cross-host collective of the loop.
+    """
+
+    # The context the steps between check steps run in (a seam for tests: e.g.
+    # `jax.transfer_guard_device_to_host("disallow")` proves they read nothing).
+    between_checks = staticmethod(contextlib.nullcontext)
 
     def __init__(self, config, wd, mesh, run: _Run, writer, meta, start_step: int, cleanup):
         self.config, self.training, self.writer, self.meta = config, run, writer, meta
@@ -606,9 +714,22 @@ class _Loop:
         self.stop = StopRequest()
         cleanup.callback(self.stop.restore_handlers)
         self.per_device = config.batch / jax.device_count()
+        self.sums_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), metric_sums())
+        self.intervals = [
+            int(config.progress_every),
+            int(config.eval_every),
+            int(config.checkpoint_every),
+        ]
 
-    def save(self, step: int, window: _Window) -> None:
-        meta = {**self.meta(step), UNREPORTED: window.unreported()}
+    def is_check_step(self, step: int) -> bool:
+        """Whether the loop reads the devices after `step` (the same on every process)."""
+        return step == self.total or any(step % every == 0 for every in self.intervals)
+
+    def save(self, step: int, sums: dict[str, float]) -> None:
+        """Checkpoint `step`, with the host metric sums of its steps since the last progress row."""
+        unreported = {"steps": int(sums["steps"])}
+        unreported.update({k: float(sums[k]) for k in (*_MEANS, "learning_rate")})
+        meta = {**self.meta(step), TRAIN_SUMS: unreported}
         self.writer.save(step, self.training.state, meta)
         self.saved_step = step
         where = self.writer.directory / str(step)
@@ -672,9 +793,9 @@ class _Loop:
             },
         )
 
-    def run(self, unreported: list[dict[str, float]]) -> dict[str, float]:
+    def run(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
         """Steps from `start_step` to `total_steps` (or a stop request); the final metrics.
-        `unreported`: the restored checkpoint's train metrics not yet in a progress row."""
+        `sums`: the restored checkpoint's metric sums of the steps not yet in a progress row."""
         n = jax.device_count()
         logging.info(
             "training steps %d-%d, batch %d over %d device%s",
@@ -687,12 +808,13 @@ class _Loop:
         )
         loop_start = time.perf_counter()
         try:
-            step, results = self._steps(_Window(self.start_step, unreported))
+            step, results = self._steps(sums)
         except _NonFiniteLoss as e:
             raise NonFiniteLossError(
-                f"training loss is {e.loss} at step {e.step}; stopping (last good checkpoint: "
-                f"{self.last_good()}). Restart with a lower base_lr or more warmup_steps; "
-                "switching grad_norm_clip on needs a new workdir."
+                f"training loss is {e.loss} at step {e.step}, the first non-finite loss of steps "
+                f"{e.first}-{e.last}; stopping (last good checkpoint: {self.last_good()}). "
+                "Restart with a lower base_lr or more warmup_steps; switching grad_norm_clip on "
+                "needs a new workdir."
             ) from None
         self.writer.wait()
         train_seconds = time.perf_counter() - loop_start
@@ -707,99 +829,98 @@ class _Loop:
             "img_per_sec": steps_run * self.config.batch / max(train_seconds, 1e-9),
         }
 
-    def _steps(self, window: _Window) -> tuple[int, dict[str, float]]:
+    def _steps(self, sums: dict[str, np.ndarray]) -> tuple[int, dict[str, float]]:
         """The loop proper: (the last step run, the last eval's results)."""
-        config, run, total = self.config, self.training, self.total
+        config, total, single = self.config, self.total, jax.process_count() == 1
         results: dict[str, float] = {}
         step = self.start_step
+        device_sums = put_sharded(sums, self.sums_sharding)
+        window = _Window(step)
+        in_flight: collections.deque = collections.deque()
         while step < total:
-            batch = next(self.train_iter)
-            run.state, metrics = self.train_step(run.state, batch)
-            step += 1
-            window.push(step, metrics)  # reads the previous step's metrics: no stall
-            done = step == total
-            if step % config.progress_every == 0 or done:
-                self.report(step, *window.flush())
-            if step % config.eval_every == 0 or done:
-                results = self.run_eval(step)
-            if step % config.checkpoint_every == 0 or done:
-                self.save(step, window)
-            local_failure = self.writer.poll()
-            stop_requested, save_failed = self.stop.poll(local_failure is not None)
+            with self.between_checks():  # nothing is read from the devices in here
+                while True:
+                    step, device_sums = self._dispatch(step, device_sums, in_flight)
+                    check = self.is_check_step(step)
+                    stop_requested, save_failed = self._poll()
+                    if check or (single and (stop_requested or save_failed)):
+                        break  # (one process acts at once: nobody to agree with)
+            host = window.check(step, device_sums)  # a non-finite loss stops here
+            if check:
+                stop_requested, save_failed = self.stop.agree(stop_requested, save_failed)
             if save_failed:
-                raise local_failure or workdir_lib.CheckpointSaveError(
+                raise self.writer.poll() or workdir_lib.CheckpointSaveError(
                     f"a checkpoint save failed on another process (step {step}); see its log"
                 )
-            if not done and stop_requested:
-                self._stop_now(step, window)
+            done = step == total
+            stopping = stop_requested and not done
+            if host["steps"] and (step % config.progress_every == 0 or done or stopping):
+                self.report(step, *window.flush(step, host))
+                host = metric_sums()
+                device_sums = put_sharded(host, self.sums_sharding)
+            if step % config.eval_every == 0 or done:
+                results = self.run_eval(step)
+            if step % config.checkpoint_every == 0 or done or stopping:
+                self.save(step, host)
+            if stopping:
+                self.writer.wait()
+                logging.warning("stopped at step %d on request; checkpoint saved", step)
                 break
         return step, results
 
-    def _stop_now(self, step: int, window: _Window) -> None:
-        """A stop request: the pending progress row, a checkpoint of this step, then return."""
-        host, steps_per_sec = window.flush()
-        if host:  # the progress row of the steps since the last report
-            self.report(step, host, steps_per_sec)
-        if self.saved_step != step:
-            self.save(step, window)
-        self.writer.wait()
-        logging.warning("stopped at step %d on request; checkpoint saved", step)
+    def _dispatch(self, step: int, sums: dict, in_flight: collections.deque) -> tuple[int, dict]:
+        """Starts the next step (its batch already on the devices); waits only for the step
+        `STEPS_IN_FLIGHT` back to finish, never reads a value."""
+        run = self.training
+        batch = next(self.train_iter)
+        run.state, sums, done = self.train_step.accumulate(run.state, batch, sums)
+        in_flight.append(done)
+        if len(in_flight) > STEPS_IN_FLIGHT:
+            in_flight.popleft().block_until_ready()
+        return step + 1, sums
+
+    def _poll(self) -> tuple[bool, bool]:
+        """This process's (stop requested, checkpoint save failed); once per step."""
+        return self.stop.poll(self.writer.poll() is not None)
 
 
 class _NonFiniteLoss(Exception):
-    """A NaN/Inf training loss at `step` (the loop turns it into `NonFiniteLossError`)."""
+    """A NaN/Inf training loss at `step`, the first of steps `first`-`last` (the interval the
+    check at `last` covers); the loop turns it into `NonFiniteLossError`."""
 
-    def __init__(self, step: int, loss: float):
-        super().__init__(step, loss)
-        self.step, self.loss = step, loss
+    def __init__(self, step: int, loss: float, first: int, last: int):
+        super().__init__(step, loss, first, last)
+        self.step, self.loss, self.first, self.last = step, loss, first, last
 
 
 class _Window:
-    """Train metrics of the steps since the last report, fetched one step late (no stall; a
-    checkpoint step reads its own).
+    """The host's side of the on-device metric sums: reads them at check steps, turns them into
+    a progress row (means since the last row, steps/s).
 
-    A NaN/Inf loss raises `_NonFiniteLoss`; the step itself left the state unchanged.
+    A NaN/Inf loss since the last check raises `_NonFiniteLoss`; each such step itself left the
+    state unchanged (the step's guard), so the checkpoints written before are good.
     """
 
-    def __init__(self, step: int, rows: list[dict[str, float]] = ()):
-        self.pending: tuple[int, dict] | None = None
-        self.rows: list[dict[str, float]] = [dict(r) for r in rows]
+    def __init__(self, step: int):
         self.start_time, self.start_step = time.perf_counter(), step
-        self.last_step = step
+        self.checked_step = step
 
-    def unreported(self) -> list[dict[str, float]]:
-        """The rows since the last flush, the pending step's included (a checkpoint keeps them:
-        the first progress row after a resume then averages the same steps)."""
-        if self.pending is not None:
-            self._read(*self.pending)
-            self.pending = None
-        return [dict(r) for r in self.rows]
+    def check(self, step: int, sums: dict) -> dict[str, float]:
+        """The sums as host numbers (the one device read of the interval)."""
+        host = {k: v.item() for k, v in to_host(sums).items()}
+        first, self.checked_step = self.checked_step + 1, step
+        if host["bad_step"] >= 0:
+            raise _NonFiniteLoss(host["bad_step"], host["bad_loss"], first, step)
+        return host
 
-    def push(self, step: int, metrics: dict) -> None:
-        if self.pending is not None:
-            self._read(*self.pending)
-        self.pending = (step, metrics)
-
-    def _read(self, step: int, metrics: dict) -> None:
-        row = {k: float(v) for k, v in metrics.items()}
-        if not np.isfinite(row["train_loss"]):
-            raise _NonFiniteLoss(step, row["train_loss"])
-        self.rows.append(row)
-        self.last_step = step
-
-    def flush(self) -> tuple[dict[str, float], float]:
+    def flush(self, step: int, host: dict[str, float]) -> tuple[dict[str, float], float]:
         """Mean loss / grad norm and the last learning rate since the last flush; steps/s."""
-        if self.pending is not None:
-            self._read(*self.pending)
-            self.pending = None
-        if not self.rows:
-            return {}, 0.0
-        step, now = self.last_step, time.perf_counter()
+        now = time.perf_counter()
         steps_per_sec = (step - self.start_step) / max(now - self.start_time, 1e-9)
-        rows, self.rows = self.rows, []
         self.start_time, self.start_step = now, step
-        out = {k: float(np.mean([r[k] for r in rows])) for k in ("train_loss", "grad_norm")}
-        out["learning_rate"] = rows[-1]["learning_rate"]
+        n = max(host["steps"], 1)
+        out = {k: host[k] / n for k in _MEANS}
+        out["learning_rate"] = host["learning_rate"]
         return out, steps_per_sec
 
 
