@@ -14,7 +14,7 @@ from vit_jax.models.typed_config import option
 
 
 @dataclasses.dataclass(frozen=True)
-class _Block:
+class _Block(typed_config.Options):
     heads: int = option(doc="attention heads", at="transformer.num_heads")
     mlp: str = option("gelu", "MLP kind", at="transformer.mlp_type", choices=("gelu", "swiglu"))
     scale: float | None = option(None, "LayerScale init", at="transformer.layer_scale_init")
@@ -78,3 +78,11 @@ def test_value_reads_partial_and_stored_configs_with_the_declared_default():
     assert SCHEMA.value({}, "width") is None  # required and absent
     with pytest.raises(ValueError, match="transformer.mlp_type must be one of"):
         SCHEMA.value({"transformer": {"mlp_type": "relu"}}, "mlp")
+
+
+def test_a_sub_config_made_in_code_checks_its_choices_too():
+    assert _Block(heads=2, mlp="swiglu").mlp == "swiglu"
+    with pytest.raises(
+        ValueError, match=r"^transformer.mlp_type must be one of 'gelu', 'swiglu', got 'x'$"
+    ):
+        _Block(heads=2, mlp="x")

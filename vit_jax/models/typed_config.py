@@ -37,7 +37,7 @@ import ml_collections
 
 from vit_jax.models.family import pair
 
-__all__ = ["REQUIRED", "Schema", "dtype_option", "option"]
+__all__ = ["REQUIRED", "Options", "Schema", "dtype_option", "option"]
 
 REQUIRED: Any = dataclasses.MISSING  # an option without default: the config must set it
 
@@ -72,6 +72,23 @@ def dtype_option(doc: str, *, at: str) -> Any:
     return option(jnp.float32, doc, at=at, convert=jnp.dtype, store=lambda d: jnp.dtype(d).name)
 
 
+class Options:
+    """Base of a sub-config dataclass: on construction, every option declared with `choices`
+    holds one of them (ValueError naming its config path), however the sub-config was made
+    (from a config by `Schema.values`, or directly in code)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value is not None and value not in choices:
+                raise ValueError(_not_a_choice(f.metadata["at"], choices, value))
+
+
+def _not_a_choice(at: str, choices: tuple, value: Any) -> str:
+    return f"{at} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+
+
 @dataclasses.dataclass(frozen=True)
 class _Declared:
     """One declared option, as found under a module: its place there and in the config."""
@@ -102,8 +119,7 @@ class _Declared:
         value = self._typed(value)
         choices = self.field.metadata.get("choices")
         if choices is not None and value is not None and value not in choices:
-            valid = ", ".join(repr(c) for c in choices)
-            raise ValueError(f"{self.at} must be one of {valid}, got {value!r}")
+            raise ValueError(_not_a_choice(self.at, choices, value))
         return value
 
     def _typed(self, value: Any) -> Any:

@@ -395,7 +395,7 @@ T = "transformer."
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(typed_config.Options):
     """The encoder stack: width, depth, dropout and how the blocks are compiled."""
 
     hidden_size: int = option(doc="token width D", at="hidden_size")
@@ -418,7 +418,7 @@ class EncoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockConfig:
+class BlockConfig(typed_config.Options):
     """One transformer block: attention, MLP, norms, LayerScale."""
 
     mlp_dim: int = option(doc="MLP hidden width (SwiGLU: after the gate)", at=T + "mlp_dim")
@@ -435,10 +435,16 @@ class BlockConfig:
         False, "norm over head_dim on queries and keys (`query_norm`, `key_norm`)", at=T + "qk_norm"
     )
     mlp_type: str = option(
-        "gelu", "gelu | swiglu (packed `Dense_0` (D, 2 * mlp_dim); DINOv2-g)", at=T + "mlp_type"
+        "gelu",
+        "gelu | swiglu (packed `Dense_0` (D, 2 * mlp_dim); DINOv2-g)",
+        at=T + "mlp_type",
+        choices=MLP_TYPES,
     )
     norm: str = option(
-        "layernorm", "layernorm | rmsnorm (scale only): every norm of the model", at=T + "norm"
+        "layernorm",
+        "layernorm | rmsnorm (scale only): every norm of the model",
+        at=T + "norm",
+        choices=NORMS,
     )
     gelu_approximate: bool = option(
         True, "tanh GELU, as the published checkpoints were trained", at="gelu_approximate"
@@ -467,7 +473,7 @@ class BlockConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class EmbedConfig:
+class EmbedConfig(typed_config.Options):
     """Images to tokens: the (hybrid stem and) patch conv, prefix tokens, position embedding."""
 
     patch_size: tuple[int, int] = option(doc="patch (h, w), or an int", at="patches.size")
@@ -480,6 +486,7 @@ class EmbedConfig:
         "learn | sincos2d | none (POSITION_EMBEDDINGS) | rope (2-D RoPE on the blocks' queries "
         "and keys, no table: DINOv3)",
         at="posemb",
+        choices=POSEMBS,
     )
     distillation_token: bool = option(
         False, "DeiT: a second token `dist` with its own head `head_dist`", at="distillation_token"
@@ -505,6 +512,7 @@ class EmbedConfig:
         "the sincos2d table's frequencies: big_vision | mocov3 (a stored sincos2d config "
         "without it means mocov3, `models.stored_config`)",
         at="posemb_sincos2d_variant",
+        choices=SINCOS2D_VARIANTS,
     )
     rope_theta: float = option(
         rope_lib.ROPE_THETA,
@@ -516,6 +524,7 @@ class EmbedConfig:
         "posemb 'rope': patch centres to [-1, 1] by each axis' own length (separate), or both "
         "by the shorter (min) / longer (max) one",
         at="rope_normalize_coords",
+        choices=rope_lib.NORMALIZE_MODES,
     )
     rope_train_shift: float = option(
         0.0,
@@ -538,11 +547,14 @@ class EmbedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ReadoutConfig:
+class ReadoutConfig(typed_config.Options):
     """Tokens to logits: the pooling, the representation layer, the head."""
 
     classifier: str = option(
-        "token", "token | gap | map | unpooled | token_unpooled", at="classifier"
+        "token",
+        "token | gap | map | unpooled | token_unpooled",
+        at="classifier",
+        choices=CLASSIFIERS,
     )
     representation_size: int | None = option(
         None, "a tanh pre-logits layer of this width", at="representation_size"
@@ -621,12 +633,6 @@ class VisionTransformer(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        if self.mlp_type not in MLP_TYPES:
-            raise ValueError(
-                f"transformer.mlp_type must be one of {tuple(MLP_TYPES)}, got {self.mlp_type!r}"
-            )
-        if self.norm not in NORMS:
-            raise ValueError(f"transformer.norm must be one of {tuple(NORMS)}, got {self.norm!r}")
         mlp = functools.partial(MLP_TYPES[self.mlp_type], self.mlp_dim, dense=dense)
         if self.mlp_type == "gelu":
             mlp = functools.partial(mlp, act=layers.gelu(self.gelu_approximate))
@@ -647,8 +653,6 @@ class VisionTransformer(nn.Module):
     @nn.nowrap
     def transformer(self, parts: ViTLayers, return_intermediates: bool) -> Encoder:
         """The `Transformer` sub-module: position embedding, blocks, final norm."""
-        if self.posemb not in POSEMBS:
-            raise ValueError(f"posemb must be one of {POSEMBS}, got {self.posemb!r}")
         layer_scale = None
         if self.layer_scale_init is not None:
             layer_scale = functools.partial(
@@ -694,11 +698,6 @@ class VisionTransformer(nn.Module):
     @nn.nowrap
     def _rotary_embedding(self) -> ModuleDef | None:
         """posemb 'rope': `RotaryEmbedding` bound to the rope options (checked); else None."""
-        if self.rope_normalize_coords not in rope_lib.NORMALIZE_MODES:
-            raise ValueError(
-                f"rope_normalize_coords must be one of {rope_lib.NORMALIZE_MODES}, "
-                f"got {self.rope_normalize_coords!r}"
-            )
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
         for name, least in (("shift", 0.0), ("jitter", 1.0), ("rescale", 1.0)):
@@ -730,11 +729,6 @@ class VisionTransformer(nn.Module):
         """`POSITION_EMBEDDINGS[posemb]`, bound to its options (the learned table's grid,
         prefix rows and resampling; the sin-cos table's variant)."""
         check_method(self.posemb_resample)
-        if self.posemb_sincos2d_variant not in SINCOS2D_VARIANTS:
-            raise ValueError(
-                f"posemb_sincos2d_variant must be one of {SINCOS2D_VARIANTS}, "
-                f"got {self.posemb_sincos2d_variant!r}"
-            )
         options: dict[str, Any] = {}
         if self.posemb == "learn":
             grid = None if self.posemb_grid is None else tuple(self.posemb_grid)
@@ -793,8 +787,6 @@ class VisionTransformer(nn.Module):
     @nn.nowrap
     def _check_inputs(self, images: Array) -> None:
         """Errors that name the offending option or shape, before any layer is built."""
-        if self.classifier not in POOLINGS:
-            raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
         if self.distillation_token and self.classifier != "token":
             raise ValueError(
                 f"distillation_token needs classifier='token', got {self.classifier!r}"
