@@ -25,6 +25,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
+from vit_jax.models import vit
 from vit_jax.weights.errors import ConversionError
 
 __all__ = [
@@ -50,32 +51,36 @@ __all__ = [
 LAYER_SCALE_KEY = "Transformer/encoderblock_0/LayerScale_1/scale"
 
 
+def _value(config: Any, name: str) -> Any:
+    """Our ViT option `name` in a (possibly partial, stored or foreign) model config: its
+    declared default where the config lacks it (`models.vit.SCHEMA`)."""
+    return vit.SCHEMA.value(config, name)
+
+
 def num_registers(config: Any) -> int:
-    """Register tokens of a model config (0 when the field is absent)."""
-    return int(config.get("num_registers") or 0)
+    """Register tokens of a model config (`num_registers`)."""
+    return _value(config, "num_registers")
 
 
 def qk_norm(config: Any) -> bool:
-    """Whether queries and keys are LayerNormed (`transformer.qk_norm`)."""
-    return bool((config.get("transformer") or {}).get("qk_norm") or False)
+    """Whether queries and keys are normalised (`transformer.qk_norm`)."""
+    return _value(config, "qk_norm")
 
 
 def swiglu(config: Any) -> bool:
     """Whether the MLP is SwiGLU (`transformer.mlp_type == 'swiglu'`)."""
-    return ((config.get("transformer") or {}).get("mlp_type") or "gelu") == "swiglu"
+    return _value(config, "mlp_type") == "swiglu"
 
 
 def rms_norm(config: Any) -> bool:
     """Whether the model's norms are RMSNorms (`transformer.norm == 'rmsnorm'`)."""
-    return ((config.get("transformer") or {}).get("norm") or "layernorm") == "rmsnorm"
+    return _value(config, "norm") == "rmsnorm"
 
 
 def layer_scale(config: Any, flat: Mapping[str, Any] = ()) -> bool:
     """Whether the model has LayerScale: by its config (`transformer.layer_scale_init`) or by
     its parameters (`LayerScale_1`)."""
-    return (config.get("transformer") or {}).get("layer_scale_init") is not None or (
-        LAYER_SCALE_KEY in flat
-    )
+    return _value(config, "layer_scale_init") is not None or LAYER_SCALE_KEY in flat
 
 
 # The blocks' biases a model may leave out (`transformer.<name>` False), as refusals name them.
@@ -90,8 +95,7 @@ BIASES = {
 
 def missing_biases(config: Any) -> list[str]:
     """The `BIASES` a model config turns off (an absent field: the bias is there)."""
-    t = config.get("transformer") or {}
-    return [name for name in BIASES if t.get(name) is False]
+    return [name for name in BIASES if not _value(config, name)]
 
 
 class Option(NamedTuple):
