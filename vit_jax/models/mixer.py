@@ -72,12 +72,7 @@ class MlpMixer(nn.Module):
         """`(logits, out)` as `VisionTransformer`: `out` holds `stem`, `encoded`, `pre_logits`."""
         del train, return_intermediates  # no dropout; no per-block intermediates recorded
         self._check_inputs(images)
-        dense = functools.partial(
-            nn.Dense,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            **precision.dense_kwargs(self.dtype),
-        )
+        dense = precision.dense(self.dtype, self.param_dtype)
         norm = functools.partial(
             nn.LayerNorm,
             epsilon=self.layernorm_epsilon,

@@ -27,6 +27,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +38,7 @@ __all__ = [
     "backward_operand_dtype",
     "conv_general_dilated",
     "conv_kwargs",
+    "dense",
     "dense_kwargs",
     "describe",
     "dot_general",
@@ -198,6 +200,12 @@ def dense_kwargs(dtype: Any) -> dict[str, Any]:
     if not is_mixed(dtype):
         return {}
     return {"dot_general": dot_general(dtype), "promote_dtype": _promote_keeping_kernel}
+
+
+def dense(dtype: Any, param_dtype: Any) -> Callable[..., nn.Dense]:
+    """`nn.Dense` computing in `dtype` under the policy, parameters in `param_dtype`: the one
+    dense-layer constructor the families bind (`dense(features, name=...)`)."""
+    return functools.partial(nn.Dense, dtype=dtype, param_dtype=param_dtype, **dense_kwargs(dtype))
 
 
 def conv_kwargs(dtype: Any) -> dict[str, Any]:

@@ -146,12 +146,7 @@ class TextTransformer(nn.Module):
             raise ValueError(f"text length {length} exceeds the position table's {c.max_len}")
         if mask is not None and tuple(mask.shape) != tuple(tokens.shape):
             raise ValueError(f"text mask shape {mask.shape} != tokens shape {tokens.shape}")
-        dense = functools.partial(
-            nn.Dense,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            **precision.dense_kwargs(self.dtype),
-        )
+        dense = precision.dense(self.dtype, self.param_dtype)
         norm = functools.partial(
             nn.LayerNorm,
             epsilon=c.layernorm_epsilon,

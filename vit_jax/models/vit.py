@@ -620,12 +620,7 @@ class VisionTransformer(nn.Module):
     @nn.nowrap
     def layers(self) -> ViTLayers:
         """The layer constructors, bound once to this model's dtypes, epsilon, GELU and heads."""
-        dense = functools.partial(
-            nn.Dense,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            **precision.dense_kwargs(self.dtype),
-        )
+        dense = precision.dense(self.dtype, self.param_dtype)
         attention = functools.partial(
             MultiHeadAttention,
             num_heads=self.num_heads,
